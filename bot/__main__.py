@@ -1,0 +1,80 @@
+"""`python -m bot`: run every enabled front end; `python -m bot --check`: a start-up self-test."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+from core.errors import ModelLoadError, UserError
+from core.settings import SettingsError, load_settings
+
+log = logging.getLogger("bot")
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # httpx logs every request URL at INFO, and Telegram's URLs contain the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+async def _main(check: bool) -> int:
+    from bot.runner import enabled_front_ends, install_signal_handlers, run_front_ends
+    from core.engine import Engine
+    from core.grammar import parse_gen
+    from core.model_loading import load_model
+    from core.service import BotCore
+
+    settings = load_settings()
+    started = time.monotonic()
+    loaded = await asyncio.to_thread(load_model, settings.model)
+    log.info("model loaded from %s in %.1f s", loaded.source, time.monotonic() - started)
+    engine = Engine(loaded, settings)
+    engine.start()
+    try:
+        if check:
+            request = parse_gen("긍정 아 정말 max_length=16 min_length=1 seed=0", engine.defaults, settings.limits)
+            started = time.monotonic()
+            result = await engine.generate(request)
+            print(f"model: {loaded.source}")
+            print(f"parameters: {sum(p.numel() for p in loaded.model.parameters()):,}")
+            print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
+            print(f"front ends enabled: {', '.join(fe.name for fe in enabled_front_ends(settings)) or 'none'}")
+            print("check: ok")
+            return 0
+        core = BotCore.create(settings, engine)
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_front_ends(core, stop)
+        core.store.close()
+        return 0
+    finally:
+        await engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="load settings and model, generate once, exit 0/1")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return asyncio.run(_main(args.check))
+    except (SettingsError, ModelLoadError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.check:
+            print("check: failed", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

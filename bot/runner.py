@@ -1,0 +1,63 @@
+"""Start every enabled front end in one asyncio process over one engine, and stop them cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from core.service import BotCore
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    name: str
+    module: str  # imported only when enabled; it provides `async def serve(core, stop)`
+    enabled: Callable[[Settings], bool]
+
+
+FRONT_ENDS = (
+    FrontEnd("web", "bot.web", lambda s: s.web.enabled),
+    FrontEnd("telegram", "bot.telegram_bot", lambda s: s.telegram.secret() is not None),
+    FrontEnd("discord", "bot.discord_bot", lambda s: s.discord.secret() is not None),
+)
+
+
+def enabled_front_ends(settings: Settings) -> list[FrontEnd]:
+    return [fe for fe in FRONT_ENDS if fe.enabled(settings)]
+
+
+async def run_front_ends(core: BotCore, stop: asyncio.Event) -> None:
+    """Run until `stop` is set (or a front end fails), then stop the others and drain the engine."""
+    fronts = enabled_front_ends(core.settings)
+    if not fronts:
+        log.warning("no front end enabled: set web.enabled, BOT_TELEGRAM__TOKEN or BOT_DISCORD__TOKEN")
+        return
+    tasks: dict[asyncio.Task, str] = {}
+    for fe in fronts:
+        serve: Callable[[BotCore, asyncio.Event], Awaitable[None]] = importlib.import_module(fe.module).serve
+        tasks[asyncio.create_task(serve(core, stop), name=fe.name)] = fe.name
+    log.info("started: %s", ", ".join(fe.name for fe in fronts))
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    for task in done:
+        if task in tasks and task.exception() is not None:
+            log.error("front end %s failed: %s", tasks[task], task.exception())
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stopper.cancel()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not on this platform / not the main thread
+            pass

@@ -1,0 +1,1 @@
+"""Platform-neutral core: settings, command grammar, model loading and the generation engine."""

@@ -1,0 +1,372 @@
+"""The one generation engine every front end shares.
+
+Requests go into a bounded queue; a single worker thread owns the model and decodes every admitted row together
+(continuous batching): a new request is prefilled on its own and joins the running batch at the next step, each
+row samples with its own knobs and its own seeded generator, and a row that ends (eos or its max_length) is answered
+at once and leaves the batch. The event loop never runs model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from core.errors import BusyError, RequestTimeout, UserError
+from core.grammar import GenRequest
+from core.knobs import SEED_MAX, Knobs, default_knobs
+from core.model_loading import LoadedModel
+from core.sampling import PAD_ID, build_processors, sample
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a request produced: one continuation per candidate, and the seeds that reproduce them."""
+
+    request: GenRequest
+    continuations: tuple[str, ...]
+    seeds: tuple[int, ...]
+    new_tokens: int
+    done: bool = True
+
+    def texts(self) -> tuple[str, ...]:
+        """The model prompt followed by each continuation (the tutorial's `result`)."""
+        return tuple(self.request.model_prompt + c for c in self.continuations)
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenRequest
+    prompt_ids: list[int]
+    seeds: list[int]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    updates: asyncio.Queue | None  # set when the caller streams
+    cancelled: bool = False
+    generated: list[list[int]] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Row:
+    job: _Job
+    candidate: int
+    tokens: list[int]
+    generator: torch.Generator
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        self.settings = settings
+        self.limits = settings.limits
+        self.defaults: Knobs = default_knobs(settings.generation)
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        positions = int(self.model.config.n_positions)
+        if self.limits.max_length > positions:
+            raise UserError(
+                f"limits.max_length({self.limits.max_length})가 모델의 위치 수({positions})보다 큽니다. "
+                f"(limits.max_length exceeds the model's {positions} positions)"
+            )
+        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=self.limits.queue_size)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.stats = {"requests": 0, "busy": 0, "timeouts": 0, "tokens": 0, "max_batch": 0}
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            if self.settings.model.threads:
+                torch.set_num_threads(self.settings.model.threads)
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    def encode_prompt(self, request: GenRequest) -> list[int]:
+        """Token ids of the model prompt, or a UserError when it does not fit the limits."""
+        ids = self.tokenizer(request.model_prompt, add_special_tokens=False)["input_ids"] if request.model_prompt else []
+        if not ids:
+            raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise UserError(
+                f"프롬프트가 너무 깁니다: {len(ids)}토큰. 최대 {self.limits.max_prompt_tokens}토큰까지 가능합니다. "
+                f"(prompt too long: {len(ids)} tokens, at most {self.limits.max_prompt_tokens})"
+            )
+        if len(ids) >= request.knobs.max_length:
+            raise UserError(
+                f"프롬프트가 이미 {len(ids)}토큰이라 max_length({request.knobs.max_length}) 안에 이어 쓸 자리가 "
+                f"없습니다. max_length를 {len(ids) + 1} 이상 {self.limits.max_length} 이하로 지정하세요. "
+                f"(max_length counts the prompt's {len(ids)} tokens; use max_length between {len(ids) + 1} "
+                f"and {self.limits.max_length})"
+            )
+        return ids
+
+    async def generate(self, request: GenRequest) -> Generation:
+        """Generate every candidate of `request`; raises UserError (BusyError, RequestTimeout) on refusal."""
+        job = self._submit(request, streaming=False)
+        return await self._await(job)
+
+    async def stream(self, request: GenRequest) -> AsyncIterator[Generation]:
+        """Yield the text so far after each step (`done=False`), then the final Generation (`done=True`)."""
+        job = self._submit(request, streaming=True)
+        result = asyncio.ensure_future(self._await(job))
+        try:
+            while not result.done():
+                getter = asyncio.ensure_future(job.updates.get())
+                await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield result.result()
+        finally:
+            if not result.done():
+                job.cancelled = True
+                result.cancel()
+
+    # ---- event-loop side -------------------------------------------------------------------------------------
+    def _submit(self, request: GenRequest, streaming: bool) -> _Job:
+        prompt_ids = self.encode_prompt(request)
+        base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
+        seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.knobs.n)]
+        loop = asyncio.get_running_loop()
+        job = _Job(request, prompt_ids, seeds, loop, loop.create_future(), asyncio.Queue() if streaming else None)
+        if self._thread is None:
+            raise RuntimeError("engine not started")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.stats["busy"] += 1
+            raise BusyError(
+                "지금 요청이 너무 많습니다. 잠시 후 다시 시도해 주세요. (busy: too many requests, try again shortly)"
+            ) from None
+        self.stats["requests"] += 1
+        return job
+
+    async def _await(self, job: _Job) -> Generation:
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            self.stats["timeouts"] += 1
+            raise RequestTimeout(
+                f"생성이 {self.limits.request_timeout_s:g}초 안에 끝나지 않았습니다. 더 짧게(max_length) 다시 "
+                f"시도해 주세요. (generation timed out)"
+            ) from None
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    # ---- worker thread ---------------------------------------------------------------------------------------
+    def _result(self, job: _Job, done: bool) -> Generation:
+        texts = tuple(self._continuation(job.prompt_ids, ids) for ids in job.generated)
+        return Generation(job.request, texts, tuple(job.seeds), sum(map(len, job.generated)), done)
+
+    def _continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        # Decode with the prompt so subword joins and spaces come out right, then cut the prompt off.
+        head = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head):]
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True)
+
+    def _publish(self, job: _Job, done: bool) -> None:
+        if done:
+            result = self._result(job, True)
+            job.loop.call_soon_threadsafe(_set_result, job.future, result)
+        elif job.updates is not None:
+            job.loop.call_soon_threadsafe(job.updates.put_nowait, self._result(job, False))
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
+
+    def _run(self) -> None:
+        batch = _Batch(self.model)
+        rows: list[_Row] = []
+        while not (self._stopping.is_set() and not rows and self._queue.empty()):
+            try:
+                new_jobs = self._admit(len(rows))
+                for job in new_jobs:
+                    rows.extend(self._prefill(job, batch))
+                rows = self._retire(rows, batch)
+                if not rows:
+                    continue
+                self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
+                logits = batch.step([row.tokens[-1] for row in rows])
+                self._advance(rows, logits)
+                rows = self._retire(rows, batch)
+            except Exception as exc:  # a model failure fails the requests in flight, never the worker
+                log.exception("generation failed for %d rows", len(rows))
+                for job in {row.job for row in rows}:
+                    self._fail(job, exc)
+                rows = []
+                batch = _Batch(self.model)
+
+    def _admit(self, active: int) -> list[_Job]:
+        """Take waiting jobs that fit the batch; wait a short window for company when the engine is idle."""
+        jobs: list[_Job] = []
+        capacity = self.limits.max_batch_size - active
+        try:
+            if active == 0:
+                jobs.append(self._queue.get(timeout=0.1))
+                capacity -= jobs[0].request.knobs.n
+                deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+                while capacity > 0 and (left := deadline - time.monotonic()) > 0:
+                    job = self._queue.get(timeout=left)
+                    jobs.append(job)
+                    capacity -= job.request.knobs.n
+            while capacity > 0:
+                head = self._queue.queue[0] if self._queue.queue else None
+                if head is None or head.request.knobs.n > capacity:
+                    break
+                jobs.append(self._queue.get_nowait())
+                capacity -= head.request.knobs.n
+        except queue.Empty:
+            pass
+        return [job for job in jobs if not job.cancelled]
+
+    def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
+        n = job.request.knobs.n
+        job.generated = [[] for _ in range(n)]
+        job.finished = [False] * n
+        logits = batch.prefill(job.prompt_ids, n)
+        rows = []
+        for candidate, seed in enumerate(job.seeds):
+            gen = torch.Generator().manual_seed(seed)
+            rows.append(_Row(job, candidate, list(job.prompt_ids), gen))
+        self._advance(rows, logits)
+        return rows
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Apply each row's rules to its next-token logits, sample, and record the token."""
+        width = max(len(row.tokens) for row in rows)
+        ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.tokens):] = torch.tensor(row.tokens)
+        knobs = [row.job.request.knobs for row in rows]
+        scores = build_processors(knobs, self.eos_id)(ids, logits.float())
+        tokens = sample(scores, [row.generator for row in rows])
+        touched: set[_Job] = set()
+        for row, token in zip(rows, tokens):
+            job = row.job
+            touched.add(job)
+            if token == self.eos_id:
+                job.finished[row.candidate] = True
+                continue
+            row.tokens.append(token)
+            job.generated[row.candidate].append(token)
+            self.stats["tokens"] += 1
+            if len(row.tokens) >= job.request.knobs.max_length:
+                job.finished[row.candidate] = True
+        for job in touched:
+            if not job.cancelled:
+                self._publish(job, all(job.finished))
+
+    def _retire(self, rows: list[_Row], batch: _Batch) -> list[_Row]:
+        keep = [i for i, row in enumerate(rows) if not row.job.finished[row.candidate] and not row.job.cancelled]
+        if len(keep) != len(rows):
+            batch.select(keep)
+        return [rows[i] for i in keep]
+
+
+class _Batch:
+    """The running batch's KV cache, left-padded to a common length, with each row's attention mask and position."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.positions: list[int] = []
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int], copies: int) -> torch.Tensor:
+        """Run one prompt alone (so its first token does not depend on the batch) and append it `copies` times."""
+        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        layers = [(layer.keys.expand(copies, -1, -1, -1), layer.values.expand(copies, -1, -1, -1)) for layer in out.cache.layers]
+        mask = torch.ones(copies, len(prompt_ids), dtype=torch.long)
+        self._append(layers, mask)
+        self.positions.extend([len(prompt_ids)] * copies)
+        return out.logits[:, -1].expand(copies, -1)
+
+    def _append(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        if not self.layers:
+            self.layers, self.mask = [(k.contiguous(), v.contiguous()) for k, v in layers], mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.layers = [
+            (torch.cat([_pad_left(k0, width), _pad_left(k1, width)]), torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
+            for (k0, v0), (k1, v1) in zip(self.layers, layers)
+        ]
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+
+    @torch.inference_mode()
+    def step(self, last_tokens: list[int]) -> torch.Tensor:
+        """Feed each row its last token; returns next-token logits, one row each."""
+        cache = DynamicCache(ddp_cache_data=self.layers, config=self.model.config)
+        self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long)], dim=1)
+        out = self.model(
+            input_ids=torch.tensor(last_tokens)[:, None],
+            cache=cache,
+            attention_mask=self.mask,
+            position_ids=torch.tensor(self.positions)[:, None],
+            use_cache=True,
+        )
+        self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self.positions = [p + 1 for p in self.positions]
+        return out.logits[:, -1]
+
+    def select(self, keep: list[int]) -> None:
+        """Drop finished rows, then the left columns that are padding for every row still running."""
+        if not keep:
+            self.__init__(self.model)
+            return
+        index = torch.tensor(keep)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = [self.positions[i] for i in keep]
+        start = int(self.mask.any(dim=0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers]
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence axis (dim 2 of a KV tensor, dim 1 of a mask) with zeros to `width`."""
+    axis = 2 if t.dim() == 4 else 1
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def _set_result(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,17 @@
+"""Errors whose message is meant for the user, as a reply."""
+
+
+class UserError(Exception):
+    """Something the user can fix; `str(exc)` is the reply (Korean first, English after)."""
+
+
+class BusyError(UserError):
+    """The engine's queue is full; the request was refused rather than queued forever."""
+
+
+class RequestTimeout(UserError):
+    """The request did not finish within the configured time."""
+
+
+class ModelLoadError(Exception):
+    """The model or checkpoint cannot be loaded; the message is one sentence saying why and what to do."""

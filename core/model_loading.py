@@ -1,0 +1,201 @@
+"""Load the tokenizer and the (fine-tuned) GPT-2 model the way the tutorial did, without executing pickles."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from core.errors import ModelLoadError
+from core.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+# KoGPT2's special tokens, as the tutorial passes them.
+SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+# Pickled hyper-parameter containers that Lightning checkpoints carry beside the weights. They are rebuilt as
+# inert stand-ins (plain dict/attribute bags), never imported, so nothing in the file can run code.
+_HPARAM_CONTAINERS = (
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+)
+_VAL_LOSS_RE = re.compile(r"val_loss=([0-9]+(?:\.[0-9]+)?)")
+# Buffers older transformers saved in GPT-2 state dicts; today's model rebuilds them itself.
+_IGNORABLE_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class _InertDict(dict):
+    """Stand-in for a pickled dict subclass such as Lightning's AttributeDict."""
+
+
+@dataclass
+class LoadedModel:
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerFast
+    source: str  # what was loaded, for logs and --check
+
+
+def _hub_hint(name: str) -> str:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return f"model.pretrained 디렉터리 '{name}'이(가) 없습니다. (directory not found: {name})"
+    return (
+        f"'{name}'을(를) 불러올 수 없습니다: 로컬 디렉터리가 아니고 Hugging Face 허브에도 연결할 수 없습니다. "
+        f"모델을 미리 내려받아 model.pretrained(BOT_MODEL__PRETRAINED)를 그 디렉터리로 지정하세요. "
+        f"(cannot load '{name}': not a local directory and the hub is unreachable; "
+        f"point model.pretrained at a local copy)"
+    )
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(source, **SPECIAL_TOKENS)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise ModelLoadError(
+                f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다): {exc}"
+            ) from None
+        raise ModelLoadError(_hub_hint(source)) from None
+
+
+def load_config(source: str) -> GPT2Config:
+    try:
+        return GPT2Config.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise ModelLoadError(f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다: {exc}") from None
+        raise ModelLoadError(_hub_hint(source)) from None
+
+
+def pick_checkpoint(directory: Path) -> Path:
+    """The tutorial's deploy rule: among `epoch=…-val_loss=….ckpt`, the lowest val_loss."""
+    ckpts = sorted(directory.glob("*.ckpt"))
+    if not ckpts:
+        raise ModelLoadError(f"체크포인트 디렉터리 {directory}에 .ckpt 파일이 없습니다. (no .ckpt files in {directory})")
+    scored = [(float(m.group(1)), p) for p in ckpts if (m := _VAL_LOSS_RE.search(p.name))]
+    if scored:
+        return min(scored)[1]
+    # No val_loss in the names: the newest file is the best guess, and we say so.
+    newest = max(ckpts, key=lambda p: p.stat().st_mtime)
+    log.warning("no val_loss in checkpoint names under %s; using the newest, %s", directory, newest.name)
+    return newest
+
+
+def _torch_load_safely(path: Path) -> object:
+    """torch.load with weights_only=True, admitting only known hyper-parameter containers as inert stand-ins."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}은(는) PyTorch 체크포인트가 아닙니다. (not a PyTorch checkpoint: {exc})") from None
+    refused = [name for name in unsafe if name not in _HPARAM_CONTAINERS]
+    if refused:
+        raise ModelLoadError(
+            f"{path}에 허용되지 않은 파이썬 객체({refused[0]})가 들어 있어 불러오지 않습니다. 임의 코드 실행을 막기 "
+            f"위해서입니다. (refusing to unpickle {refused[0]}: checkpoints may only hold tensors and plain data)"
+        )
+    stand_ins = [(_InertDict, name) for name in unsafe]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}을(를) 읽을 수 없습니다. (cannot read checkpoint: {exc})") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a Lightning `.ckpt`, a bare `.bin`/`.pt` state dict, or a `.safetensors` file."""
+    if not path.exists():
+        raise ModelLoadError(f"체크포인트 파일 {path}이(가) 없습니다. (checkpoint not found: {path})")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path}은(는) safetensors 파일이 아닙니다. (not a safetensors file: {exc})") from None
+    obj = _torch_load_safely(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(
+            f"{path}에 모델 가중치(state_dict)가 없습니다. (no state dict of tensors in {path})"
+        )
+    return obj
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # The tutorial's LightningModule holds the GPT-2 as `self.model`.
+    if all(key.startswith("model.") for key in state):
+        return {key.removeprefix("model."): value for key, value in state.items()}
+    return state
+
+
+def model_from_state_dict(config: GPT2Config, state: dict[str, torch.Tensor], origin: str) -> GPT2LMHeadModel:
+    """Build GPT2LMHeadModel from `config` and load `state`, naming the first key that does not fit."""
+    model = GPT2LMHeadModel(config)
+    expected = model.state_dict()
+    state = {k: v for k, v in _strip_prefix(state).items() if not (k.endswith(_IGNORABLE_SUFFIXES) and k not in expected)}
+    for key, value in state.items():
+        if key not in expected:
+            raise ModelLoadError(
+                f"{origin}의 키 '{key}'가 사전학습 설정의 모델에 없습니다. (unexpected key '{key}': "
+                f"the checkpoint does not match model.pretrained)"
+            )
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ModelLoadError(
+                f"{origin}의 '{key}' 크기 {tuple(value.shape)}가 모델의 {tuple(expected[key].shape)}와 다릅니다. "
+                f"(shape mismatch for '{key}': the checkpoint does not match model.pretrained)"
+            )
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [key for key in expected if key not in state and key not in tied]
+    if missing:
+        raise ModelLoadError(f"{origin}에 '{missing[0]}' 키가 없습니다. (missing key '{missing[0]}')")
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """The model and tokenizer named by settings; every failure is a ModelLoadError with one clear sentence."""
+    pretrained, checkpoint = settings.pretrained, settings.checkpoint.strip()
+    tokenizer_source = pretrained
+    if not checkpoint:
+        model = _from_pretrained(pretrained)
+        source = pretrained
+    else:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"체크포인트 {path}이(가) 없습니다. (checkpoint not found: {path})")
+        if path.is_dir() and (path / "config.json").exists():
+            model = _from_pretrained(str(path))
+            if (path / "tokenizer.json").exists():
+                tokenizer_source = str(path)
+            source = str(path)
+        else:
+            if path.is_dir():
+                path = pick_checkpoint(path)
+            model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path))
+            source = f"{pretrained} + {path}"
+    tokenizer = load_tokenizer(tokenizer_source)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ModelLoadError(
+            f"토크나이저 어휘({len(tokenizer)})가 모델 어휘({model.config.vocab_size})보다 큽니다. "
+            f"(tokenizer does not match the model)"
+        )
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _from_pretrained(source: str) -> GPT2LMHeadModel:
+    try:
+        return GPT2LMHeadModel.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise ModelLoadError(f"{source}에서 모델을 불러올 수 없습니다: {exc}") from None
+        raise ModelLoadError(_hub_hint(source)) from None

@@ -1,0 +1,33 @@
+"""Per-user spacing between generations, so one user cannot flood the shared engine."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+
+from core.errors import UserError
+
+
+class UserRateLimiter:
+    """At most one generation per `interval` seconds per user key; remembers at most `capacity` users."""
+
+    def __init__(self, interval: float, capacity: int = 100_000, clock=time.monotonic):
+        self.interval = interval
+        self.capacity = capacity
+        self.clock = clock
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def check(self, user: str) -> None:
+        """Record a generation for `user`, or raise UserError saying how long to wait."""
+        if self.interval <= 0:
+            return
+        now = self.clock()
+        last = self._last.get(user)
+        if last is not None and (wait := self.interval - (now - last)) > 0:
+            seconds = max(1, math.ceil(wait))
+            raise UserError(f"조금만 천천히 해 주세요. {seconds}초 후에 다시 시도해 주세요. (please wait {seconds} s)")
+        self._last[user] = now
+        self._last.move_to_end(user)
+        while len(self._last) > self.capacity:
+            self._last.popitem(last=False)

@@ -1,0 +1,75 @@
+"""Reply texts every front end sends: one layout, with the platform's escaping and emphasis plugged in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from core.engine import Generation
+from core.knobs import Knobs, knob_specs
+from core.settings import LimitsSettings
+
+APOLOGY = "죄송합니다, 생성 중에 문제가 생겼습니다. 잠시 후 다시 시도해 주세요. (sorry, something went wrong)"
+CURSOR = " ▌"
+
+
+def _plain(text: str) -> str:
+    return text
+
+
+def render_generation(
+    gen: Generation,
+    limit: int,
+    escape: Callable[[str], str] = _plain,
+    emphasize: Callable[[str], str] = _plain,
+) -> str:
+    """Prompt (emphasized) then each continuation; the seed line lets users reproduce a result.
+
+    `limit` is the platform's message length; continuations are shortened (never the markup) to fit.
+    """
+    head = emphasize(escape(gen.request.model_prompt))
+    cursor = "" if gen.done else CURSOR
+    many = len(gen.continuations) > 1
+    seeds = ", ".join(str(s) for s in gen.seeds)
+    footer = f"\n\nseed={seeds}" if gen.done else ""
+    lines = []
+    budget = max(0, limit - len(head) * len(gen.continuations) - len(footer) - 16 * len(gen.continuations))
+    share = budget // max(1, len(gen.continuations))
+    for i, cont in enumerate(gen.continuations, 1):
+        body = escape(_shorten(cont, share))
+        prefix = f"{i}. " if many else ""
+        lines.append(f"{prefix}{head}{body}{cursor}")
+    return _shorten("\n\n".join(lines) + footer, limit)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def render_knobs(knobs: Knobs, escape: Callable[[str], str] = _plain) -> str:
+    values = knobs.as_dict()
+    return "\n".join(escape(f"{name} = {'(무작위)' if value is None else value}") for name, value in values.items())
+
+
+def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", escape: Callable[[str], str] = _plain) -> str:
+    """The grammar, every knob with its range and default, and examples for both labels."""
+    lines = [
+        f"{command} [긍정|부정] 프롬프트 [key=value …]",
+        "라벨: 긍정(pos, positive, 👍) / 부정(neg, negative, 👎) — 생략하면 프롬프트 그대로 이어 씁니다.",
+        "길이는 프롬프트를 포함한 토큰 수입니다.",
+        "",
+        "설정 (이름 · 별칭 · 범위 · 기본값):",
+    ]
+    values = defaults.as_dict()
+    for spec in knob_specs(limits).values():
+        aliases = ", ".join(spec.aliases[:3])
+        default = values[spec.name]
+        shown = "무작위" if default is None else default
+        lines.append(f"• {spec.name} ({aliases}): {spec.range_ko()}, 기본 {shown} — {spec.help_ko}")
+    lines += [
+        "",
+        "예시:",
+        f"{command} 긍정 아 정말 top_p=0.9",
+        f"{command} 부정 이 영화는 temperature=0.8 max_length=40",
+        f"{command} pos 배우들 연기가 n=3 seed=42",
+    ]
+    return escape("\n".join(lines))

@@ -1,0 +1,155 @@
+"""Settings: `settings.toml` (or the file named by BOT_SETTINGS), overridden by BOT_* environment variables.
+
+Nested values use `__`: BOT_MODEL__CHECKPOINT, BOT_TELEGRAM__TOKEN, BOT_WEB__PORT, ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_SETTINGS_FILE = Path(__file__).resolve().parent.parent / "settings.toml"
+
+
+class SettingsError(Exception):
+    """A settings file or variable that cannot be used; the message names the field."""
+
+
+class ModelSettings(BaseModel):
+    pretrained: str = "skt/kogpt2-base-v2"
+    checkpoint: str = ""
+    quantize: Literal["none", "int8"] = "none"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+
+
+class GenerationSettings(BaseModel):
+    """Default knobs (the tutorial's)."""
+
+    min_length: int = 10
+    max_length: int = 20
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    temperature: float = 1.0
+
+
+class LimitsSettings(BaseModel):
+    max_length: int = Field(128, ge=2, le=1024)
+    max_prompt_chars: int = Field(500, ge=1)
+    max_prompt_tokens: int = Field(64, ge=1)
+    max_candidates: int = Field(3, ge=1, le=16)
+    max_batch_size: int = Field(16, ge=1)
+    batch_window_ms: int = Field(10, ge=0)
+    queue_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    user_interval_s: float = Field(2.0, ge=0, description="per-user minimum seconds between generations")
+
+
+class WebSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class _TokenMixin(BaseModel):
+    token: SecretStr | None = None
+    token_file: str = ""
+
+    def secret(self) -> str | None:
+        """The token from `token`, else from `token_file` (a mounted secret)."""
+        if self.token is not None and self.token.get_secret_value().strip():
+            return self.token.get_secret_value().strip()
+        if self.token_file:
+            try:
+                value = Path(self.token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"token_file {self.token_file!r}을(를) 읽을 수 없습니다: {exc.strerror}") from None
+            return value or None
+        return None
+
+
+class TelegramSettings(_TokenMixin):
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    webhook_url: str = ""
+    webhook_listen: str = "0.0.0.0"
+    webhook_port: int = Field(8443, ge=1, le=65535)
+    webhook_secret: SecretStr | None = None
+
+
+class DiscordSettings(_TokenMixin):
+    prefix: str = "!"
+    guild_id: int | None = None
+
+
+class StoreSettings(BaseModel):
+    path: str = "data/bot.sqlite3"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BOT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    model: ModelSettings = ModelSettings()
+    generation: GenerationSettings = GenerationSettings()
+    limits: LimitsSettings = LimitsSettings()
+    web: WebSettings = WebSettings()
+    telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
+    store: StoreSettings = StoreSettings()
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        # Defaults are validated by the same rules users hit, so a bad file fails at start.
+        from core.errors import UserError
+        from core.knobs import check_defaults
+
+        try:
+            check_defaults(self.generation, self.limits)
+        except UserError as exc:
+            raise ValueError(f"[generation] {exc}") from None
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("BOT_SETTINGS") or DEFAULT_SETTINGS_FILE
+        # Environment before TOML: the TOML file is the default, variables override it.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Load settings, turning pydantic's report into one readable error naming the field."""
+    path = os.environ.get("BOT_SETTINGS")
+    if path and not Path(path).is_file():
+        raise SettingsError(f"BOT_SETTINGS가 가리키는 설정 파일 {path!r}이(가) 없습니다.")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"]) or "settings"
+            problems.append(f"{field}: {err['msg']}")
+        raise SettingsError("설정 오류 (settings error) — " + "; ".join(problems)) from None
+    except Exception as exc:  # malformed TOML
+        raise SettingsError(f"설정 파일을 읽을 수 없습니다 (cannot read settings): {exc}") from None

@@ -1,0 +1,45 @@
+"""Train a KoGPT2-style byte-level-free BPE tokenizer (metaspace, KoGPT2's special tokens) from reviews."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from core.model_loading import SPECIAL_TOKENS
+
+# KoGPT2's first ids, in its order, so ids 1 (</s>) and 3 (<pad>) mean the same thing here.
+KOGPT2_SPECIALS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>", "<d>", "</d>"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=KOGPT2_SPECIALS,
+        min_frequency=2,
+        limit_alphabet=min(1000, vocab_size // 2),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def read_nsmc(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
+    """(document, label) pairs from an NSMC-format TSV (`id<TAB>document<TAB>label`, 1 = positive)."""
+    rows: list[tuple[str, int]] = []
+    with open(path, encoding="utf-8") as fh:
+        next(fh, None)  # header
+        for line in fh:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 3 or parts[2] not in ("0", "1") or not parts[1].strip():
+                continue
+            rows.append((parts[1].strip(), int(parts[2])))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny KoGPT2-format model built offline once per session, and a running engine over it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny  # noqa: E402
+
+from core.engine import Engine  # noqa: E402
+from core.model_loading import load_model  # noqa: E402
+from core.service import BotCore  # noqa: E402
+from core.settings import Settings, load_settings  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "kogpt2-tiny")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's own BOT_* variables must not leak into tests.
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("BOT_"):
+            monkeypatch.delenv(key)
+
+
+def make_settings(tiny_dir: Path, tmp_path: Path, **sections: dict) -> Settings:
+    """Settings over the tiny model with a private store; `sections` override whole-section values."""
+    base = {"model": {"pretrained": str(tiny_dir)}, "store": {"path": str(tmp_path / "store.sqlite3")}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_settings(**base)
+
+
+@pytest.fixture
+def settings(tiny_dir: Path, tmp_path: Path) -> Settings:
+    return make_settings(tiny_dir, tmp_path)
+
+
+@pytest.fixture
+async def engine(settings: Settings):
+    eng = Engine(load_model(settings.model), settings)
+    eng.start()
+    yield eng
+    await eng.stop()
+
+
+@pytest.fixture
+async def core(settings: Settings, engine: Engine):
+    bot_core = BotCore.create(settings, engine)
+    yield bot_core
+    bot_core.store.close()
