@@ -105,12 +105,15 @@ class Engine:
         return self._queue.qsize()
 
     # ---- public API ------------------------------------------------------------------------------------------
-    def encode_prompt(self, request: GenRequest) -> list[int]:
-        """Token ids of the model prompt, or a UserError when it does not fit the limits."""
+    def encode_prompt(self, request: GenRequest, continuing: bool = False) -> list[int]:
+        """Token ids of the model prompt, or a UserError when it does not fit the limits.
+
+        `continuing`: the prompt is the bot's own earlier output, held to max_length only, not the prompt cap.
+        """
         ids = self.tokenizer(request.model_prompt, add_special_tokens=False)["input_ids"] if request.model_prompt else []
         if not ids:
             raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
-        if len(ids) > self.limits.max_prompt_tokens:
+        if len(ids) > self.limits.max_prompt_tokens and not continuing:
             raise UserError(
                 f"프롬프트가 너무 깁니다: {len(ids)}토큰. 최대 {self.limits.max_prompt_tokens}토큰까지 가능합니다. "
                 f"(prompt too long: {len(ids)} tokens, at most {self.limits.max_prompt_tokens})"
@@ -124,14 +127,14 @@ class Engine:
             )
         return ids
 
-    async def generate(self, request: GenRequest) -> Generation:
+    async def generate(self, request: GenRequest, continuing: bool = False) -> Generation:
         """Generate every candidate of `request`; raises UserError (BusyError, RequestTimeout) on refusal."""
-        job = self._submit(request, streaming=False)
+        job = self._submit(request, streaming=False, continuing=continuing)
         return await self._await(job)
 
-    async def stream(self, request: GenRequest) -> AsyncIterator[Generation]:
+    async def stream(self, request: GenRequest, continuing: bool = False) -> AsyncIterator[Generation]:
         """Yield the text so far after each step (`done=False`), then the final Generation (`done=True`)."""
-        job = self._submit(request, streaming=True)
+        job = self._submit(request, streaming=True, continuing=continuing)
         result = asyncio.ensure_future(self._await(job))
         try:
             while not result.done():
@@ -148,8 +151,8 @@ class Engine:
                 result.cancel()
 
     # ---- event-loop side -------------------------------------------------------------------------------------
-    def _submit(self, request: GenRequest, streaming: bool) -> _Job:
-        prompt_ids = self.encode_prompt(request)
+    def _submit(self, request: GenRequest, streaming: bool, continuing: bool = False) -> _Job:
+        prompt_ids = self.encode_prompt(request, continuing)
         base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
         seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.knobs.n)]
         loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from core.chat_store import ChatStore
 from core.engine import Engine
+from core.followups import FollowUps
 from core.grammar import GenRequest, parse_gen, parse_settings_args
 from core.knobs import Knobs
 from core.rate_limit import UserRateLimiter
@@ -18,10 +19,17 @@ class BotCore:
     engine: Engine
     store: ChatStore
     limiter: UserRateLimiter
+    followups: FollowUps
 
     @classmethod
     def create(cls, settings: Settings, engine: Engine) -> BotCore:
-        return cls(settings, engine, ChatStore(settings.store.path), UserRateLimiter(settings.limits.user_interval_s))
+        return cls(
+            settings,
+            engine,
+            ChatStore(settings.store.path),
+            UserRateLimiter(settings.limits.user_interval_s),
+            FollowUps(engine),
+        )
 
     def chat_knobs(self, chat: str) -> Knobs:
         return self.store.knobs(chat, self.engine.defaults, self.settings.limits)
