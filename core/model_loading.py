@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad
 # Pickled hyper-parameter containers that Lightning checkpoints carry beside the weights. They are rebuilt as
 # inert stand-ins (plain dict/attribute bags), never imported, so nothing in the file can run code.
 _HPARAM_CONTAINERS = (
+    "argparse.Namespace",  # the tutorial's hparams; a plain attribute bag
     "pytorch_lightning.utilities.parsing.AttributeDict",
     "lightning.pytorch.utilities.parsing.AttributeDict",
     "lightning.fabric.utilities.data.AttributeDict",
@@ -31,8 +33,11 @@ _VAL_LOSS_RE = re.compile(r"val_loss=([0-9]+(?:\.[0-9]+)?)")
 _IGNORABLE_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-class _InertDict(dict):
-    """Stand-in for a pickled dict subclass such as Lightning's AttributeDict."""
+class _InertDict:
+    """Stand-in for a pickled dict subclass such as Lightning's AttributeDict: it becomes a plain dict."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> dict:  # type: ignore[misc]
+        return {}
 
 
 @dataclass
@@ -99,12 +104,13 @@ def _torch_load_safely(path: Path) -> object:
             f"{path}에 허용되지 않은 파이썬 객체({refused[0]})가 들어 있어 불러오지 않습니다. 임의 코드 실행을 막기 "
             f"위해서입니다. (refusing to unpickle {refused[0]}: checkpoints may only hold tensors and plain data)"
         )
-    stand_ins = [(_InertDict, name) for name in unsafe]
+    stand_ins = [argparse.Namespace if name == "argparse.Namespace" else (_InertDict, name) for name in unsafe]
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"{path}을(를) 읽을 수 없습니다. (cannot read checkpoint: {exc})") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}을(를) 읽을 수 없습니다. (cannot read checkpoint: {first_line})") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -38,3 +41,46 @@ def build_tiny(directory: Path, vocab_size: int = 2000, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_lightning_ckpt(model: GPT2LMHeadModel, path: Path) -> Path:
+    """A checkpoint shaped like PyTorch Lightning's: prefixed weights, optimizer state, pickled hyper-parameters."""
+    # Lightning's AttributeDict lives in a module we do not install; fake the module only while pickling.
+    module = types.ModuleType("pytorch_lightning.utilities.parsing")
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__ = module.__name__
+    AttributeDict.__qualname__ = "AttributeDict"
+    module.AttributeDict = AttributeDict
+    fakes = {"pytorch_lightning": types.ModuleType("pytorch_lightning"),
+             "pytorch_lightning.utilities": types.ModuleType("pytorch_lightning.utilities"),
+             module.__name__: module}
+    sys.modules.update(fakes)
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+        model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+        optimizer.step()
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        # Older transformers saved these buffers; today's GPT-2 rebuilds them.
+        state["model.transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+        ckpt = {
+            "epoch": 2,
+            "global_step": 1234,
+            "pytorch-lightning_version": "1.2.0",
+            "state_dict": state,
+            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(3.1), "best_model_path": "x.ckpt"}},
+            "optimizer_states": [optimizer.state_dict()],
+            "lr_schedulers": [scheduler.state_dict()],
+            "hparams_name": "hparams",
+            "hyper_parameters": AttributeDict(
+                lr=5e-5, batch_size=32, args=argparse.Namespace(pretrained_model_name="skt/kogpt2-base-v2", max_seq_length=32)
+            ),
+        }
+        torch.save(ckpt, path)
+    finally:
+        for name in fakes:
+            del sys.modules[name]
+    return path

@@ -1,0 +1,90 @@
+"""`python -m bot` as a new user runs it: a local KoGPT2-format directory plus a Lightning checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tiny_model import write_lightning_ckpt
+from transformers import GPT2LMHeadModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir: Path, tmp_path_factory) -> Path:
+    return write_lightning_ckpt(GPT2LMHeadModel.from_pretrained(tiny_dir), tmp_path_factory.mktemp("ck") / "epoch=1-val_loss=2.50.ckpt")
+
+
+def test_check_succeeds_with_a_local_model(tiny_dir: Path, ckpt: Path, tmp_path: Path):
+    out = subprocess.run([sys.executable, "-m", "bot", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_MODEL__CHECKPOINT=str(ckpt)))
+    assert out.returncode == 0, out.stderr
+    assert "check: ok" in out.stdout and "긍정 아 정말" in out.stdout
+
+
+def test_check_fails_with_one_sentence(tmp_path: Path):
+    out = subprocess.run([sys.executable, "-m", "bot", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=_env(BOT_MODEL__PRETRAINED="skt/kogpt2-base-v2"))
+    assert out.returncode == 1
+    assert "BOT_MODEL__PRETRAINED" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_serves_the_tutorial_api_and_stops_cleanly(tiny_dir: Path, ckpt: Path, tmp_path: Path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_MODEL__CHECKPOINT=str(ckpt), BOT_WEB__PORT=str(port),
+                 BOT_STORE__PATH=str(tmp_path / "store.sqlite3")),
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "bot did not start"
+                time.sleep(0.2)
+        status, data = _post(base + "/api", {"prompt": "긍정 아 정말", "min_length": 10, "max_length": 20, "top_p": 1.0,
+                                             "top_k": 50, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                                             "temperature": 1.0})
+        assert status == 200 and data["result"].startswith("긍정 아 정말 ")
+        status, data = _post(base + "/api", {"prompt": "긍정 아 정말", "top_p": 1.5})
+        assert status == 422 and "top_p" in data["error"] and "0 초과 1 이하" in data["error"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "web page on http://127.0.0.1" in output and "Traceback" not in output

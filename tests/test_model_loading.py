@@ -1,0 +1,132 @@
+"""Every checkpoint format the README promises loads through the real code; every failure is one clear sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2LMHeadModel
+
+from tiny_model import write_lightning_ckpt
+
+from core.errors import ModelLoadError
+from core.model_loading import load_model, pick_checkpoint
+from core.settings import ModelSettings
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir: Path) -> GPT2LMHeadModel:
+    """The tiny model with different weights, as if fine-tuned, so loading it is observable."""
+    model = GPT2LMHeadModel.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    return model
+
+
+def _same_weights(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_base_model_when_checkpoint_empty(tiny_dir: Path):
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))
+    assert _same_weights(loaded.model, GPT2LMHeadModel.from_pretrained(tiny_dir))
+    assert loaded.tokenizer.eos_token == "</s>"
+    assert loaded.tokenizer.decode(loaded.tokenizer("긍정 아 정말")["input_ids"]) == "긍정 아 정말"
+
+
+def test_lightning_ckpt_with_optimizer_and_hparams(tiny_dir: Path, trained, tmp_path: Path):
+    path = write_lightning_ckpt(trained, tmp_path / "epoch=2-val_loss=3.10.ckpt")
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path)))
+    assert _same_weights(loaded.model, trained)
+
+
+def test_directory_of_ckpts_picks_lowest_val_loss(tiny_dir: Path, trained, tmp_path: Path):
+    other = GPT2LMHeadModel.from_pretrained(tiny_dir)
+    write_lightning_ckpt(other, tmp_path / "epoch=0-val_loss=4.20.ckpt")
+    write_lightning_ckpt(trained, tmp_path / "epoch=1-val_loss=3.05.ckpt")
+    write_lightning_ckpt(other, tmp_path / "epoch=2-val_loss=3.50.ckpt")
+    assert pick_checkpoint(tmp_path).name == "epoch=1-val_loss=3.05.ckpt"
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path)))
+    assert _same_weights(loaded.model, trained)
+
+
+def test_hugging_face_directory(tiny_dir: Path, trained, tmp_path: Path):
+    trained.save_pretrained(tmp_path / "hf")
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "hf")))
+    assert _same_weights(loaded.model, trained)
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_bare_state_dicts(tiny_dir: Path, trained, tmp_path: Path, prefix: str):
+    state = {prefix + k: v.clone() for k, v in trained.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, tmp_path / "weights.bin")
+    save_file(state, str(tmp_path / "weights.safetensors"))
+    for name in ("weights.bin", "weights.safetensors"):
+        loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / name)))
+        assert _same_weights(loaded.model, trained)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_crafted_pickle_is_refused(tiny_dir: Path, trained, tmp_path: Path, capsys):
+    state = {"state_dict": trained.state_dict(), "payload": _Exploit()}
+    torch.save(state, tmp_path / "evil.ckpt")
+    with pytest.raises(ModelLoadError, match="허용되지 않은.*builtins.print"):
+        load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "evil.ckpt")))
+    assert "pwned" not in capsys.readouterr().out
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda d: d / "missing.ckpt", "없습니다.*not found"),
+        (lambda d: _write(d / "junk.ckpt", b"hello"), "체크포인트가 아닙니다|읽을 수 없습니다"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "\\.ckpt 파일이 없습니다"),
+        (lambda d: torch.save({"epoch": 1}, d / "nostate.ckpt") or d / "nostate.ckpt", "state_dict"),
+        (lambda d: _write(d / "bad.safetensors", b"\x00" * 10), "safetensors"),
+    ],
+)
+def test_unusable_checkpoints_fail_with_one_sentence(tiny_dir: Path, tmp_path: Path, make, pattern):
+    path = make(tmp_path)
+    with pytest.raises(ModelLoadError, match=pattern) as info:
+        load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path)))
+    assert "Traceback" not in str(info.value)
+
+
+def test_mismatched_shapes_and_keys_name_the_first_offender(tiny_dir: Path, trained, tmp_path: Path):
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    state["transformer.wpe.weight"] = torch.zeros(8, 32)
+    torch.save(state, tmp_path / "shape.bin")
+    with pytest.raises(ModelLoadError, match="'transformer.wpe.weight'.*크기"):
+        load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "shape.bin")))
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    state["transformer.h.9.mlp.c_fc.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "keys.bin")
+    with pytest.raises(ModelLoadError, match="transformer.h.9.mlp.c_fc.weight"):
+        load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "keys.bin")))
+    state = {k: v.clone() for k, v in trained.state_dict().items() if k != "transformer.ln_f.weight"}
+    torch.save(state, tmp_path / "missing.bin")
+    with pytest.raises(ModelLoadError, match="transformer.ln_f.weight"):
+        load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "missing.bin")))
+
+
+def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
+    # The hub is unreachable here anyway; offline mode makes it fail at once instead of after retries.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="model.pretrained") as info:
+        load_model(ModelSettings(pretrained="skt/kogpt2-base-v2"))
+    assert "BOT_MODEL__PRETRAINED" in str(info.value)
