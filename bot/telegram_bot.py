@@ -1,0 +1,536 @@
+"""The Telegram front end: python-telegram-bot v22 over the shared core (engine, grammar, store, limiter)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from telegram import (
+    BotCommand,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    LinkPreviewOptions,
+    ReplyParameters,
+    Update,
+)
+from telegram.constants import ChatAction, ChatType, MessageLimit, ParseMode
+from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from core.engine import Generation
+from core.errors import UserError
+from core.followups import EXPIRED
+from core.grammar import GenRequest, split_command
+from core.replies import APOLOGY, help_text, render_generation, render_knobs
+from core.service import BotCore
+from core.streaming import throttled
+
+log = logging.getLogger(__name__)
+
+CORE_KEY = "core"  # where the BotCore lives in application.bot_data
+MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity parsing
+CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
+EDIT_INTERVAL_S = 1.0  # Telegram tolerates about one edit per second per message
+TYPING_REFRESH_S = 4.5  # a chat action is shown for 5 s, so refresh a little earlier
+SEND_RETRIES = 3  # how often one request is retried after a 429 retry_after
+WEBHOOK_MAX_BODY = 1024 * 1024
+ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+COMMANDS = (
+    ("gen", "문장 생성 — 예: /gen 긍정 아 정말 top_p=0.9"),
+    ("help", "사용법, 모든 설정의 범위와 기본값"),
+    ("set", "이 채팅의 기본 설정 바꾸기 — 예: /set top_p=0.9"),
+    ("settings", "이 채팅의 현재 설정 보기"),
+    ("reset", "이 채팅의 설정을 기본값으로 되돌리기"),
+    ("start", "봇 소개"),
+)
+
+START_TEXT = (
+    "안녕하세요! 한국어 문장을 원하는 감성(긍정/부정)으로 이어 쓰는 봇입니다.\n"
+    "예: /gen 긍정 아 정말 top_p=0.9\n"
+    "모든 설정과 예시는 /help 에 있습니다.\n\n"
+    "(I continue Korean text in the sentiment you ask for. Try /gen 긍정 아 정말)"
+)
+HELP_EXTRA = (
+    "\n\n이 채팅의 기본값 바꾸기: /set top_p=0.9 temperature=0.8\n"
+    "현재 설정 보기: /settings · 기본값으로 되돌리기: /reset\n"
+    "결과 아래 버튼: 🔄 다시 생성(새 시드) · ➡️ 이어 쓰기"
+)
+HINT_TEXT = (
+    "명령으로 보내 주세요. 예: /gen 긍정 아 정말 — 도움말은 /help "
+    "(send a command, e.g. /gen 긍정 아 정말)"
+)
+EDITED_TEXT = (
+    "수정한 메시지로는 다시 실행하지 않습니다. 명령을 새 메시지로 보내 주세요. "
+    "(edited commands are not re-run; send the command again)"
+)
+GENERATING = "생성 중… (generating)"
+
+
+# ---- token hygiene ---------------------------------------------------------------------------------------------
+class TokenRedactor(logging.Filter):
+    """Replaces the bot token in a record's message and traceback: it is part of every Bot API URL."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 (a malformed record is logging's problem to report, not ours)
+            return True
+        if self.token in message:
+            record.msg, record.args = message.replace(self.token, "<token>"), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and self.token in record.exc_text:
+            record.exc_text = record.exc_text.replace(self.token, "<token>")
+        return True
+
+
+def redact_token_in_logs(token: str, prefixes: tuple[str, ...] = ("httpx", "httpcore", "telegram", "bot")) -> None:
+    """Attach a redactor to every logger that may see a Bot API URL (filters act where a record is made)."""
+    names = [name for name in logging.Logger.manager.loggerDict if name.split(".")[0] in prefixes]
+    for name in {*prefixes, *names}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TokenRedactor) and f.token == token for f in logger.filters):
+            logger.addFilter(TokenRedactor(token))
+
+
+# ---- flood control ---------------------------------------------------------------------------------------------
+class PerChatRateLimiter(AIORateLimiter):
+    """PTB's AIORateLimiter (30 msg/s overall, 20/min per group), but a 429 pauses only the chat that got it.
+
+    AIORateLimiter halts every request after any 429; Telegram's flood limits are mostly per chat, so one busy
+    group must not stall replies everywhere else.
+    """
+
+    __slots__ = ("_paused_until", "_retries")
+
+    def __init__(self, max_retries: int = SEND_RETRIES):
+        super().__init__(max_retries=0)
+        self._retries = max_retries
+        self._paused_until: dict[str, float] = {}
+
+    async def _wait_turn(self, key: str) -> None:
+        while (left := self._paused_until.get(key, 0.0) - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+
+    def _pause(self, key: str, seconds: float) -> None:
+        now = time.monotonic()
+        self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
+        self._paused_until[key] = max(self._paused_until.get(key, 0.0), now + seconds)
+
+    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):  # noqa: ANN001
+        chat_id = data.get("chat_id")
+        key = "" if chat_id is None else str(chat_id)
+        group = chat_id if isinstance(chat_id, str) or (isinstance(chat_id, int) and chat_id < 0) else False
+        retries = self._retries if rate_limit_args is None else rate_limit_args
+        for attempt in range(retries + 1):
+            await self._wait_turn(key)
+            try:
+                return await self._run_request(
+                    chat=chat_id is not None,
+                    group=group,
+                    allow_paid_broadcast=bool(data.get("allow_paid_broadcast", False)),
+                    callback=callback,
+                    args=args,
+                    kwargs=kwargs,
+                )
+            except RetryAfter as exc:
+                if attempt == retries:
+                    raise
+                seconds = exc._retry_after.total_seconds() + 0.1  # noqa: SLF001 (int or timedelta publicly)
+                log.info("Telegram flood limit on %s for chat %s: retrying in %.1f s", endpoint, key or "-", seconds)
+                self._pause(key, seconds)
+        raise AssertionError("unreachable")
+
+
+# ---- small helpers ---------------------------------------------------------------------------------------------
+def _core(context: ContextTypes.DEFAULT_TYPE) -> BotCore:
+    return context.bot_data[CORE_KEY]
+
+
+def _chat_key(chat_id: int) -> str:
+    return f"telegram:{chat_id}"
+
+
+def _user_key(update: Update) -> str:
+    user = update.effective_user
+    return f"telegram:{user.id}" if user else f"telegram:chat{update.effective_chat.id}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _plain(text: str) -> str:
+    """Plain text for HTML parse mode: clipped first, so the visible length stays within Telegram's limit."""
+    return html.escape(_shorten(text, MESSAGE_LIMIT), quote=False)
+
+
+def _bold(text: str) -> str:
+    return f"<b>{text}</b>"
+
+
+def render(gen: Generation) -> str:
+    """The result as Telegram HTML: prompt in bold, continuation plain, every user character escaped."""
+    text = render_generation(gen, MESSAGE_LIMIT, escape=lambda s: html.escape(s, quote=False), emphasize=_bold)
+    if len(text) < MESSAGE_LIMIT:
+        return text
+    # Escaping lengthened the text past the limit, and clipping it could cut a tag or entity: escape afterwards.
+    return _plain(render_generation(gen, MESSAGE_LIMIT))
+
+
+def buttons(key: str, candidates: int) -> InlineKeyboardMarkup:
+    """Callback data holds only a short server-side key (Telegram allows 64 bytes)."""
+    rows = [[InlineKeyboardButton("🔄 다시 생성", callback_data=f"r:{key}")]]
+    if candidates == 1:
+        rows.append([InlineKeyboardButton("➡️ 이어 쓰기", callback_data=f"c:{key}:0")])
+    else:
+        rows.append([InlineKeyboardButton(f"➡️ {i + 1} 이어 쓰기", callback_data=f"c:{key}:{i}") for i in range(candidates)])
+    return InlineKeyboardMarkup(rows)
+
+
+def _addressed_to_us(text: str, username: str | None) -> bool:
+    """`/cmd@us` always; `/cmd` with no target is ambiguous in groups (another bot's, a human's)."""
+    _, target, _ = split_command(text)
+    return target is not None and username is not None and target.lower() == username.lower()
+
+
+async def send(context: ContextTypes.DEFAULT_TYPE, chat_id: int, text: str, reply_to: int | None, markup=None):  # noqa: ANN001
+    """Send HTML `text` as a reply (still sent if the replied-to message was deleted)."""
+    reply = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
+    return await context.bot.send_message(
+        chat_id,
+        text,
+        parse_mode=ParseMode.HTML,
+        reply_parameters=reply,
+        reply_markup=markup,
+        link_preview_options=LinkPreviewOptions(is_disabled=True),
+    )
+
+
+async def _answer(update: Update, context: ContextTypes.DEFAULT_TYPE, text: str) -> None:
+    message = update.effective_message
+    await send(context, message.chat_id, text, message.message_id)
+
+
+async def _safely(coro, what: str) -> None:  # noqa: ANN001
+    """Last-resort sends (apologies) must not raise over the error being reported."""
+    try:
+        await coro
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not send %s: %s", what, exc)
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+@dataclass
+class _Reply:
+    """The one message that shows a generation: sent on the first update, edited afterwards."""
+
+    context: ContextTypes.DEFAULT_TYPE
+    chat_id: int
+    reply_to: int | None
+    message_id: int | None = None
+    text: str = ""
+
+    async def show(self, text: str, markup: InlineKeyboardMarkup | None = None) -> None:
+        if self.message_id is None:
+            sent = await send(self.context, self.chat_id, text, self.reply_to, markup)
+            self.message_id = sent.message_id
+        elif text != self.text or markup is not None:
+            try:
+                await self.context.bot.edit_message_text(
+                    text,
+                    chat_id=self.chat_id,
+                    message_id=self.message_id,
+                    parse_mode=ParseMode.HTML,
+                    reply_markup=markup,
+                    link_preview_options=LinkPreviewOptions(is_disabled=True),
+                )
+            except BadRequest as exc:
+                if "not modified" not in str(exc).lower():
+                    raise
+        self.text = text
+
+
+async def _keep_typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int) -> None:
+    while True:
+        try:
+            await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
+        except TelegramError as exc:
+            log.debug("typing action failed in chat %s: %s", chat_id, exc)
+        await asyncio.sleep(TYPING_REFRESH_S)
+
+
+async def generate(
+    context: ContextTypes.DEFAULT_TYPE, chat_id: int, reply_to: int | None, request: GenRequest, continuing: bool, what: str
+) -> None:
+    """Stream `request` into one reply (edited at most every EDIT_INTERVAL_S), with buttons on the final text."""
+    core = _core(context)
+    reply = _Reply(context, chat_id, reply_to)
+    typing = asyncio.create_task(_keep_typing(context, chat_id))
+    stream = core.engine.stream(request, continuing)
+    try:
+        async for gen in throttled(stream, EDIT_INTERVAL_S):
+            if gen.done:
+                typing.cancel()  # no "typing…" after the answer is there
+                await reply.show(render(gen), buttons(core.followups.remember(gen), len(gen.continuations)))
+            else:
+                await reply.show(render(gen))
+    except UserError as exc:  # busy, timeout, prompt too long for the model
+        await _safely(reply.show(_plain(str(exc))), "an error reply")
+    except Exception:
+        log.exception("telegram %s failed in chat %s (prompt %r)", what, chat_id, request.model_prompt[:80])
+        await _safely(reply.show(_plain(APOLOGY)), "an apology")
+    finally:
+        typing.cancel()
+        await stream.aclose()
+
+
+# ---- handlers --------------------------------------------------------------------------------------------------
+async def start_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    await _answer(update, context, _plain(START_TEXT))
+
+
+async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    core = _core(context)
+    knobs = core.chat_knobs(_chat_key(update.effective_chat.id))
+    text = help_text(knobs, core.settings.limits, "/gen") + HELP_EXTRA
+    await _answer(update, context, _plain(text))
+
+
+async def gen_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message = update.effective_message
+    _, _, args = split_command(message.text or "")
+    try:
+        request = _core(context).gen_request(args, _chat_key(message.chat_id), _user_key(update))
+    except UserError as exc:
+        await _answer(update, context, _plain(str(exc)))
+        return
+    await generate(context, message.chat_id, message.message_id, request, continuing=False, what="/gen")
+
+
+async def set_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    _, _, args = split_command(update.effective_message.text or "")
+    try:
+        knobs = _core(context).set_chat_knobs(args, _chat_key(update.effective_chat.id))
+    except UserError as exc:
+        await _answer(update, context, _plain(str(exc)))
+        return
+    await _answer(update, context, _plain("이 채팅의 설정을 저장했습니다 (saved):\n" + render_knobs(knobs)))
+
+
+async def reset_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    knobs = _core(context).reset_chat_knobs(_chat_key(update.effective_chat.id))
+    await _answer(update, context, _plain("기본 설정으로 되돌렸습니다 (reset):\n" + render_knobs(knobs)))
+
+
+async def settings_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    knobs = _core(context).chat_knobs(_chat_key(update.effective_chat.id))
+    text = "이 채팅의 설정 (settings):\n" + render_knobs(knobs) + "\n\n바꾸기: /set top_p=0.9 · 되돌리기: /reset"
+    await _answer(update, context, _plain(text))
+
+
+async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message = update.effective_message
+    if message.chat.type != ChatType.PRIVATE and not _addressed_to_us(message.text or "", context.bot.username):
+        return  # in groups, `/x` or `/x@OtherBot` belongs to someone else
+    command, _, _ = split_command(message.text or "")
+    await _answer(update, context, _plain(f"알 수 없는 명령입니다: /{command} — /help 를 보세요. (unknown command)"))
+
+
+async def edited_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """An edit must not start a second generation, but the user learns why nothing happened."""
+    message = update.effective_message
+    command, target, _ = split_command(message.text or "")
+    ours = {name for name, _ in COMMANDS}
+    if message.chat.type != ChatType.PRIVATE and not (
+        _addressed_to_us(message.text or "", context.bot.username) or (target is None and command in ours)
+    ):
+        return
+    await _answer(update, context, _plain(EDITED_TEXT))
+
+
+async def private_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    await _answer(update, context, _plain(HINT_TEXT))
+
+
+def followup_request(core: BotCore, data: str) -> tuple[GenRequest, bool]:
+    """`r:<key>` → regenerate, `c:<key>:<i>` → continue candidate i; anything else is an expired button."""
+    kind, _, rest = data.partition(":")
+    if kind == "r":
+        return core.followups.regenerate(rest), False
+    if kind == "c":
+        key, _, index = rest.partition(":")
+        if index.isdigit():
+            return core.followups.continuation(key, int(index)), True
+    raise UserError(EXPIRED)
+
+
+async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    core = _core(context)
+    try:
+        request, continuing = followup_request(core, query.data or "")
+        if query.message is None:  # an inline-mode message; this bot has no inline mode
+            raise UserError(EXPIRED)
+        core.limiter.check(_user_key(update))
+    except UserError as exc:
+        await query.answer(_shorten(str(exc), CALLBACK_ANSWER_LIMIT), show_alert=True)
+        return
+    await query.answer(GENERATING)
+    what = "continue" if continuing else "regenerate"
+    await generate(context, query.message.chat.id, query.message.message_id, request, continuing, what)
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Anything a handler did not catch: log with context; tell the user briefly, never with the exception text."""
+    where = "polling" if not isinstance(update, Update) else f"chat {update.effective_chat.id if update.effective_chat else '-'}"
+    log.error("telegram update failed (%s)", where, exc_info=context.error)
+    if isinstance(update, Update) and update.effective_message is not None:
+        await _safely(_answer(update, context, _plain(APOLOGY)), "an apology")
+
+
+def add_handlers(application: Application) -> None:
+    new = filters.UpdateType.MESSAGE  # PTB's default also fires on edits: an edit must not generate again
+    for name, handler in (
+        ("start", start_command),
+        ("help", help_command),
+        ("gen", gen_command),
+        ("set", set_command),
+        ("reset", reset_command),
+        ("settings", settings_command),
+    ):
+        application.add_handler(CommandHandler(name, handler, filters=new))
+    application.add_handler(MessageHandler(new & filters.COMMAND, unknown_command))
+    application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE & filters.COMMAND, edited_command))
+    application.add_handler(MessageHandler(new & filters.ChatType.PRIVATE & ~filters.COMMAND, private_text))
+    application.add_handler(CallbackQueryHandler(button_pressed))
+    application.add_error_handler(on_error)
+
+
+async def _post_init(application: Application) -> None:
+    commands = [BotCommand(name, description) for name, description in COMMANDS]
+    try:
+        await application.bot.set_my_commands(commands)
+    except TelegramError as exc:  # the menu is a nicety; the bot works without it
+        log.warning("setMyCommands failed: %s", exc)
+
+
+def build_application(core: BotCore, token: str | None = None) -> Application:
+    """The PTB Application with every handler, the per-chat rate limiter and concurrent updates."""
+    settings = core.settings.telegram
+    token = token or settings.secret()
+    if not token:
+        raise ValueError("텔레그램 토큰이 없습니다. BOT_TELEGRAM__TOKEN을 설정하세요. (no Telegram token)")
+    redact_token_in_logs(token)  # before build(): PTB logs the base URL, token included, at DEBUG
+    application = (
+        ApplicationBuilder()
+        .token(token)
+        .base_url(settings.base_url)
+        .base_file_url(settings.base_file_url)
+        .rate_limiter(PerChatRateLimiter())
+        .concurrent_updates(True)  # a slow generation in one chat must not delay /help in another
+        .post_init(_post_init)
+        .build()
+    )
+    application.bot_data[CORE_KEY] = core
+    add_handlers(application)
+    return application
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+async def _initialize(application: Application, stop: asyncio.Event) -> bool:
+    """getMe until it works; a network outage at start waits, a rejected token fails at once."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            await application.initialize()
+            return True
+        except InvalidToken:
+            raise InvalidToken("텔레그램이 토큰을 거부했습니다. BOT_TELEGRAM__TOKEN을 확인하세요. (token rejected)") from None
+        except NetworkError as exc:
+            log.warning("cannot reach the Telegram Bot API (%s); retrying in %.0f s", exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            delay = min(delay * 2, 60.0)
+    return False
+
+
+def webhook_app(application: Application, secret: str, path: str) -> web.Application:
+    """Receives Telegram's POSTs (checked against the secret token) and queues them for the Application."""
+    expected = secret.encode()
+
+    async def receive(request: web.Request) -> web.Response:
+        if not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), expected):
+            return web.Response(status=403)
+        try:
+            update = Update.de_json(await request.json(), application.bot)
+        except Exception:  # noqa: BLE001 (malformed JSON or not an Update)
+            return web.Response(status=400)
+        await application.update_queue.put(update)
+        return web.Response()
+
+    server = web.Application(client_max_size=WEBHOOK_MAX_BODY)
+    server.router.add_post(path, receive)
+    return server
+
+
+async def _start_webhook(application: Application) -> web.AppRunner:
+    """An aiohttp receiver (PTB's own needs tornado), then setWebhook pointing Telegram at it."""
+    settings = application.bot_data[CORE_KEY].settings.telegram
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else secrets.token_urlsafe(32)
+    path = urlsplit(settings.webhook_url).path or "/"
+    runner = web.AppRunner(webhook_app(application, secret, path), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.webhook_listen, settings.webhook_port).start()
+    await application.bot.set_webhook(settings.webhook_url, secret_token=secret, allowed_updates=ALLOWED_UPDATES)
+    return runner
+
+
+async def serve(core: BotCore, stop: asyncio.Event) -> None:
+    """Run the bot (webhook if `telegram.webhook_url` is set, long polling otherwise) until `stop` is set."""
+    application = build_application(core)
+    webhook: web.AppRunner | None = None
+    try:
+        if not await _initialize(application, stop):
+            return
+        await application.post_init(application)  # run_polling would call it; we drive the lifecycle ourselves
+        await application.start()
+        if core.settings.telegram.webhook_url:
+            webhook = await _start_webhook(application)
+        else:
+            await application.updater.start_polling(allowed_updates=ALLOWED_UPDATES)
+        mode = "webhook" if webhook else "long polling"
+        log.info("telegram bot @%s running (%s)", application.bot.username, mode)
+        await stop.wait()
+    finally:
+        if webhook is not None:
+            await webhook.cleanup()
+        if application.updater and application.updater.running:
+            await application.updater.stop()
+        if application.running:
+            await application.stop()
+        await application.shutdown()
+        await application.bot.shutdown()  # closes the HTTP clients even when getMe never succeeded

@@ -1,0 +1,350 @@
+"""The Telegram bot end to end: PTB's real Application over real HTTP against a fake Bot API on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+import pytest
+from conftest import make_settings
+from fake_bot_api import FakeBotAPI, parse_html
+
+import bot.telegram_bot as tg
+from core.engine import Generation
+from core.followups import EXPIRED
+from core.grammar import GenRequest
+from core.knobs import knob_specs
+from core.rate_limit import UserRateLimiter
+from core.replies import APOLOGY
+from core.service import BotCore
+
+TOKEN = "123456789:AAF-secret_TokenValue-xyz"
+PRIVATE, OTHER, GROUP = 1001, 1002, -100500
+
+
+@pytest.fixture
+async def fake():
+    api = await FakeBotAPI(TOKEN, username="ThisBot").start()
+    yield api
+    await api.close()
+
+
+@pytest.fixture
+def settings(tiny_dir, tmp_path, fake):
+    # Overrides conftest's: the bot talks to the fake, and the per-user limit is off unless a test sets it.
+    return make_settings(
+        tiny_dir, tmp_path, limits={"user_interval_s": 0},
+        telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url},
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(core: BotCore, fake: FakeBotAPI):
+    """`serve()` exactly as bot/runner.py runs it, until the block ends; then it must stop promptly."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(tg.serve(core, stop))
+    await fake.wait_for(lambda: fake.called("getUpdates", status=None) or task.done())
+    if task.done():
+        task.result()
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def bot(core, fake):
+    async with running(core, fake):
+        yield fake
+
+
+def replies_to(fake: FakeBotAPI, message: dict) -> list[dict]:
+    chat_id = message["chat"]["id"]
+    return [m for m in fake.sent(chat_id) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
+
+
+async def ask(fake: FakeBotAPI, chat_id: int, text: str, final: bool = False) -> dict:
+    """Send `text` as a user and return the bot's reply (with `final`, once it carries its buttons)."""
+    message = fake.user_message(chat_id, text)
+    await fake.wait_for(lambda: any(not final or "reply_markup" in m for m in replies_to(fake, message)))
+    return replies_to(fake, message)[0]
+
+
+def callback_data(reply: dict) -> list[str]:
+    return [b["callback_data"] for row in reply["reply_markup"]["inline_keyboard"] for b in row]
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+async def test_private_gen_replies_with_prompt_and_continuation(bot):
+    reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말 top_p=0.9", final=True)
+    text = reply["text"]
+    assert text.startswith("긍정 아 정말")
+    continuation = text.split("\n\nseed=")[0].removeprefix("긍정 아 정말")
+    assert continuation.strip(), "the model's continuation follows the prompt"
+    assert "seed=" in text
+    assert {"type": "bold", "offset": 0, "length": len("긍정 아 정말")} in reply["entities"]  # prompt bold only
+    send = bot.called("sendMessage", chat_id=PRIVATE)[0]
+    assert send["parse_mode"] == "HTML"
+    assert send["reply_parameters"]["message_id"] == reply["reply_to_message"]["message_id"]
+    data = callback_data(reply)
+    assert [d[:2] for d in data] == ["r:", "c:"] and all(len(d.encode()) <= 64 for d in data)
+    assert bot.called("sendChatAction", chat_id=PRIVATE, action="typing")
+
+
+async def test_polling_start_registers_korean_commands(bot):
+    assert bot.called("deleteWebhook"), "polling mode clears a leftover webhook"
+    commands = bot.called("setMyCommands")[0]["commands"]
+    assert {c["command"] for c in commands} == {"start", "help", "gen", "set", "reset", "settings"}
+    assert all(any("가" <= ch <= "힣" for ch in c["description"]) for c in commands)
+
+
+async def test_bad_knob_gets_the_korean_range_error(bot):
+    reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말 top_p=1.5")
+    assert "top_p" in reply["text"] and "0 초과 1 이하" in reply["text"]
+    assert "reply_markup" not in reply
+
+
+async def test_group_answers_own_username_and_ignores_other_bots(bot):
+    ours = await ask(bot, GROUP, "/gen@thisbot 긍정 배우들 연기가", final=True)
+    assert ours["text"].startswith("긍정 배우들 연기가")
+    theirs = bot.user_message(GROUP, "/gen@OtherBot 긍정 배우들 연기가")
+    unknown_other = bot.user_message(GROUP, "/weather@OtherBot")
+    await ask(bot, GROUP, "/help@ThisBot")  # handled after the two above were seen
+    await asyncio.sleep(0.2)
+    assert replies_to(bot, theirs) == [] and replies_to(bot, unknown_other) == []
+    plain = await ask(bot, GROUP, "/gen 부정 스토리가", final=True)  # privacy mode still delivers /gen
+    assert plain["text"].startswith("부정 스토리가")
+
+
+async def test_help_lists_every_knob(bot, core):
+    text = (await ask(bot, PRIVATE, "/help"))["text"]
+    for name in knob_specs(core.settings.limits):
+        assert name in text
+    assert "긍정" in text and "부정" in text and "/set" in text
+
+
+async def test_start_unknown_command_and_plain_text_get_answers(bot):
+    assert "/gen 긍정 아 정말" in (await ask(bot, PRIVATE, "/start"))["text"]
+    assert "알 수 없는 명령" in (await ask(bot, PRIVATE, "/frobnicate"))["text"]
+    assert "/gen" in (await ask(bot, PRIVATE, "그냥 안녕"))["text"]
+    assert "알 수 없는 명령" in (await ask(bot, GROUP, "/frobnicate@ThisBot"))["text"]
+
+
+async def test_html_in_the_prompt_comes_back_literally(bot):
+    reply = await ask(bot, PRIVATE, "/gen 긍정 <b>& 좋아 </i>", final=True)
+    assert reply["text"].startswith("긍정 <b>& 좋아 </i>")  # the fake parsed the HTML as Telegram would
+    sent = bot.called("sendMessage", chat_id=PRIVATE)[0]["text"]
+    assert sent.startswith("<b>긍정 &lt;b&gt;&amp; 좋아 &lt;/i&gt;</b>")
+
+
+async def test_message_limit_is_respected_even_when_escaping_grows_the_text(core):
+    request = GenRequest("긍정", "&<" * 240, core.engine.defaults)
+    gen = Generation(request, ("&" * 3000, "<" * 3000, "x" * 9000), (1, 2, 3), 10)
+    visible, _ = parse_html(tg.render(gen))  # raises on broken markup
+    assert 0 < len(visible) <= 4096
+
+
+# ---- per-chat settings -----------------------------------------------------------------------------------------
+async def test_set_settings_reset_persist_across_restart(core, fake, settings):
+    async with running(core, fake):
+        saved = await ask(fake, PRIVATE, "/set top_p=0.5 temp=0.7")
+        assert "top_p = 0.5" in saved["text"] and "temperature = 0.7" in saved["text"]
+        bad = await ask(fake, PRIVATE, "/set top_p=2")
+        assert "top_p" in bad["text"] and "0 초과 1 이하" in bad["text"]
+    core.store.close()  # a real restart: a fresh connection to the same SQLite file
+    core.store = type(core.store)(settings.store.path)
+    async with running(core, fake):
+        shown = await ask(fake, PRIVATE, "/settings")
+        assert "top_p = 0.5" in shown["text"] and "temperature = 0.7" in shown["text"]
+        other = await ask(fake, OTHER, "/settings")
+        assert "top_p = 1.0" in other["text"], "settings are per chat"
+        reset = await ask(fake, PRIVATE, "/reset")
+        assert "top_p = 1.0" in reset["text"]
+        assert "top_p = 1.0" in (await ask(fake, PRIVATE, "/settings"))["text"]
+
+
+# ---- buttons ---------------------------------------------------------------------------------------------------
+async def test_regenerate_and_continue_buttons(bot):
+    first = await ask(bot, PRIVATE, "/gen 긍정 아 정말 max_length=20", final=True)
+    regen_data, cont_data = callback_data(first)
+
+    query = bot.press(first, regen_data)
+    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 2)
+    assert bot.called("answerCallbackQuery", callback_query_id=query)
+    again = bot.sent(PRIVATE)[-1]
+    assert again["text"].startswith("긍정 아 정말") and again["reply_to_message"]["message_id"] == first["message_id"]
+
+    query = bot.press(first, cont_data)
+    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 3)
+    assert bot.called("answerCallbackQuery", callback_query_id=query)
+    longer = bot.sent(PRIVATE)[-1]["text"].split("\n\nseed=")[0]
+    before = first["text"].split("\n\nseed=")[0]
+    assert longer.startswith(before) and len(longer) > len(before)
+
+
+async def test_unknown_or_malformed_button_gets_a_polite_answer(bot):
+    first = await ask(bot, PRIVATE, "/gen 긍정 아 정말", final=True)
+    for data in ("r:nosuchkey", "c:nosuchkey:0", "garbage", f"c:{callback_data(first)[0][2:]}:9"):
+        query = bot.press(first, data)
+        await bot.wait_for(lambda q=query: bot.called("answerCallbackQuery", callback_query_id=q))
+        answer = bot.called("answerCallbackQuery", callback_query_id=query)[0]
+        assert answer["text"] == EXPIRED and answer["show_alert"] is True
+    assert len(bot.sent(PRIVATE)) == 1, "an expired button generates nothing"
+
+
+# ---- flood safety ----------------------------------------------------------------------------------------------
+async def test_429_retry_after_is_honoured_for_that_chat_only(bot):
+    bot.fail_next("sendMessage", retry_after=1, chat_id=PRIVATE)
+    slow = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
+    fast = bot.user_message(OTHER, "/help")
+    await bot.wait_for(lambda: replies_to(bot, slow) and replies_to(bot, fast))
+    refused = bot.calls_of("sendMessage", status=429, chat_id=PRIVATE)
+    delivered = bot.calls_of("sendMessage", chat_id=PRIVATE)
+    assert len(refused) == 1 and len(delivered) == 1, "retried once, delivered once"
+    assert delivered[0].at - refused[0].at >= 1.0
+    other = bot.calls_of("sendMessage", chat_id=OTHER)[0]
+    assert other.at < delivered[0].at, "another chat is not stalled by this chat's flood limit"
+
+
+async def test_burst_from_many_chats_gets_one_reply_each(bot):
+    chats = [2000 + i for i in range(8)]
+    messages = [bot.user_message(chat, f"/gen 긍정 영화 {i}") for i, chat in enumerate(chats)]
+    await bot.wait_for(lambda: all(any("reply_markup" in r for r in replies_to(bot, m)) for m in messages), 20)
+    await asyncio.sleep(0.2)
+    for chat, message in zip(chats, messages):
+        assert len(bot.called("sendMessage", chat_id=chat)) == 1
+        assert replies_to(bot, message)[0]["text"].startswith(f"긍정 영화 {chats.index(chat)}")
+
+
+async def test_user_rate_limit_says_how_long_to_wait(bot, core):
+    core.limiter = UserRateLimiter(60.0)
+    await ask(bot, PRIVATE, "/gen 긍정 아 정말", final=True)
+    second = await ask(bot, PRIVATE, "/gen 긍정 아 정말")
+    assert "초 후에 다시" in second["text"] and "reply_markup" not in second
+
+
+async def test_edited_gen_does_not_generate_again(bot):
+    message = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
+    await bot.wait_for(lambda: any("reply_markup" in r for r in replies_to(bot, message)))
+    bot.edit_user_message(message, "/gen 부정 아 정말")
+    await bot.wait_for(lambda: len(replies_to(bot, message)) == 2)
+    await asyncio.sleep(0.2)
+    generated, hint = replies_to(bot, message)
+    assert "reply_markup" in generated and "수정한 메시지" in hint["text"]
+    assert len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 1
+
+
+async def test_slow_generation_does_not_delay_help_elsewhere(bot, core, monkeypatch):
+    gate = asyncio.Event()
+    real_stream = core.engine.stream
+
+    async def slow_stream(request, continuing=False):
+        await gate.wait()
+        async for gen in real_stream(request, continuing):
+            yield gen
+
+    monkeypatch.setattr(core.engine, "stream", slow_stream)
+    slow = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
+    await ask(bot, OTHER, "/help")
+    assert replies_to(bot, slow) == []
+    gate.set()
+    await bot.wait_for(lambda: replies_to(bot, slow))
+
+
+async def test_long_generation_streams_by_editing_one_reply(bot, monkeypatch):
+    monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0.0)
+    reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말 min_length=40 max_length=40", final=True)
+    first_text = bot.called("sendMessage", chat_id=PRIVATE)[0]["text"]
+    assert first_text.endswith("▌") and "reply_markup" not in bot.called("sendMessage", chat_id=PRIVATE)[0]
+    edits = bot.called("editMessageText", chat_id=PRIVATE, message_id=reply["message_id"])
+    assert edits and "reply_markup" in edits[-1] and "▌" not in reply["text"]
+    assert len(bot.called("sendMessage", chat_id=PRIVATE)) == 1
+
+
+# ---- failures and secrets --------------------------------------------------------------------------------------
+async def test_unexpected_failure_is_logged_and_apologised_for(bot, core, monkeypatch, caplog):
+    async def broken(request, continuing=False):
+        raise RuntimeError(f"engine exploded near {TOKEN}")
+        yield  # pragma: no cover (makes this an async generator)
+
+    monkeypatch.setattr(core.engine, "stream", broken)
+    with caplog.at_level(logging.ERROR, logger="bot.telegram_bot"):
+        reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말")
+    assert reply["text"] == APOLOGY
+    assert "telegram /gen failed in chat 1001" in caplog.text and "RuntimeError" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_token_never_reaches_the_logs(core, fake, caplog):
+    for name in ("httpx", "httpcore", "telegram", "bot"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    async with running(core, fake):
+        await ask(fake, PRIVATE, "/gen 긍정 아 정말", final=True)
+    assert TOKEN in fake.tokens_seen, "the token was really used in the URLs"
+    assert "HTTP Request: POST" in caplog.text and "Set Bot API URL" in caplog.text, "the URLs were logged"
+    assert TOKEN not in caplog.text
+    assert all(TOKEN not in record.getMessage() for record in caplog.records)
+
+
+async def test_rejected_token_fails_start_without_echoing_it(core, fake, tiny_dir, tmp_path):
+    settings = make_settings(tiny_dir, tmp_path, telegram={"token": "42:wrong-token", "base_url": fake.base_url})
+    other = BotCore.create(settings, core.engine)
+    with pytest.raises(tg.InvalidToken) as info:
+        await asyncio.wait_for(tg.serve(other, asyncio.Event()), 10)
+    assert "wrong-token" not in str(info.value) and "토큰" in str(info.value)
+    other.store.close()
+
+
+async def test_unreachable_api_waits_and_stops_cleanly(core, tiny_dir, tmp_path, caplog):
+    settings = make_settings(tiny_dir, tmp_path, telegram={"token": TOKEN, "base_url": "http://127.0.0.1:9/bot"})
+    other = BotCore.create(settings, core.engine)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stop.set)
+    with caplog.at_level(logging.WARNING, logger="bot.telegram_bot"):
+        await asyncio.wait_for(tg.serve(other, stop), 10)
+    assert "cannot reach the Telegram Bot API" in caplog.text and TOKEN not in caplog.text
+    other.store.close()
+
+
+# ---- webhook ---------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_webhook_mode_checks_the_secret_and_answers(core, fake, tiny_dir, tmp_path):
+    port = _free_port()
+    settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0}, telegram={
+        "token": TOKEN, "base_url": fake.base_url, "webhook_url": "https://bot.example/tg/hook",
+        "webhook_listen": "127.0.0.1", "webhook_port": port, "webhook_secret": "s3cret-Value_1",
+    })
+    hooked = BotCore.create(settings, core.engine)
+    stop = asyncio.Event()
+    task = asyncio.create_task(tg.serve(hooked, stop))
+    try:
+        await fake.wait_for(lambda: fake.webhook is not None)
+        assert fake.webhook["url"] == "https://bot.example/tg/hook" and fake.webhook["secret_token"] == "s3cret-Value_1"
+        assert not fake.called("getUpdates", status=None), "no polling in webhook mode"
+        message = {"message_id": 5, "date": 0, "chat": fake.chat(PRIVATE), "from": fake.user(PRIVATE), "text": "/help",
+                   "entities": [{"type": "bot_command", "offset": 0, "length": 5}]}
+        url = f"http://127.0.0.1:{port}/tg/hook"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json={"update_id": 1, "message": message}, headers={tg.SECRET_HEADER: "nope"}) as r:
+                assert r.status == 403
+            async with http.post(url, data=b"{not json", headers={tg.SECRET_HEADER: "s3cret-Value_1"}) as r:
+                assert r.status == 400
+            async with http.post(url, json={"update_id": 2, "message": message},
+                                 headers={tg.SECRET_HEADER: "s3cret-Value_1"}) as r:
+                assert r.status == 200
+        await fake.wait_for(lambda: fake.called("sendMessage", chat_id=PRIVATE))
+        assert len(fake.called("sendMessage", chat_id=PRIVATE)) == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        hooked.store.close()
