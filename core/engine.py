@@ -307,7 +307,7 @@ class _Batch:
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], copies: int) -> torch.Tensor:
         """Run one prompt alone (so its first token does not depend on the batch) and append it `copies` times."""
-        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
         layers = [(layer.keys.expand(copies, -1, -1, -1), layer.values.expand(copies, -1, -1, -1)) for layer in out.cache.layers]
         mask = torch.ones(copies, len(prompt_ids), dtype=torch.long)
         self._append(layers, mask)

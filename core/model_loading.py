@@ -195,6 +195,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model.eval()
+    if settings.quantize == "int8":
+        from core.quantize import quantize_int8
+
+        model = quantize_int8(model)
+        source += " (int8)"
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 

@@ -104,3 +104,18 @@ async def test_timeout_fails_that_request_and_the_engine_goes_on(tiny_dir, tmp_p
         assert (await engine.generate(quick)).done
     finally:
         await engine.stop()
+
+
+async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
+    settings = make_settings(tiny_dir, tmp_path, model={"quantize": "int8"})
+    loaded = load_model(settings.model)
+    assert "int8" in loaded.source
+    assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in loaded.model.modules())
+    engine = Engine(loaded, settings)
+    engine.start()
+    try:
+        r = parse_gen("긍정 아 정말 seed=9 min_length=14 max_length=14", engine.defaults, settings.limits)
+        first, second = await engine.generate(r), await engine.generate(r)
+        assert first.continuations == second.continuations and first.new_tokens > 0
+    finally:
+        await engine.stop()
