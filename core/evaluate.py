@@ -116,8 +116,9 @@ def print_table(report: dict) -> None:
     print(f"{'sentiment control, mean':<42} {sc['mean']:>10.1%}")
     print(f"{'judge (classifier) test accuracy':<42} {report['classifier_test_accuracy']:>10.1%}")
     for name, f in report["fluency"].items():
-        print(f"{f'mean token NLL, {name} ({f['reviews']} reviews)':<42} {f['mean_nll']:>10.3f}")
-        print(f"{f'perplexity, {name}':<42} {f['perplexity']:>10.1f}")
+        nll_label = f"mean token NLL, {name} ({f['reviews']} reviews)"
+        print(f"{nll_label:<42} {f['mean_nll']:>10.3f}")
+        print(f"{'perplexity, ' + name:<42} {f['perplexity']:>10.1f}")
     print(f"knobs: {report['knobs']}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -24,4 +26,7 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
 def quantize_int8(model: nn.Module) -> nn.Module:
     """int8 weights, activations quantized on the fly (torch's dynamic quantization); inference only."""
     model = conv1d_to_linear(model.eval())
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which would be one more dependency.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
