@@ -20,6 +20,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from core.access import REFUSAL, Verdict, discord_access
 from core.engine import Generation
 from core.errors import UserError
 from core.grammar import NEGATIVE, POSITIVE, GenRequest
@@ -37,6 +38,11 @@ DEFAULT_PREFIX = "!"
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping (discord.py allows @everyone)
 REGENERATE, CONTINUE = "다시 생성", "이어 쓰기"
 SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
+REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long replies being sent may take
+
+
+class NotAllowed(commands.CheckFailure):
+    """The server or channel is outside the allowlists."""
 
 
 # ---- text helpers ------------------------------------------------------------------------------------------------
@@ -217,6 +223,7 @@ class GenCog(commands.Cog):
         self.edit_interval = edit_interval
         self.specs = knob_specs(core.settings.limits)
         self._dynamic = [self._gen_slash(), self._set_slash()]
+        self.active: set[asyncio.Task] = set()  # generations being shown; shutdown lets them send their replies
 
     async def cog_load(self) -> None:
         for command in self._dynamic:
@@ -230,6 +237,8 @@ class GenCog(commands.Cog):
     async def stream_to(self, target: Target, request: GenRequest, continuing: bool = False) -> None:
         """Show the text as it grows (one edit per `edit_interval` at most), then the result with its buttons."""
         stream = self.core.engine.stream(request, continuing)
+        task = asyncio.current_task()
+        self.active.add(task)
         try:
             async for gen in throttled(stream, self.edit_interval):
                 if gen.done:
@@ -243,6 +252,7 @@ class GenCog(commands.Cog):
             log.exception("discord: generation failed (prompt %r, knobs %s)", request.model_prompt[:60], request.knobs)
             await target.fail(APOLOGY)
         finally:
+            self.active.discard(task)
             await stream.aclose()  # stops the engine's work if we left early
 
     def answer(self, work: Callable[[], str], what: str) -> str:
@@ -394,6 +404,23 @@ class GenBot(commands.Bot):
         self.edit_interval = edit_interval
         self.sync_commands = sync_commands
         self.tree.error(self.on_app_command_error)
+        self.access = discord_access(core.settings.discord)
+        self.add_check(self._allowed_here)
+        self.tree.interaction_check = self._interaction_allowed
+
+    def verdict(self, guild_id: int | None, channel_id: int | None) -> Verdict:
+        return self.access.check(guild=guild_id, channel=channel_id)
+
+    async def _allowed_here(self, ctx: commands.Context) -> bool:
+        if self.verdict(ctx.guild.id if ctx.guild else None, ctx.channel.id) is not Verdict.ALLOW:
+            raise NotAllowed()
+        return True
+
+    async def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
+        verdict = self.verdict(interaction.guild_id, interaction.channel_id)
+        if verdict is Verdict.REFUSE:
+            await refuse(interaction, REFUSAL)
+        return verdict is Verdict.ALLOW
 
     async def setup_hook(self) -> None:
         # Runs on login only (never when tests build the bot), so syncing here is the one place that talks to Discord.
@@ -421,8 +448,13 @@ class GenBot(commands.Bot):
     # Bots, including this one, are already ignored by Bot.process_commands (`message.author.bot`).
 
     async def on_command_error(self, ctx: commands.Context, error: commands.CommandError) -> None:
-        if isinstance(error, commands.CommandNotFound):
-            await self._suggest(ctx)
+        if isinstance(error, NotAllowed):
+            log.info("discord: refused a command in channel %s (allowlist)", ctx.channel.id)
+            if self.access.refusal == "reply":
+                await reply(ctx, REFUSAL)
+        elif isinstance(error, commands.CommandNotFound):
+            if self.verdict(ctx.guild.id if ctx.guild else None, ctx.channel.id) is Verdict.ALLOW:
+                await self._suggest(ctx)
         elif isinstance(error, commands.UserInputError):
             await reply(ctx, f"명령을 이해하지 못했습니다. {self.command_prefix_text}help 를 보세요. (bad command input)")
         else:
@@ -474,6 +506,9 @@ async def serve(core: BotCore, stop: asyncio.Event) -> None:
             await asyncio.wait({client, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
+            cog = bot.get_cog("GenCog")
+            if cog is not None and cog.active:  # the engine has drained; let those replies reach Discord
+                await asyncio.wait(set(cog.active), timeout=REPLY_GRACE_S)
             if not bot.is_closed():
                 await bot.close()
             await asyncio.wait({client}, timeout=10)

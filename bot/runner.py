@@ -33,20 +33,34 @@ def enabled_front_ends(settings: Settings) -> list[FrontEnd]:
     return [fe for fe in FRONT_ENDS if fe.enabled(settings)]
 
 
+async def drain(core: BotCore) -> None:
+    """Stop taking new work, let in-flight generations finish (up to `limits.shutdown_grace_s`) while the front ends
+    still run to send their replies; what is left after the grace is answered with the Korean "restarting" error."""
+    grace = core.settings.limits.shutdown_grace_s
+    core.draining.set()
+    log.info("stopping: finishing in-flight generations (up to %g s)", grace)
+    left = await core.engine.drain(grace)
+    if left:
+        log.warning("%d generations were unfinished after %g s; they were told the bot is restarting", left, grace)
+
+
 async def run_front_ends(core: BotCore, stop: asyncio.Event) -> None:
-    """Run until `stop` is set (or a front end fails), then stop the others and drain the engine."""
+    """Run until `stop` is set (or a front end fails), drain in-flight work, then stop the front ends."""
     fronts = enabled_front_ends(core.settings)
     if not fronts:
         log.warning("no front end enabled: set web.enabled, BOT_TELEGRAM__TOKEN or BOT_DISCORD__TOKEN")
         return
     tasks: dict[asyncio.Task, str] = {}
+    front_stop = asyncio.Event()  # set after the drain, so replies of in-flight work can still be sent
     for fe in fronts:
         serve: Callable[[BotCore, asyncio.Event], Awaitable[None]] = importlib.import_module(fe.module).serve
-        tasks[asyncio.create_task(serve(core, stop), name=fe.name)] = fe.name
+        tasks[asyncio.create_task(serve(core, front_stop), name=fe.name)] = fe.name
     log.info("started: %s", ", ".join(fe.name for fe in fronts))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
+    await drain(core)
+    front_stop.set()
     for task in done:
         if task in tasks and task.exception() is not None:
             log.error("front end %s failed: %s", tasks[task], task.exception())

@@ -21,18 +21,21 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType, MessageLimit, ParseMode
-from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError
+from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import (
     AIORateLimiter,
     Application,
     ApplicationBuilder,
+    ApplicationHandlerStop,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 
+from core.access import REFUSAL, Verdict, telegram_access
 from core.engine import Generation
 from core.errors import UserError
 from core.followups import EXPIRED
@@ -44,11 +47,13 @@ from core.streaming import throttled
 log = logging.getLogger(__name__)
 
 CORE_KEY = "core"  # where the BotCore lives in application.bot_data
+ACCESS_KEY = "access"  # the allowlists (core.access.Access)
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity parsing
 CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
 EDIT_INTERVAL_S = 1.0  # Telegram tolerates about one edit per second per message
 TYPING_REFRESH_S = 4.5  # a chat action is shown for 5 s, so refresh a little earlier
-SEND_RETRIES = 3  # how often one request is retried after a 429 retry_after
+SEND_RETRIES = 3  # how often one request is retried after a 429 retry_after, a 5xx or a dropped connection
+NETWORK_RETRY_S = 0.5  # first pause before retrying a 5xx or a dropped connection (doubles each time)
 WEBHOOK_MAX_BODY = 1024 * 1024
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
@@ -161,6 +166,15 @@ class PerChatRateLimiter(AIORateLimiter):
                 seconds = exc._retry_after.total_seconds() + 0.1  # noqa: SLF001 (int or timedelta publicly)
                 log.info("Telegram flood limit on %s for chat %s: retrying in %.1f s", endpoint, key or "-", seconds)
                 self._pause(key, seconds)
+            except (BadRequest, TimedOut):
+                # A bad request fails again; a timed-out send may have been delivered, so retrying could send twice.
+                raise
+            except NetworkError as exc:  # a 5xx or a connection dropped before the answer: Telegram did not take it
+                if attempt == retries:
+                    raise
+                seconds = NETWORK_RETRY_S * 2**attempt
+                log.info("Telegram %s failed for chat %s (%s): retrying in %.1f s", endpoint, key or "-", exc, seconds)
+                await asyncio.sleep(seconds)
         raise AssertionError("unreachable")
 
 
@@ -403,6 +417,35 @@ async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     await generate(context, query.message.chat.id, query.message.message_id, request, continuing, what)
 
 
+def _for_us(message, username: str | None) -> bool:  # noqa: ANN001 (telegram.Message)
+    """A message the bot would answer: anything in private, a command for us or for no one in particular in groups."""
+    if message.chat.type == ChatType.PRIVATE:
+        return True
+    text = message.text or ""
+    if not text.startswith("/"):
+        return False
+    _, target, _ = split_command(text)
+    return target is None or _addressed_to_us(text, username)
+
+
+async def access_gate(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Runs first (group -1): updates from outside the allowlists get the refusal (or nothing) and go no further."""
+    access = context.bot_data.get(ACCESS_KEY)
+    if access is None or not isinstance(update, Update):
+        return
+    chat, user = update.effective_chat, update.effective_user
+    verdict = access.check(chat=chat.id if chat else None, user=user.id if user else None)
+    if verdict is Verdict.ALLOW:
+        return
+    if verdict is Verdict.REFUSE:
+        if update.callback_query is not None:
+            await _safely(update.callback_query.answer(REFUSAL, show_alert=True), "a refusal")
+        elif update.message is not None and _for_us(update.message, context.bot.username):
+            await _safely(_answer(update, context, _plain(REFUSAL)), "a refusal")
+    log.info("telegram: refused an update from chat %s user %s (allowlist)", chat and chat.id, user and user.id)
+    raise ApplicationHandlerStop
+
+
 async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Anything a handler did not catch: log with context; tell the user briefly, never with the exception text."""
     where = "polling" if not isinstance(update, Update) else f"chat {update.effective_chat.id if update.effective_chat else '-'}"
@@ -412,6 +455,7 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 
 def add_handlers(application: Application) -> None:
+    application.add_handler(TypeHandler(Update, access_gate), group=-1)
     new = filters.UpdateType.MESSAGE  # PTB's default also fires on edits: an edit must not generate again
     for name, handler in (
         ("start", start_command),
@@ -455,6 +499,7 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
         .build()
     )
     application.bot_data[CORE_KEY] = core
+    application.bot_data[ACCESS_KEY] = telegram_access(settings)
     add_handlers(application)
     return application
 
@@ -509,6 +554,15 @@ async def _start_webhook(application: Application) -> web.AppRunner:
     return runner
 
 
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 async def serve(core: BotCore, stop: asyncio.Event) -> None:
     """Run the bot (webhook if `telegram.webhook_url` is set, long polling otherwise) until `stop` is set."""
     application = build_application(core)
@@ -524,6 +578,11 @@ async def serve(core: BotCore, stop: asyncio.Event) -> None:
             await application.updater.start_polling(allowed_updates=ALLOWED_UPDATES)
         mode = "webhook" if webhook else "long polling"
         log.info("telegram bot @%s running (%s)", application.bot.username, mode)
+        await _first(core.draining, stop)
+        if application.updater and application.updater.running:
+            # Stop fetching; PTB confirms the offset of every fetched update, so a restart goes on from the next one.
+            # Handlers already running keep going and send their replies until `stop` (after the drain).
+            await application.updater.stop()
         await stop.wait()
     finally:
         if webhook is not None:

@@ -9,8 +9,8 @@ from importlib import resources
 
 from aiohttp import web
 
-from core.errors import BusyError, RequestTimeout, UserError
-from core.grammar import GenRequest, normalise_label
+from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
+from core.grammar import GenRequest, check_prompt, normalise_label
 from core.knobs import knob_specs, validate_knobs
 from core.replies import APOLOGY
 from core.service import BotCore
@@ -23,6 +23,12 @@ MAX_BODY = 64 * 1024
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+def _refused(core: BotCore, status: int, message: str) -> web.Response:
+    """A request turned away before the engine saw it: counted as the web front end's user_error."""
+    core.engine.telemetry.refused("web", "user_error")
+    return _error(status, message)
 
 
 def _ok(payload: dict) -> web.Response:
@@ -39,12 +45,7 @@ def parse_api_body(payload: object, core: BotCore) -> GenRequest:
     if not isinstance(prompt, str):
         raise UserError('"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)')
     knobs = validate_knobs(fields, core.engine.defaults, core.settings.limits)
-    limits = core.settings.limits
-    if len(prompt) > limits.max_prompt_chars:
-        raise UserError(
-            f"프롬프트가 너무 깁니다: {len(prompt)}자. 최대 {limits.max_prompt_chars}자까지 가능합니다. "
-            f"(prompt too long: {len(prompt)} characters, at most {limits.max_prompt_chars})"
-        )
+    prompt = check_prompt(prompt, core.settings.limits)  # the bots' rules: no control characters, the length cap
     if label_field in (None, ""):
         words = prompt.split(maxsplit=1)
         label = normalise_label(words[0]) if words else None
@@ -56,7 +57,7 @@ def parse_api_body(payload: object, core: BotCore) -> GenRequest:
         text = prompt.strip()
     if not label and not text:
         raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
-    request = GenRequest(label=label, prompt=text, knobs=knobs)
+    request = GenRequest(label=label, prompt=text, knobs=knobs, origin="web")
     core.engine.encode_prompt(request)
     return request
 
@@ -67,17 +68,20 @@ async def api(request: web.Request) -> web.Response:
         raw = await request.read()
         payload = json.loads(raw.decode("utf-8"))
     except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)")
+        return _refused(core, 413, f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)")
     except UnicodeDecodeError:
-        return _error(400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)")
+        return _refused(core, 400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)")
     except (json.JSONDecodeError, RecursionError):
-        return _error(400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)')
+        return _refused(core, 400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)')
     try:
         gen_request = parse_api_body(payload, core)
-        result = await core.engine.generate(gen_request)
+    except UserError as exc:
+        return _refused(core, 422, str(exc))
+    try:
+        result = await core.engine.generate(gen_request)  # the engine counts what happens from here on
     except BusyError as exc:
         return _error(429, str(exc))
-    except RequestTimeout as exc:
+    except (RequestTimeout, ShuttingDown) as exc:
         return _error(503, str(exc))
     except UserError as exc:
         return _error(422, str(exc))
@@ -93,6 +97,12 @@ async def api(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     core = request.app[CORE_KEY]
     return _ok({"status": "ok", "queue_depth": core.engine.queue_depth})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; the series are documented in core/metrics.py."""
+    body, content_type = request.app[CORE_KEY].engine.telemetry.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def page(request: web.Request) -> web.Response:
@@ -113,7 +123,8 @@ async def page(request: web.Request) -> web.Response:
 def create_app(core: BotCore) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[CORE_KEY] = core
-    app.add_routes([web.get("/", page), web.post("/api", api), web.get("/healthz", healthz)])
+    app.add_routes([web.get("/", page), web.post("/api", api), web.get("/healthz", healthz),
+                    web.get("/metrics", metrics)])
     return app
 
 

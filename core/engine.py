@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from core.errors import BusyError, RequestTimeout, UserError
+from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.grammar import GenRequest
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
+from core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+RESTARTING = "봇이 다시 시작하는 중입니다. 잠시 후 다시 시도해 주세요. (the bot is restarting, try again shortly)"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class _Job:
     future: asyncio.Future
     updates: asyncio.Queue | None  # set when the caller streams
     cancelled: bool = False
+    started: float = field(default_factory=time.monotonic)  # for the latency metric
     generated: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
 
@@ -84,7 +88,11 @@ class Engine:
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=self.limits.queue_size)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._jobs: set[_Job] = set()  # submitted and not yet answered (event-loop side)
+        self._closing = False
         self.stats = {"requests": 0, "busy": 0, "timeouts": 0, "tokens": 0, "max_batch": 0}
+        # Every request ends here (or in _submit), so every front end is counted and logged in one place.
+        self.telemetry = Telemetry(lambda: self.queue_depth)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,6 +107,20 @@ class Engine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new requests, let those in flight finish for up to `grace` s, then fail the rest with RESTARTING.
+
+        Returns how many were still unfinished after the grace (each was told the bot is restarting)."""
+        self._closing = True
+        pending = [job.future for job in self._jobs if not job.future.done()]
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
+        left = [job for job in self._jobs if not job.future.done()]
+        for job in left:
+            job.cancelled = True  # the worker drops its rows at the next step
+            _set_exception(job.future, ShuttingDown(RESTARTING))
+        return len(left)
 
     @property
     def queue_depth(self) -> int:
@@ -152,36 +174,58 @@ class Engine:
 
     # ---- event-loop side -------------------------------------------------------------------------------------
     def _submit(self, request: GenRequest, streaming: bool, continuing: bool = False) -> _Job:
-        prompt_ids = self.encode_prompt(request, continuing)
+        try:
+            prompt_ids = self.encode_prompt(request, continuing)
+        except UserError:
+            self.telemetry.finished(request, "user_error")
+            raise
         base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
         seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.knobs.n)]
         loop = asyncio.get_running_loop()
         job = _Job(request, prompt_ids, seeds, loop, loop.create_future(), asyncio.Queue() if streaming else None)
         if self._thread is None:
             raise RuntimeError("engine not started")
+        if self._closing:
+            self.telemetry.finished(request, "shutdown")
+            raise ShuttingDown(RESTARTING)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             self.stats["busy"] += 1
+            self.telemetry.finished(request, "busy")
             raise BusyError(
                 "지금 요청이 너무 많습니다. 잠시 후 다시 시도해 주세요. (busy: too many requests, try again shortly)"
             ) from None
         self.stats["requests"] += 1
+        self._jobs.add(job)
+        job.future.add_done_callback(lambda _: self._jobs.discard(job))
         return job
 
     async def _await(self, job: _Job) -> Generation:
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             job.cancelled = True
             self.stats["timeouts"] += 1
+            self._finished(job, "timeout")
             raise RequestTimeout(
                 f"생성이 {self.limits.request_timeout_s:g}초 안에 끝나지 않았습니다. 더 짧게(max_length) 다시 "
                 f"시도해 주세요. (generation timed out)"
             ) from None
         except asyncio.CancelledError:
             job.cancelled = True
+            self._finished(job, "cancelled")
             raise
+        except Exception as exc:
+            self._finished(job, "shutdown" if isinstance(exc, ShuttingDown) else "error")
+            raise
+        self._finished(job, "ok")
+        return result
+
+    def _finished(self, job: _Job, outcome: str) -> None:
+        # Tokens of a timed-out or cancelled job were computed too; the worker only appends, so reading is safe.
+        tokens = sum(map(len, job.generated))
+        self.telemetry.finished(job.request, outcome, time.monotonic() - job.started, tokens)
 
     # ---- worker thread ---------------------------------------------------------------------------------------
     def _result(self, job: _Job, done: bool) -> Generation:
@@ -211,22 +255,60 @@ class Engine:
         rows: list[_Row] = []
         while not (self._stopping.is_set() and not rows and self._queue.empty()):
             try:
-                new_jobs = self._admit(len(rows))
-                for job in new_jobs:
-                    rows.extend(self._prefill(job, batch))
+                for job in self._admit(len(rows)):
+                    rows.extend(self._prefill_alone(job, batch, len(rows)))
                 rows = self._retire(rows, batch)
                 if not rows:
                     continue
                 self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
-                logits = batch.step([row.tokens[-1] for row in rows])
+                self.telemetry.batch(len(rows))
+                saved = batch.snapshot()
+                try:
+                    logits = batch.step([row.tokens[-1] for row in rows])
+                except Exception as exc:  # noqa: BLE001
+                    batch.restore(saved)
+                    rows = self._fail_culprits(rows, batch, exc)
+                    continue
                 self._advance(rows, logits)
                 rows = self._retire(rows, batch)
-            except Exception as exc:  # a model failure fails the requests in flight, never the worker
+            except Exception as exc:  # a failure no single request is to blame for fails those in flight, never the worker
                 log.exception("generation failed for %d rows", len(rows))
                 for job in {row.job for row in rows}:
                     self._fail(job, exc)
                 rows = []
                 batch = _Batch(self.model)
+
+    def _prefill_alone(self, job: _Job, batch: _Batch, active: int) -> list[_Row]:
+        """Prefill one job; if that fails, only this job fails and the batch is left as it was."""
+        try:
+            return self._prefill(job, batch)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("prefill failed for one request (%d prompt tokens)", len(job.prompt_ids))
+            if len(batch.positions) > active:
+                batch.select(list(range(active)))
+            self._fail(job, exc)
+            return []
+
+    def _fail_culprits(self, rows: list[_Row], batch: _Batch, exc: Exception) -> list[_Row]:
+        """A batched step failed: step each job's rows alone on a throw-away copy and fail only the jobs that fail
+        alone. When every job passes alone, the batch as a whole is to blame and the error goes up."""
+        jobs = list(dict.fromkeys(row.job for row in rows))
+        culprits = []
+        for job in jobs:
+            index = [i for i, row in enumerate(rows) if row.job is job]
+            probe = batch.copy()
+            try:
+                probe.select(index)
+                probe.step([rows[i].tokens[-1] for i in index])
+            except Exception:  # noqa: BLE001 (whatever it is, it is this job's)
+                culprits.append(job)
+        if not culprits:
+            raise exc
+        log.error("generation step failed for %d of %d requests, the others go on: %r", len(culprits), len(jobs), exc)
+        for job in culprits:
+            self._fail(job, exc)
+            job.cancelled = True
+        return self._retire(rows, batch)
 
     def _admit(self, active: int) -> list[_Job]:
         """Take waiting jobs that fit the batch; wait a short window for company when the engine is idle."""
@@ -313,6 +395,18 @@ class _Batch:
         self._append(layers, mask)
         self.positions.extend([len(prompt_ids)] * copies)
         return out.logits[:, -1].expand(copies, -1)
+
+    def snapshot(self) -> tuple:
+        """The state `step` replaces (its tensors are never changed in place), to undo a failed step."""
+        return list(self.layers), self.mask, list(self.positions)
+
+    def restore(self, saved: tuple) -> None:
+        self.layers, self.mask, self.positions = list(saved[0]), saved[1], list(saved[2])
+
+    def copy(self) -> _Batch:
+        other = _Batch(self.model)
+        other.restore(self.snapshot())
+        return other
 
     def _append(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         if not self.layers:

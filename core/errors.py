@@ -13,5 +13,9 @@ class RequestTimeout(UserError):
     """The request did not finish within the configured time."""
 
 
+class ShuttingDown(UserError):
+    """The bot is restarting: the request was refused, or not finished within the shutdown grace."""
+
+
 class ModelLoadError(Exception):
     """The model or checkpoint cannot be loaded; the message is one sentence saying why and what to do."""

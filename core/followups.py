@@ -55,4 +55,4 @@ class FollowUps:
             )
         knobs = replace(old.knobs, seed=None, n=1, min_length=min(used + 1, cap), max_length=min(cap, used + max(1, budget)))
         # The text already carries the label, so it goes to the model as written.
-        return GenRequest(label=None, prompt=text, knobs=knobs)
+        return GenRequest(label=None, prompt=text, knobs=knobs, origin=old.origin)

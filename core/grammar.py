@@ -32,6 +32,8 @@ class GenRequest:
     label: str | None
     prompt: str
     knobs: Knobs
+    # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
+    origin: str = ""
 
     @property
     def model_prompt(self) -> str:
@@ -76,7 +78,8 @@ def extract_knobs(text: str, limits: LimitsSettings) -> tuple[str, list[tuple[st
     return "".join(kept).strip(), pairs
 
 
-def _check_prompt(prompt: str, limits: LimitsSettings) -> str:
+def check_prompt(prompt: str, limits: LimitsSettings) -> str:
+    """No control characters, at most `max_prompt_chars`; runs of spaces become one. Every front end uses it."""
     bad = next((ch for ch in prompt if unicodedata.category(ch) == "Cc" and ch not in "\n\t"), None)
     if bad is not None:
         raise UserError(
@@ -97,7 +100,7 @@ def parse_gen(text: str, defaults: Knobs, limits: LimitsSettings) -> GenRequest:
     knobs = validate_knobs(raw, defaults, limits)
     words = prose.split(maxsplit=1)
     label = normalise_label(words[0]) if words else None
-    prompt = _check_prompt(prose.removeprefix(words[0]) if label else prose, limits)
+    prompt = check_prompt(prose.removeprefix(words[0]) if label else prose, limits)
     if not label and not prompt:
         raise UserError(f"프롬프트가 비어 있습니다. (the prompt is empty) {USAGE}")
     return GenRequest(label=label, prompt=prompt, knobs=knobs)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field, replace
 
 from core.chat_store import ChatStore
 from core.engine import Engine
+from core.errors import UserError
 from core.followups import FollowUps
 from core.grammar import GenRequest, parse_gen, parse_settings_args
 from core.knobs import Knobs
@@ -20,6 +22,8 @@ class BotCore:
     store: ChatStore
     limiter: UserRateLimiter
     followups: FollowUps
+    # Set on SIGTERM: front ends stop taking new work (Telegram stops polling) while in-flight work finishes.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def create(cls, settings: Settings, engine: Engine) -> BotCore:
@@ -36,10 +40,19 @@ class BotCore:
 
     def gen_request(self, args: str, chat: str, user: str) -> GenRequest:
         """Parse `/gen` arguments with the chat's defaults, then charge the user's rate limit."""
-        request = parse_gen(args, self.chat_knobs(chat), self.settings.limits)
-        self.engine.encode_prompt(request)  # prompt-length errors before the rate limit is charged
-        self.limiter.check(user)
-        return request
+        try:
+            request = parse_gen(args, self.chat_knobs(chat), self.settings.limits)
+            self.engine.encode_prompt(request)  # prompt-length errors before the rate limit is charged
+        except UserError:
+            self.engine.telemetry.refused(chat, "user_error")
+            raise
+        try:
+            self.limiter.check(user)
+        except UserError:
+            self.engine.telemetry.refused(chat, "rate_limited")
+            raise
+        # The chat key ("telegram:123") tells metrics and logs the front end; follow-ups inherit it.
+        return replace(request, origin=chat)
 
     def set_chat_knobs(self, args: str, chat: str) -> Knobs:
         values = parse_settings_args(args, self.chat_knobs(chat), self.settings.limits)

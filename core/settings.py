@@ -53,6 +53,7 @@ class LimitsSettings(BaseModel):
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     user_interval_s: float = Field(2.0, ge=0, description="per-user minimum seconds between generations")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight generations may finish")
 
 
 class WebSettings(BaseModel):
@@ -79,6 +80,9 @@ class _TokenMixin(BaseModel):
 
 
 class TelegramSettings(_TokenMixin):
+    allowed_chat_ids: list[int] = []  # empty lists = everyone; otherwise a chat or a user on a list may use the bot
+    allowed_user_ids: list[int] = []
+    refusal: Literal["reply", "ignore"] = "reply"  # what everyone else gets: a polite Korean refusal, or nothing
     base_url: str = "https://api.telegram.org/bot"
     base_file_url: str = "https://api.telegram.org/file/bot"
     webhook_url: str = ""
@@ -88,6 +92,9 @@ class TelegramSettings(_TokenMixin):
 
 
 class DiscordSettings(_TokenMixin):
+    allowed_guild_ids: list[int] = []  # empty lists = everyone; otherwise a server or a channel on a list
+    allowed_channel_ids: list[int] = []
+    refusal: Literal["reply", "ignore"] = "reply"
     prefix: str = "!"
     guild_id: int | None = None
 

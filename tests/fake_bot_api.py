@@ -2,7 +2,8 @@
 
 It feeds queued updates through getUpdates (long polling, capped short), records every call with its parameters,
 keeps sent messages so edits and button presses work, parses HTML like Telegram (rejecting bad markup and texts
-over 4096 characters), and can answer the next calls of a method with 429 `retry_after`.
+over 4096 characters), and can inject faults into the next calls of a method: 429 `retry_after`, a 5xx, a dropped
+connection (closed before any answer, so the call did not happen) or a slow answer.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class _Failure:
     times: int
     retry_after: int
     chat_id: int | None
+    status: int | None = 429  # None: no error (a slow answer only)
+    drop: bool = False
+    delay: float = 0.0
 
 
 def parse_html(text: str) -> tuple[str, list[dict]]:
@@ -99,6 +103,7 @@ class FakeBotAPI:
         self.messages: dict[tuple[int, int], dict] = {}
         self.webhook: dict | None = None
         self._updates: list[dict] = []
+        self.last_update_id = 0
         self._update_ids = itertools.count(1)
         self._message_ids: dict[int, itertools.count] = {}
         self._query_ids = itertools.count(1)
@@ -131,9 +136,11 @@ class FakeBotAPI:
         return f"http://127.0.0.1:{self.port}/file/bot"
 
     # ---- test controls -----------------------------------------------------------------------------------------
-    def fail_next(self, method: str, times: int = 1, retry_after: int = 1, chat_id: int | None = None) -> None:
-        """Answer the next `times` calls of `method` (for `chat_id`, if given) with 429 retry_after."""
-        self._failures.append(_Failure(method, times, retry_after, chat_id))
+    def fail_next(self, method: str, times: int = 1, retry_after: int = 1, chat_id: int | None = None, *,
+                  status: int | None = 429, drop: bool = False, delay: float = 0.0) -> None:
+        """Fault the next `times` calls of `method` (for `chat_id`, if given): wait `delay` s first, then drop the
+        connection (`drop`), answer `status` (429 carries retry_after; 5xx a server error) or, with None, answer."""
+        self._failures.append(_Failure(method, times, retry_after, chat_id, status, drop, delay))
 
     def _next_message_id(self, chat_id: int) -> int:
         return next(self._message_ids.setdefault(chat_id, itertools.count(1)))
@@ -150,6 +157,7 @@ class FakeBotAPI:
 
     def _push(self, update: dict) -> dict:
         update = {"update_id": next(self._update_ids), **update}
+        self.last_update_id = update["update_id"]
         self._updates.append(update)
         self._new_update.set()
         return update
@@ -230,7 +238,19 @@ class FakeBotAPI:
         try:
             if token != self.token:
                 raise ApiError(401, "Unauthorized")
-            self._maybe_fail(method, params)
+            failure = self._take_failure(method, params)
+            if failure is not None:
+                if failure.delay:
+                    await asyncio.sleep(failure.delay)
+                if failure.drop:
+                    call.status = 0
+                    request.transport.close()  # the client sees the connection close without an answer
+                    return web.Response(status=500)
+                if failure.status == 429:
+                    raise ApiError(429, f"Too Many Requests: retry after {failure.retry_after}",
+                                   {"retry_after": failure.retry_after})
+                if failure.status is not None:
+                    raise ApiError(failure.status, "Internal Server Error" if failure.status == 500 else "Bad Gateway")
             handler = getattr(self, f"_api_{method}", None)
             if handler is None:
                 raise ApiError(404, "Not Found: method not found")
@@ -243,12 +263,12 @@ class FakeBotAPI:
             return web.json_response(body, status=exc.code)
         return web.json_response({"ok": True, "result": result})
 
-    def _maybe_fail(self, method: str, params: dict) -> None:
+    def _take_failure(self, method: str, params: dict) -> _Failure | None:
         for failure in self._failures:
             if failure.method == method and failure.times > 0 and failure.chat_id in (None, params.get("chat_id")):
                 failure.times -= 1
-                raise ApiError(429, f"Too Many Requests: retry after {failure.retry_after}",
-                               {"retry_after": failure.retry_after})
+                return failure
+        return None
 
     # ---- methods -----------------------------------------------------------------------------------------------
     async def _api_getMe(self, params: dict) -> dict:

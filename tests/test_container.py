@@ -1,0 +1,139 @@
+"""The container's promises, read from the Dockerfile, compose.yaml and friends (no Docker engine needed),
+and the HEALTHCHECK command against a running web app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from bot import healthcheck
+from bot.web import create_app
+from core.service import BotCore
+from core.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def index(pred) -> int:
+    return next(i for i, ins in enumerate(instructions()) if pred(*ins))
+
+
+def env() -> dict[str, str]:
+    values = {}
+    for word, rest in instructions():
+        if word == "ENV":
+            values.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
+    return values
+
+
+def torch_pin(text: str) -> str:
+    pins = set(re.findall(r"torch==([\w.+]+)", text))
+    assert len(pins) == 1, pins
+    return pins.pop()
+
+
+def test_torch_pin_is_the_same_everywhere_and_cpu_only():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = " ".join(pyproject["project"]["dependencies"])
+    pin = torch_pin(deps)
+    assert torch_pin((ROOT / "Dockerfile").read_text()) == pin
+    assert torch_pin((ROOT / ".ci" / "run").read_text()) == pin
+    torch_run = next(rest for word, rest in instructions() if word == "RUN" and "torch==" in rest)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_run
+
+
+def test_layers_are_ordered_so_code_changes_do_not_reinstall_dependencies():
+    torch = index(lambda w, r: w == "RUN" and "torch==" in r)
+    pyproject = index(lambda w, r: w == "COPY" and r.startswith("pyproject.toml"))
+    project = index(lambda w, r: w == "RUN" and "pip install" in r and "-e ." in r)
+    source = index(lambda w, r: w == "COPY" and r.split()[0] == ".")
+    assert torch < pyproject < project < source
+    # The project is installed the way the README and .ci/run install it (editable), minus the test extra.
+    assert "-e ." in (ROOT / ".ci" / "run").read_text().replace("'.[test]'", ".")
+
+
+def test_image_settings_are_ones_the_bot_accepts(monkeypatch: pytest.MonkeyPatch):
+    for key, val in env().items():
+        if key.startswith("BOT_"):
+            monkeypatch.setenv(key, val)
+    settings = load_settings()
+    assert settings.web.host == "0.0.0.0" and settings.store.path.startswith("/data/")
+
+
+def test_runs_as_a_non_root_user_that_owns_the_data_volume():
+    users = [rest for word, rest in instructions() if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit()  # numeric: checkable by Kubernetes runAsNonRoot
+    assert index(lambda w, r: w == "USER") < index(lambda w, r: w == "CMD")
+    assert any(word == "RUN" and f"chown -R {uid}" in rest and "/data" in rest for word, rest in instructions())
+    assert any(word == "VOLUME" and "/data" in rest for word, rest in instructions())
+    values = env()
+    assert values["HF_HOME"].startswith("/data/") and values["BOT_STORE__PATH"].startswith("/data/")
+    assert values["BOT_WEB__HOST"] == "0.0.0.0"
+
+
+def test_healthcheck_and_cmd_are_exec_form():
+    health = next(rest for word, rest in instructions() if word == "HEALTHCHECK")
+    assert json.loads(health.split("CMD", 1)[1]) == ["python", "-m", "bot.healthcheck"]
+    cmd = next(rest for word, rest in instructions() if word == "CMD")
+    assert json.loads(cmd) == ["python", "-m", "bot"]
+    assert instructions()[0][1].startswith("python:3.11-slim")
+
+
+def test_build_context_leaves_out_secrets_and_state():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".env", ".git", "data", "runs"):
+        assert entry in ignored
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_compose_example_wires_tokens_checkpoint_and_volume(monkeypatch: pytest.MonkeyPatch):
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    bot = compose["services"]["bot"]
+    assert bot["build"] == "." and bot["env_file"] == ".env"
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in bot["volumes"]}
+    assert mounts["/data"] in compose["volumes"]  # a named volume for cache and store
+    assert bot["environment"]["BOT_MODEL__CHECKPOINT"] in mounts
+    # Every variable the example env file sets is a setting the bot accepts.
+    example = (ROOT / ".env.example").read_text()
+    pairs = re.findall(r"^(BOT_\w+)=(.*)$", example, re.MULTILINE)
+    assert {"BOT_TELEGRAM__TOKEN", "BOT_DISCORD__TOKEN"} <= {key for key, _ in pairs}
+    for key, val in pairs:
+        monkeypatch.setenv(key, val)
+    load_settings()
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is installed by .ci/run")
+def test_hadolint_passes():
+    out = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def test_healthcheck_command_reports_the_running_bot(core: BotCore):
+    async with TestServer(create_app(core), host="127.0.0.1") as server:
+        url = f"http://127.0.0.1:{server.port}/healthz"
+        assert await asyncio.to_thread(healthcheck.main, [url]) == 0
+        assert await asyncio.to_thread(healthcheck.main, [f"http://127.0.0.1:{server.port}/nope"]) == 1
+    assert await asyncio.to_thread(healthcheck.main, [url]) == 1  # server gone

@@ -1,0 +1,201 @@
+"""Faults: the fake Bot API answering 5xx, dropping the connection or answering slowly; a model error inside one
+request; and the engine's drain at shutdown. The reply still arrives exactly once; only the failing request fails."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+from conftest import make_settings
+from fake_bot_api import FakeBotAPI
+
+import bot.telegram_bot as tg
+from core.engine import RESTARTING, Engine
+from core.errors import ShuttingDown
+from core.grammar import parse_gen
+from core.model_loading import load_model
+from core.service import BotCore
+
+TOKEN = "123456789:AAF-faults_Token-xyz"
+CHAT = 2001
+
+
+class Wrapped(torch.nn.Module):
+    """The real model behind a hook that may raise or stall, as a broken or slow model would."""
+
+    def __init__(self, inner: torch.nn.Module, hook):  # noqa: ANN001
+        super().__init__()
+        self.inner, self.config, self.hook = inner, inner.config, hook
+
+    def forward(self, input_ids, position_ids=None, **kwargs):  # noqa: ANN001
+        self.hook(input_ids, position_ids)
+        return self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)
+
+
+def engine_over(settings, hook) -> Engine:  # noqa: ANN001
+    loaded = load_model(settings.model)
+    return Engine(dataclasses.replace(loaded, model=Wrapped(loaded.model, hook)), settings)
+
+
+def request(engine: Engine, text: str):  # noqa: ANN201
+    return parse_gen(text, engine.defaults, engine.limits)
+
+
+# ---- a model error fails that request only -----------------------------------------------------------------------
+async def test_a_model_error_fails_only_its_request(settings):
+    plain = load_model(settings.model)
+    ids = lambda text: plain.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    bad_prompt, long_prompt = "부정 최악의 영화", "긍정 " + "배우들 연기가 좋았다 " * 8
+    good = ["긍정 아 정말", "부정 스토리가 너무"]
+    bad_token = ids(bad_prompt)[-1]
+    assert all(bad_token not in ids(t) for t in [long_prompt, *good])
+    cut = len(ids(long_prompt))  # only the long prompt's rows ever reach this position
+    assert cut > 20
+
+    def hook(input_ids, position_ids):  # noqa: ANN001
+        if input_ids.shape[1] > 1 and (input_ids == bad_token).any():
+            raise RuntimeError("prefill failed")
+        if position_ids is not None and (position_ids >= cut).any():
+            raise RuntimeError("step failed")
+
+    engine = engine_over(settings, hook)
+    engine.start()
+    try:
+        jobs = [
+            engine.generate(request(engine, f"{bad_prompt} min_length=1 max_length=20")),
+            engine.generate(request(engine, f"{long_prompt} min_length=1 max_length=60")),
+            *(engine.generate(request(engine, f"{t} min_length=20 max_length=20 seed=1")) for t in good),
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
+        assert isinstance(results[0], RuntimeError) and "prefill" in str(results[0])
+        assert isinstance(results[1], RuntimeError) and "step" in str(results[1])
+        assert [r.texts()[0].startswith(t) for r, t in zip(results[2:], good)] == [True, True]
+        assert engine.stats["max_batch"] >= 2  # the failing step was a batch shared with the good requests
+        again = await asyncio.wait_for(engine.generate(request(engine, "긍정 배우들 seed=3")), 30)
+        assert again.continuations[0]  # the engine keeps serving
+    finally:
+        await engine.stop()
+
+
+async def test_a_failure_of_the_whole_batch_fails_its_requests_and_the_engine_goes_on(settings):
+    broken = {"on": True}
+
+    def hook(input_ids, position_ids):  # noqa: ANN001
+        if broken["on"] and position_ids is not None and input_ids.shape[0] >= 2:
+            raise RuntimeError("batch too big")  # fails only in a batch: nobody alone is to blame
+
+    engine = engine_over(settings, hook)
+    engine.start()
+    try:
+        jobs = [engine.generate(request(engine, f"긍정 아 정말 min_length=20 max_length=20 seed={i}")) for i in range(2)]
+        results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        broken["on"] = False
+        assert (await asyncio.wait_for(engine.generate(request(engine, "긍정 아 정말")), 30)).continuations
+    finally:
+        await engine.stop()
+
+
+# ---- drain at shutdown -------------------------------------------------------------------------------------------
+def slow_hook(input_ids, position_ids):  # noqa: ANN001
+    time.sleep(0.03)  # ~30 ms per forward: a 40-token generation takes over a second
+
+
+async def test_drain_lets_in_flight_work_finish_and_refuses_new_work(settings):
+    engine = engine_over(settings, slow_hook)
+    engine.start()
+    try:
+        jobs = [asyncio.ensure_future(engine.generate(request(engine, f"긍정 아 정말 min_length=30 max_length=30 seed={i}")))
+                for i in range(2)]
+        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(engine.drain(grace=20), 30) == 0
+        assert all(len(job.result().continuations[0]) > 0 for job in jobs)
+        with pytest.raises(ShuttingDown, match="다시 시작"):
+            await engine.generate(request(engine, "긍정 아 정말"))
+    finally:
+        await engine.stop()
+
+
+async def test_drain_tells_unfinished_work_the_bot_is_restarting(settings):
+    engine = engine_over(settings, slow_hook)
+    engine.start()
+    try:
+        jobs = [asyncio.ensure_future(engine.generate(request(engine, f"긍정 아 정말 min_length=120 max_length=120 seed={i}")))
+                for i in range(2)]
+        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(engine.drain(grace=0.2), 10) == 2
+        for job in jobs:
+            with pytest.raises(ShuttingDown) as info:
+                await job
+            assert str(info.value) == RESTARTING
+    finally:
+        await asyncio.wait_for(engine.stop(), 10)  # the worker dropped the abandoned rows, so it stops at once
+
+
+# ---- Telegram: 5xx, dropped connections, slow answers ------------------------------------------------------------
+@pytest.fixture
+async def fake():
+    api = await FakeBotAPI(TOKEN).start()
+    yield api
+    await api.close()
+
+
+@pytest.fixture
+def settings_tg(tiny_dir, tmp_path, fake):
+    return make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0},
+                         telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url})
+
+
+@pytest.fixture
+async def bot(settings_tg, fake):
+    engine = Engine(load_model(settings_tg.model), settings_tg)
+    engine.start()
+    core = BotCore.create(settings_tg, engine)
+    stop = asyncio.Event()
+    task = asyncio.create_task(tg.serve(core, stop))
+    await fake.wait_for(lambda: fake.called("getUpdates", status=None))
+    yield fake
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    core.store.close()
+    await engine.stop()
+
+
+async def one_final_reply(fake: FakeBotAPI, text: str) -> dict:
+    message = fake.user_message(CHAT, text)
+
+    def replies() -> list[dict]:
+        return [m for m in fake.sent(CHAT) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
+
+    await fake.wait_for(lambda: any("reply_markup" in m for m in replies()), timeout=20)
+    await asyncio.sleep(0.3)
+    assert len(replies()) == 1
+    return replies()[0]
+
+
+@pytest.mark.parametrize("fault", [
+    {"status": 502}, {"status": 500, "times": 2}, {"status": 503}, {"drop": True}, {"drop": True, "times": 2},
+    {"status": None, "delay": 1.5},
+], ids=["502", "500-twice", "503", "dropped", "dropped-twice", "slow"])
+async def test_send_faults_still_give_exactly_one_reply(bot, fault):
+    bot.fail_next("sendMessage", chat_id=CHAT, **fault)
+    reply = await one_final_reply(bot, "/gen 긍정 아 정말 seed=1")
+    assert reply["text"].startswith("긍정 아 정말") and "seed=1" in reply["text"]
+    assert len(bot.called("sendMessage", chat_id=CHAT)) == 1  # one accepted send; the faulted ones were not taken
+
+
+@pytest.mark.parametrize("fault", [{"drop": True}, {"status": None, "delay": 1.5}], ids=["dropped", "slow"])
+async def test_edit_faults_still_finish_the_reply(bot, fault):
+    bot.fail_next("editMessageText", chat_id=CHAT, **fault)
+    reply = await one_final_reply(bot, "/gen 긍정 아 정말 min_length=120 max_length=120 seed=2")
+    assert reply["text"].startswith("긍정 아 정말") and "seed=2" in reply["text"]
+
+
+async def test_unanswered_update_fetches_are_retried(bot):
+    bot.fail_next("getUpdates", times=2, status=502)
+    bot.fail_next("getUpdates", drop=True)
+    reply = await one_final_reply(bot, "/gen 부정 스토리가 seed=3")
+    assert reply["text"].startswith("부정 스토리가")

@@ -1,0 +1,105 @@
+"""Graceful shutdown: SIGTERM while a reply is in flight (a real `python -m bot` process against the fake Bot API),
+work unfinished after the grace gets the Korean "restarting" error, and a restart does not answer old updates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from conftest import make_settings
+from fake_bot_api import FakeBotAPI
+from test_faults import engine_over, slow_hook
+
+from bot.runner import run_front_ends
+from core.engine import RESTARTING
+from core.service import BotCore
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "123456789:AAF-shutdown_Token-xyz"
+CHAT = 4001
+
+
+def replies_to(fake: FakeBotAPI, message: dict) -> list[dict]:
+    chat = message["chat"]["id"]
+    return [m for m in fake.sent(chat) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
+
+
+async def start_bot(fake: FakeBotAPI, tiny_dir: Path, tmp_path: Path) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
+    env.update(
+        HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_WEB__ENABLED="false",
+        BOT_TELEGRAM__TOKEN=TOKEN, BOT_TELEGRAM__BASE_URL=fake.base_url, BOT_TELEGRAM__BASE_FILE_URL=fake.file_url,
+        BOT_STORE__PATH=str(tmp_path / "store.sqlite3"), BOT_LIMITS__USER_INTERVAL_S="0", BOT_LIMITS__SHUTDOWN_GRACE_S="20",
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    polls = len(fake.calls_of("getUpdates", status=None))
+    await fake.wait_for(lambda: len(fake.calls_of("getUpdates", status=None)) > polls or proc.returncode is not None,
+                        timeout=90)
+    return proc
+
+
+async def terminate(proc: asyncio.subprocess.Process) -> str:
+    proc.send_signal(signal.SIGTERM)
+    output, _ = await asyncio.wait_for(proc.communicate(), 40)
+    return output.decode()
+
+
+async def test_sigterm_sends_the_reply_in_flight_then_restart_does_not_answer_again(tiny_dir, tmp_path):
+    fake = await FakeBotAPI(TOKEN).start()
+    proc = None
+    try:
+        proc = await start_bot(fake, tiny_dir, tmp_path)
+        fake.fail_next("sendMessage", chat_id=CHAT, status=None, delay=2.0)  # the reply is on its way at SIGTERM
+        message = fake.user_message(CHAT, "/gen 긍정 아 정말 seed=7")
+        handled = fake.last_update_id
+        await fake.wait_for(lambda: fake.calls_of("sendMessage", status=None), timeout=30)
+        output = await terminate(proc)
+        assert proc.returncode == 0, output
+        assert "Traceback" not in output and "finishing in-flight" in output, output
+        replies = replies_to(fake, message)
+        assert len(replies) == 1 and replies[0]["text"].startswith("긍정 아 정말") and "reply_markup" in replies[0], output
+        # PTB confirmed the handled update on the way out: its last poll asked for the next one.
+        assert fake.called("getUpdates")[-1].get("offset") == handled + 1
+
+        # The restarted bot answers the new message, never the old one again.
+        proc = await start_bot(fake, tiny_dir, tmp_path)
+        fresh = fake.user_message(CHAT, "/gen 부정 스토리가 seed=8")
+        await fake.wait_for(lambda: any("reply_markup" in m for m in replies_to(fake, fresh)), timeout=30)
+        await asyncio.sleep(0.5)
+        assert len(replies_to(fake, message)) == 1 and len(replies_to(fake, fresh)) == 1
+        output = await terminate(proc)
+        assert proc.returncode == 0, output
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await fake.close()
+
+
+async def test_work_unfinished_after_the_grace_is_told_the_bot_is_restarting(tiny_dir, tmp_path):
+    fake = await FakeBotAPI(TOKEN).start()
+    settings = make_settings(tiny_dir, tmp_path, web={"enabled": False},
+                             limits={"user_interval_s": 0, "shutdown_grace_s": 0.5},
+                             telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url})
+    engine = engine_over(settings, slow_hook)  # ~30 ms a token: 120 tokens outlast the grace
+    engine.start()
+    core = BotCore.create(settings, engine)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_front_ends(core, stop))
+    try:
+        await fake.wait_for(lambda: fake.called("getUpdates", status=None))
+        message = fake.user_message(CHAT, "/gen 긍정 아 정말 min_length=120 max_length=120")
+        await fake.wait_for(lambda: replies_to(fake, message), timeout=20)  # generating, first text shown
+        stop.set()  # what SIGTERM does
+        await asyncio.wait_for(runner, 20)
+        (reply,) = replies_to(fake, message)
+        assert reply["text"] == RESTARTING and "reply_markup" not in reply
+        assert fake.called("getUpdates")[-1].get("offset") == fake.last_update_id + 1  # confirmed, not fetched again
+    finally:
+        core.store.close()
+        await engine.stop()
+        await fake.close()
