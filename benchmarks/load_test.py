@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
-import statistics
 import sys
 import tempfile
 import time

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import html
 import logging
-import secrets
-import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from telegram import (
@@ -21,9 +17,8 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType, MessageLimit, ParseMode
-from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
+from telegram.error import BadRequest, InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
-    AIORateLimiter,
     Application,
     ApplicationBuilder,
     ApplicationHandlerStop,
@@ -35,6 +30,9 @@ from telegram.ext import (
     filters,
 )
 
+from bot.log_redaction import redact_token_in_logs
+from bot.telegram_delivery import PerChatRateLimiter
+from bot.telegram_webhook import start_webhook
 from core.access import REFUSAL, Verdict, telegram_access
 from core.engine import Generation
 from core.errors import UserError
@@ -52,11 +50,7 @@ MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity par
 CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
 EDIT_INTERVAL_S = 1.0  # Telegram tolerates about one edit per second per message
 TYPING_REFRESH_S = 4.5  # a chat action is shown for 5 s, so refresh a little earlier
-SEND_RETRIES = 3  # how often one request is retried after a 429 retry_after, a 5xx or a dropped connection
-NETWORK_RETRY_S = 0.5  # first pause before retrying a 5xx or a dropped connection (doubles each time)
-WEBHOOK_MAX_BODY = 1024 * 1024
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 COMMANDS = (
     ("gen", "문장 생성 — 예: /gen 긍정 아 정말 top_p=0.9"),
@@ -87,95 +81,6 @@ EDITED_TEXT = (
     "(edited commands are not re-run; send the command again)"
 )
 GENERATING = "생성 중… (generating)"
-
-
-# ---- token hygiene ---------------------------------------------------------------------------------------------
-class TokenRedactor(logging.Filter):
-    """Replaces the bot token in a record's message and traceback: it is part of every Bot API URL."""
-
-    def __init__(self, token: str):
-        super().__init__()
-        self.token = token
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 (a malformed record is logging's problem to report, not ours)
-            return True
-        if self.token in message:
-            record.msg, record.args = message.replace(self.token, "<token>"), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and self.token in record.exc_text:
-            record.exc_text = record.exc_text.replace(self.token, "<token>")
-        return True
-
-
-def redact_token_in_logs(token: str, prefixes: tuple[str, ...] = ("httpx", "httpcore", "telegram", "bot")) -> None:
-    """Attach a redactor to every logger that may see a Bot API URL (filters act where a record is made)."""
-    names = [name for name in logging.Logger.manager.loggerDict if name.split(".")[0] in prefixes]
-    for name in {*prefixes, *names}:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, TokenRedactor) and f.token == token for f in logger.filters):
-            logger.addFilter(TokenRedactor(token))
-
-
-# ---- flood control ---------------------------------------------------------------------------------------------
-class PerChatRateLimiter(AIORateLimiter):
-    """PTB's AIORateLimiter (30 msg/s overall, 20/min per group), but a 429 pauses only the chat that got it.
-
-    AIORateLimiter halts every request after any 429; Telegram's flood limits are mostly per chat, so one busy
-    group must not stall replies everywhere else.
-    """
-
-    __slots__ = ("_paused_until", "_retries")
-
-    def __init__(self, max_retries: int = SEND_RETRIES):
-        super().__init__(max_retries=0)
-        self._retries = max_retries
-        self._paused_until: dict[str, float] = {}
-
-    async def _wait_turn(self, key: str) -> None:
-        while (left := self._paused_until.get(key, 0.0) - time.monotonic()) > 0:
-            await asyncio.sleep(left)
-
-    def _pause(self, key: str, seconds: float) -> None:
-        now = time.monotonic()
-        self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
-        self._paused_until[key] = max(self._paused_until.get(key, 0.0), now + seconds)
-
-    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):  # noqa: ANN001
-        chat_id = data.get("chat_id")
-        key = "" if chat_id is None else str(chat_id)
-        group = chat_id if isinstance(chat_id, str) or (isinstance(chat_id, int) and chat_id < 0) else False
-        retries = self._retries if rate_limit_args is None else rate_limit_args
-        for attempt in range(retries + 1):
-            await self._wait_turn(key)
-            try:
-                return await self._run_request(
-                    chat=chat_id is not None,
-                    group=group,
-                    allow_paid_broadcast=bool(data.get("allow_paid_broadcast", False)),
-                    callback=callback,
-                    args=args,
-                    kwargs=kwargs,
-                )
-            except RetryAfter as exc:
-                if attempt == retries:
-                    raise
-                seconds = exc._retry_after.total_seconds() + 0.1  # noqa: SLF001 (int or timedelta publicly)
-                log.info("Telegram flood limit on %s for chat %s: retrying in %.1f s", endpoint, key or "-", seconds)
-                self._pause(key, seconds)
-            except (BadRequest, TimedOut):
-                # A bad request fails again; a timed-out send may have been delivered, so retrying could send twice.
-                raise
-            except NetworkError as exc:  # a 5xx or a connection dropped before the answer: Telegram did not take it
-                if attempt == retries:
-                    raise
-                seconds = NETWORK_RETRY_S * 2**attempt
-                log.info("Telegram %s failed for chat %s (%s): retrying in %.1f s", endpoint, key or "-", exc, seconds)
-                await asyncio.sleep(seconds)
-        raise AssertionError("unreachable")
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------
@@ -523,37 +428,6 @@ async def _initialize(application: Application, stop: asyncio.Event) -> bool:
     return False
 
 
-def webhook_app(application: Application, secret: str, path: str) -> web.Application:
-    """Receives Telegram's POSTs (checked against the secret token) and queues them for the Application."""
-    expected = secret.encode()
-
-    async def receive(request: web.Request) -> web.Response:
-        if not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), expected):
-            return web.Response(status=403)
-        try:
-            update = Update.de_json(await request.json(), application.bot)
-        except Exception:  # noqa: BLE001 (malformed JSON or not an Update)
-            return web.Response(status=400)
-        await application.update_queue.put(update)
-        return web.Response()
-
-    server = web.Application(client_max_size=WEBHOOK_MAX_BODY)
-    server.router.add_post(path, receive)
-    return server
-
-
-async def _start_webhook(application: Application) -> web.AppRunner:
-    """An aiohttp receiver (PTB's own needs tornado), then setWebhook pointing Telegram at it."""
-    settings = application.bot_data[CORE_KEY].settings.telegram
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else secrets.token_urlsafe(32)
-    path = urlsplit(settings.webhook_url).path or "/"
-    runner = web.AppRunner(webhook_app(application, secret, path), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.webhook_listen, settings.webhook_port).start()
-    await application.bot.set_webhook(settings.webhook_url, secret_token=secret, allowed_updates=ALLOWED_UPDATES)
-    return runner
-
-
 async def _first(*events: asyncio.Event) -> None:
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
@@ -573,7 +447,7 @@ async def serve(core: BotCore, stop: asyncio.Event) -> None:
         await application.post_init(application)  # run_polling would call it; we drive the lifecycle ourselves
         await application.start()
         if core.settings.telegram.webhook_url:
-            webhook = await _start_webhook(application)
+            webhook = await start_webhook(application, core.settings.telegram, ALLOWED_UPDATES)
         else:
             await application.updater.start_polling(allowed_updates=ALLOWED_UPDATES)
         mode = "webhook" if webhook else "long polling"

@@ -12,6 +12,7 @@ from conftest import make_settings
 from fake_bot_api import FakeBotAPI, parse_html
 
 import bot.telegram_bot as tg
+from bot.telegram_webhook import SECRET_HEADER
 from core.engine import Generation
 from core.followups import EXPIRED
 from core.grammar import GenRequest
@@ -335,12 +336,12 @@ async def test_webhook_mode_checks_the_secret_and_answers(core, fake, tiny_dir, 
                    "entities": [{"type": "bot_command", "offset": 0, "length": 5}]}
         url = f"http://127.0.0.1:{port}/tg/hook"
         async with aiohttp.ClientSession() as http:
-            async with http.post(url, json={"update_id": 1, "message": message}, headers={tg.SECRET_HEADER: "nope"}) as r:
+            async with http.post(url, json={"update_id": 1, "message": message}, headers={SECRET_HEADER: "nope"}) as r:
                 assert r.status == 403
-            async with http.post(url, data=b"{not json", headers={tg.SECRET_HEADER: "s3cret-Value_1"}) as r:
+            async with http.post(url, data=b"{not json", headers={SECRET_HEADER: "s3cret-Value_1"}) as r:
                 assert r.status == 400
             async with http.post(url, json={"update_id": 2, "message": message},
-                                 headers={tg.SECRET_HEADER: "s3cret-Value_1"}) as r:
+                                 headers={SECRET_HEADER: "s3cret-Value_1"}) as r:
                 assert r.status == 200
         await fake.wait_for(lambda: fake.called("sendMessage", chat_id=PRIVATE))
         assert len(fake.called("sendMessage", chat_id=PRIVATE)) == 1

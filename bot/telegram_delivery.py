@@ -1,0 +1,72 @@
+"""Sending to Telegram under its flood limits: PTB's rate limiter, with 429s pausing only the chat that got them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from telegram.error import BadRequest, NetworkError, RetryAfter, TimedOut
+from telegram.ext import AIORateLimiter
+
+log = logging.getLogger(__name__)
+
+SEND_RETRIES = 3  # how often one request is retried after a 429 retry_after, a 5xx or a dropped connection
+NETWORK_RETRY_S = 0.5  # first pause before retrying a 5xx or a dropped connection (doubles each time)
+
+
+class PerChatRateLimiter(AIORateLimiter):
+    """PTB's AIORateLimiter (30 msg/s overall, 20/min per group), but a 429 pauses only the chat that got it.
+
+    AIORateLimiter halts every request after any 429; Telegram's flood limits are mostly per chat, so one busy
+    group must not stall replies everywhere else.
+    """
+
+    __slots__ = ("_paused_until", "_retries")
+
+    def __init__(self, max_retries: int = SEND_RETRIES):
+        super().__init__(max_retries=0)
+        self._retries = max_retries
+        self._paused_until: dict[str, float] = {}
+
+    async def _wait_turn(self, key: str) -> None:
+        while (left := self._paused_until.get(key, 0.0) - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+
+    def _pause(self, key: str, seconds: float) -> None:
+        now = time.monotonic()
+        self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
+        self._paused_until[key] = max(self._paused_until.get(key, 0.0), now + seconds)
+
+    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):  # noqa: ANN001
+        chat_id = data.get("chat_id")
+        key = "" if chat_id is None else str(chat_id)
+        group = chat_id if isinstance(chat_id, str) or (isinstance(chat_id, int) and chat_id < 0) else False
+        retries = self._retries if rate_limit_args is None else rate_limit_args
+        for attempt in range(retries + 1):
+            await self._wait_turn(key)
+            try:
+                return await self._run_request(
+                    chat=chat_id is not None,
+                    group=group,
+                    allow_paid_broadcast=bool(data.get("allow_paid_broadcast", False)),
+                    callback=callback,
+                    args=args,
+                    kwargs=kwargs,
+                )
+            except RetryAfter as exc:
+                if attempt == retries:
+                    raise
+                seconds = exc._retry_after.total_seconds() + 0.1  # noqa: SLF001 (int or timedelta publicly)
+                log.info("Telegram flood limit on %s for chat %s: retrying in %.1f s", endpoint, key or "-", seconds)
+                self._pause(key, seconds)
+            except (BadRequest, TimedOut):
+                # A bad request fails again; a timed-out send may have been delivered, so retrying could send twice.
+                raise
+            except NetworkError as exc:  # a 5xx or a connection dropped before the answer: Telegram did not take it
+                if attempt == retries:
+                    raise
+                seconds = NETWORK_RETRY_S * 2**attempt
+                log.info("Telegram %s failed for chat %s (%s): retrying in %.1f s", endpoint, key or "-", exc, seconds)
+                await asyncio.sleep(seconds)
+        raise AssertionError("unreachable")
