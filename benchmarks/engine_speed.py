@@ -1,6 +1,6 @@
 """Engine speed, measured side by side in one run: the tutorial's path vs the engine (fp32, int8).
 
-    python benchmarks/engine_speed.py            # ~3 minutes on 2 cores
+    python benchmarks/engine_speed.py            # ~5 minutes on 2 cores
 
 Model: GPT-2 with exactly skt/kogpt2-base-v2's shape (vocab 51200, 1024 positions, 12 layers, 768 hidden, 12 heads),
 random weights, built offline; tokenizer trained on NSMC reviews. Workloads:
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS = 32
 CONCURRENT = 16
-ROWS = ("tutorial", "engine-fp32", "engine-int8")
+ROWS = ("tutorial", "engine-fp32", "engine-int8", "engine-int8-1thread")
 PROMPT_WORDS = ["아 정말", "이 영화는", "배우들의 연기가", "스토리가 너무", "감독이", "음악이 좋아서", "솔직히 말하면", "처음에는",
                 "오랜만에 본", "주인공이", "결말이", "영상미가", "대사가", "시간 가는 줄", "두 번 봐도", "기대했는데"]
 
@@ -98,14 +98,14 @@ def run_tutorial(model_dir: Path) -> dict:
     return {"a_ms_per_token": single / NEW_TOKENS * 1000, "b_wall_s": time.perf_counter() - started}
 
 
-def run_engine(model_dir: Path, quantize: str) -> dict:
+def run_engine(model_dir: Path, quantize: str, threads: int = 0) -> dict:
     from core.engine import Engine
     from core.grammar import GenRequest
     from core.knobs import Knobs
     from core.model_loading import load_model
     from core.settings import load_settings
 
-    settings = load_settings(model={"pretrained": str(model_dir), "quantize": quantize},
+    settings = load_settings(model={"pretrained": str(model_dir), "quantize": quantize, "threads": threads},
                              limits={"max_batch_size": CONCURRENT, "queue_size": 64, "request_timeout_s": 600})
     loaded = load_model(settings.model)
     engine = Engine(loaded, settings)
@@ -142,14 +142,18 @@ def child(row: str, model_dir: Path) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    result = run_tutorial(model_dir) if row == "tutorial" else run_engine(model_dir, row.removeprefix("engine-").replace("fp32", "none"))
+    if row == "tutorial":
+        result = run_tutorial(model_dir)
+    else:
+        quantize = "int8" if "int8" in row else "none"
+        result = run_engine(model_dir, quantize, threads=1 if row.endswith("1thread") else 0)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,14 +175,14 @@ def main() -> None:
            for row, rs in runs.items()}
     base = med["tutorial"]
     print()
-    print(f"{'row':<14} {'(a) ms/token':>13} {'(a) ratio':>10} {'(b) wall s':>11} {'(b) ratio':>10} {'peak RSS MB':>12}")
+    print(f"{'row':<20} {'(a) ms/token':>13} {'(a) ratio':>10} {'(b) wall s':>11} {'(b) ratio':>10} {'peak RSS MB':>12}")
     for row in ROWS:
         m = med[row]
-        print(f"{row:<14} {m['a_ms_per_token']:>13.1f} {m['a_ms_per_token'] / base['a_ms_per_token']:>9.3f}x "
+        print(f"{row:<20} {m['a_ms_per_token']:>13.1f} {m['a_ms_per_token'] / base['a_ms_per_token']:>9.3f}x "
               f"{m['b_wall_s']:>11.2f} {m['b_wall_s'] / base['b_wall_s']:>9.3f}x {m['peak_rss_mb']:>12.0f}")
     print(f"\n(a) one request, {NEW_TOKENS} new tokens; (b) {CONCURRENT} concurrent requests with different knobs, "
-          f"{NEW_TOKENS} new tokens each; medians of {args.repeats} interleaved runs; torch threads: "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
+          f"{NEW_TOKENS} new tokens each; medians of {args.repeats} interleaved runs; torch threads: default "
+          f"({os.cpu_count()} cores) except the 1thread row (model.threads = 1)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The one generation engine every front end shares.
 
 Requests go into a bounded queue; a single worker thread owns the model and decodes every admitted row together
-(continuous batching): a new request is prefilled on its own and joins the running batch at the next step, each
-row samples with its own knobs and its own seeded generator, and a row that ends (eos or its max_length) is answered
-at once and leaves the batch. The event loop never runs model code.
+(continuous batching): requests that arrive together are prefilled together and join the running batch at the next
+step, each row samples with its own knobs and its own seeded generator, and a row that ends (eos or its max_length)
+is answered at once and leaves the batch. The event loop never runs model code.
 """
 
 from __future__ import annotations
@@ -97,8 +97,6 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            if self.settings.model.threads:
-                torch.set_num_threads(self.settings.model.threads)
             self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
             self._thread.start()
 
@@ -251,12 +249,16 @@ class Engine:
         job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
 
     def _run(self) -> None:
+        if self.settings.model.threads:
+            # OpenMP's thread count is per calling thread: set it where the model runs.
+            torch.set_num_threads(self.settings.model.threads)
         batch = _Batch(self.model)
         rows: list[_Row] = []
         while not (self._stopping.is_set() and not rows and self._queue.empty()):
             try:
-                for job in self._admit(len(rows)):
-                    rows.extend(self._prefill_alone(job, batch, len(rows)))
+                new_jobs = self._admit(len(rows))
+                if new_jobs:
+                    rows.extend(self._prefill_jobs(new_jobs, batch, len(rows)))
                 rows = self._retire(rows, batch)
                 if not rows:
                     continue
@@ -277,6 +279,20 @@ class Engine:
                     self._fail(job, exc)
                 rows = []
                 batch = _Batch(self.model)
+
+    def _prefill_jobs(self, jobs: list[_Job], batch: _Batch, active: int) -> list[_Row]:
+        """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""
+        if len(jobs) > 1:
+            try:
+                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.knobs.n for job in jobs])
+            except Exception:  # noqa: BLE001 (retried one by one below, where the error is reported)
+                log.warning("batched prefill of %d requests failed; prefilling one by one", len(jobs))
+            else:
+                return self._start(jobs, logits)
+        rows: list[_Row] = []
+        for job in jobs:
+            rows.extend(self._prefill_alone(job, batch, active + len(rows)))
+        return rows
 
     def _prefill_alone(self, job: _Job, batch: _Batch, active: int) -> list[_Row]:
         """Prefill one job; if that fails, only this job fails and the batch is left as it was."""
@@ -334,14 +350,17 @@ class Engine:
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
-        n = job.request.knobs.n
-        job.generated = [[] for _ in range(n)]
-        job.finished = [False] * n
-        logits = batch.prefill(job.prompt_ids, n)
+        return self._start([job], batch.prefill([job.prompt_ids], [job.request.knobs.n]))
+
+    def _start(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Row]:
+        """One row per candidate, each with its own seeded generator, and their first tokens from `logits`."""
         rows = []
-        for candidate, seed in enumerate(job.seeds):
-            gen = torch.Generator().manual_seed(seed)
-            rows.append(_Row(job, candidate, list(job.prompt_ids), gen))
+        for job in jobs:
+            n = job.request.knobs.n
+            job.generated = [[] for _ in range(n)]
+            job.finished = [False] * n
+            for candidate, seed in enumerate(job.seeds):
+                rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
         self._advance(rows, logits)
         return rows
 
@@ -387,14 +406,28 @@ class _Batch:
         self.positions: list[int] = []
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], copies: int) -> torch.Tensor:
-        """Run one prompt alone (so its first token does not depend on the batch) and append it `copies` times."""
-        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-        layers = [(layer.keys.expand(copies, -1, -1, -1), layer.values.expand(copies, -1, -1, -1)) for layer in out.cache.layers]
-        mask = torch.ones(copies, len(prompt_ids), dtype=torch.long)
-        self._append(layers, mask)
-        self.positions.extend([len(prompt_ids)] * copies)
-        return out.logits[:, -1].expand(copies, -1)
+    def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
+        """Run new prompts together (left-padded) and append each `copies` times; returns their next-token logits."""
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
+        out = self.model(
+            input_ids=ids,
+            attention_mask=None if bool(mask.all()) else mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        counts = torch.tensor(copies)
+        self._append(
+            [(layer.keys.repeat_interleave(counts, 0), layer.values.repeat_interleave(counts, 0)) for layer in out.cache.layers],
+            mask.repeat_interleave(counts, 0),
+        )
+        self.positions.extend(len(prompt) for prompt, n in zip(prompts, copies) for _ in range(n))
+        return out.logits[:, -1].repeat_interleave(counts, 0)
 
     def snapshot(self) -> tuple:
         """The state `step` replaces (its tensors are never changed in place), to undo a failed step."""
@@ -427,7 +460,8 @@ class _Batch:
         out = self.model(
             input_ids=torch.tensor(last_tokens)[:, None],
             cache=cache,
-            attention_mask=self.mask,
+            # Without padding no mask is needed, and attention takes its faster unmasked path.
+            attention_mask=None if bool(self.mask.all()) else self.mask,
             position_ids=torch.tensor(self.positions)[:, None],
             use_cache=True,
         )

@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.errors import ModelLoadError
 from core.settings import ModelSettings
+from core.speedups import fuse_gelu, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"토크나이저 어휘({len(tokenizer)})가 모델 어휘({model.config.vocab_size})보다 큽니다. "
             f"(tokenizer does not match the model)"
         )
-    model.eval()
+    model = fuse_gelu(model.eval())
     if settings.quantize == "int8":
-        from core.quantize import quantize_int8
-
         model = quantize_int8(model)
         source += " (int8)"
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

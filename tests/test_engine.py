@@ -119,3 +119,17 @@ async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
         assert first.continuations == second.continuations and first.new_tokens > 0
     finally:
         await engine.stop()
+
+
+def test_padded_batch_prefill_and_steps_match_each_prompt_alone(engine: Engine):
+    from core.engine import _Batch
+
+    prompts = [engine.encode_prompt(req(engine, t)) for t in ("긍정 아 정말 재밌다", "부정", "긍정 배우들의 연기가 너무 좋았다")]
+    together = _Batch(engine.model)
+    logits = together.prefill(prompts, [1, 2, 1])
+    nxt = together.step([5, 6, 6, 7])
+    for i, (prompt, row) in enumerate(zip(prompts, (0, 1, 3))):
+        alone = _Batch(engine.model)
+        assert torch.allclose(alone.prefill([prompt], [1])[0], logits[row], atol=1e-4)
+        assert torch.allclose(alone.step([[5, 6, 7][i]])[0], nxt[row], atol=1e-4)
+    assert torch.isfinite(nxt).all() and torch.equal(logits[1], logits[2])

@@ -88,3 +88,24 @@ def test_sample_uses_each_rows_generator():
 def test_rules_validate_arguments(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+def test_sample_follows_the_distribution_and_never_picks_masked_tokens():
+    scores = torch.log(torch.tensor([[0.2, 0.3, 0.5, 0.0]])).expand(3000, -1)
+    gens = [torch.Generator().manual_seed(i) for i in range(3000)]
+    counts = torch.bincount(torch.tensor(sample(scores, gens)), minlength=4).tolist()
+    assert counts[3] == 0
+    for count, p in zip(counts, [0.2, 0.3, 0.5]):
+        assert abs(count / 3000 - p) < 0.04
+
+
+def test_fused_gelu_matches_gpt2s_gelu_new():
+    from transformers.activations import NewGELUActivation
+
+    from core.speedups import fuse_gelu
+
+    x = torch.linspace(-6, 6, 1001)
+    module = torch.nn.Sequential(NewGELUActivation())
+    expected = module(x)
+    assert torch.allclose(fuse_gelu(module)(x), expected, atol=1e-6)
+    assert not isinstance(module[0], NewGELUActivation)
