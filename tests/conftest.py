@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -51,12 +53,21 @@ def settings(tiny_dir: Path, tmp_path: Path) -> Settings:
     return make_settings(tiny_dir, tmp_path)
 
 
-@pytest.fixture
-async def engine(settings: Settings):
+@contextlib.asynccontextmanager
+async def running_engine(settings: Settings) -> AsyncIterator[Engine]:
+    """An engine over `settings`' model, started, and stopped on the way out."""
     eng = Engine(load_model(settings.model), settings)
     eng.start()
-    yield eng
-    await eng.stop()
+    try:
+        yield eng
+    finally:
+        await eng.stop()
+
+
+@pytest.fixture
+async def engine(settings: Settings):
+    async with running_engine(settings) as eng:
+        yield eng
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from conftest import make_settings
+from conftest import make_settings, running_engine
 from core.engine import Engine
 from core.errors import BusyError, RequestTimeout, UserError
 from core.grammar import GenRequest, parse_gen
@@ -78,32 +78,24 @@ async def test_stream_yields_growing_text_then_final(engine: Engine):
 
 async def test_full_queue_fails_fast_with_busy(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, limits={"queue_size": 1, "max_batch_size": 1})
-    engine = Engine(load_model(settings.model), settings)
-    engine.start()
-    try:
+    async with running_engine(settings) as engine:
         r = parse_gen("긍정 아 정말 min_length=60 max_length=60", engine.defaults, settings.limits)
         outcomes = await asyncio.gather(*(engine.generate(r) for _ in range(8)), return_exceptions=True)
         busy = [o for o in outcomes if isinstance(o, BusyError)]
         assert busy and "잠시 후 다시" in str(busy[0])
         assert all(not isinstance(o, Exception) or isinstance(o, BusyError) for o in outcomes)
         assert (await engine.generate(r)).new_tokens > 0  # still serving
-    finally:
-        await engine.stop()
 
 
 async def test_timeout_fails_that_request_and_the_engine_goes_on(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, limits={"request_timeout_s": 0.01})
-    engine = Engine(load_model(settings.model), settings)
-    engine.start()
-    try:
+    async with running_engine(settings) as engine:
         slow = parse_gen("긍정 아 정말 min_length=128 max_length=128", engine.defaults, settings.limits)
         with pytest.raises(RequestTimeout, match="초 안에"):
             await engine.generate(slow)
         engine.limits.request_timeout_s = 30
         quick = parse_gen("긍정 아 min_length=5 max_length=5", engine.defaults, settings.limits)
         assert (await engine.generate(quick)).done
-    finally:
-        await engine.stop()
 
 
 async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
@@ -111,14 +103,10 @@ async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
     loaded = load_model(settings.model)
     assert "int8" in loaded.source
     assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in loaded.model.modules())
-    engine = Engine(loaded, settings)
-    engine.start()
-    try:
+    async with running_engine(settings) as engine:
         r = parse_gen("긍정 아 정말 seed=9 min_length=14 max_length=14", engine.defaults, settings.limits)
         first, second = await engine.generate(r), await engine.generate(r)
         assert first.continuations == second.continuations and first.new_tokens > 0
-    finally:
-        await engine.stop()
 
 
 def test_padded_batch_prefill_and_steps_match_each_prompt_alone(engine: Engine):

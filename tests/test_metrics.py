@@ -7,14 +7,13 @@ import logging
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import make_settings
+from conftest import make_settings, running_engine
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.web import create_app
 from core.engine import Engine
 from core.errors import RequestTimeout, UserError
 from core.grammar import parse_gen
-from core.model_loading import load_model
 from core.service import BotCore
 
 
@@ -35,12 +34,10 @@ def value(scraped: dict, name: str, **labels: str) -> float:
 async def small_core(tiny_dir, tmp_path):
     # One row at a time and one waiting request: a burst of long requests is refused as busy.
     settings = make_settings(tiny_dir, tmp_path, limits={"queue_size": 1, "max_batch_size": 1, "user_interval_s": 1000})
-    engine = Engine(load_model(settings.model), settings)
-    engine.start()
-    core = BotCore.create(settings, engine)
-    yield core
-    core.store.close()
-    await engine.stop()
+    async with running_engine(settings) as engine:
+        core = BotCore.create(settings, engine)
+        yield core
+        core.store.close()
 
 
 async def test_metrics_count_web_requests_by_outcome(small_core: BotCore):
@@ -94,14 +91,10 @@ async def test_chat_front_ends_are_told_apart_and_followups_keep_their_origin(sm
 
 async def test_timeouts_are_counted_with_their_latency(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, limits={"request_timeout_s": 0.01})
-    engine = Engine(load_model(settings.model), settings)
-    engine.start()
-    try:
+    async with running_engine(settings) as engine:
         slow = parse_gen("긍정 아 정말 min_length=128 max_length=128", engine.defaults, settings.limits)
         with pytest.raises(RequestTimeout):
             await engine.generate(slow)
-    finally:
-        await engine.stop()
     scraped = samples(engine.telemetry.metrics.render()[0].decode())
     assert value(scraped, "bot_requests_total", frontend="internal", outcome="timeout") == 1
     assert value(scraped, "bot_generation_seconds_count", frontend="internal") == 1
