@@ -99,28 +99,28 @@ def run_tutorial(model_dir: Path) -> dict:
 
 
 def run_engine(model_dir: Path, quantize: str, threads: int = 0) -> dict:
-    from core.engine import Engine
+    from core.engine import start_engine
     from core.grammar import GenRequest
     from core.knobs import Knobs
-    from core.model_loading import load_model
     from core.settings import load_settings
 
     settings = load_settings(model={"pretrained": str(model_dir), "quantize": quantize, "threads": threads},
                              limits={"max_batch_size": CONCURRENT, "queue_size": 64, "request_timeout_s": 600})
-    loaded = load_model(settings.model)
-    engine = Engine(loaded, settings)
 
     def request(spec: dict) -> GenRequest:
         label, _, prompt = spec["prompt"].partition(" ")
-        prompt_len = len(loaded.tokenizer(spec["prompt"], add_special_tokens=False)["input_ids"])
+        prompt_len = len(engine.tokenizer(spec["prompt"], add_special_tokens=False)["input_ids"])
         total = prompt_len + NEW_TOKENS
         knobs = Knobs(min_length=total, max_length=total, top_p=spec["top_p"], top_k=spec["top_k"],
                       repetition_penalty=spec["repetition_penalty"], no_repeat_ngram_size=spec["no_repeat_ngram_size"],
                       temperature=spec["temperature"], seed=spec["seed"])
         return GenRequest(label=label, prompt=prompt, knobs=knobs)
 
+    engine = None
+
     async def main() -> dict:
-        engine.start()
+        nonlocal engine
+        engine = await start_engine(settings)  # as `python -m bot` does
         specs = knob_sets()
         await engine.generate(request(specs[0]))  # warm-up
         started = time.perf_counter()

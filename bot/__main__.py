@@ -26,24 +26,21 @@ def _quiet_libraries() -> None:
 
 async def _main(check: bool) -> int:
     from bot.runner import enabled_front_ends, install_signal_handlers, run_front_ends
-    from core.engine import Engine
+    from core.engine import start_engine
     from core.grammar import parse_gen
-    from core.model_loading import load_model
     from core.service import BotCore
 
     settings = load_settings()
     started = time.monotonic()
-    loaded = await asyncio.to_thread(load_model, settings.model)
-    log.info("model loaded from %s in %.1f s", loaded.source, time.monotonic() - started)
-    engine = Engine(loaded, settings)
-    engine.start()
+    engine = await start_engine(settings)
+    log.info("model loaded from %s in %.1f s", engine.source, time.monotonic() - started)
     try:
         if check:
             request = parse_gen("긍정 아 정말 max_length=16 min_length=1 seed=0", engine.defaults, settings.limits)
             started = time.monotonic()
             result = await engine.generate(request)
-            print(f"model: {loaded.source}")
-            print(f"parameters: {sum(p.numel() for p in loaded.model.parameters()):,}")
+            print(f"model: {engine.source}")
+            print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
             print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"front ends enabled: {', '.join(fe.name for fe in enabled_front_ends(settings)) or 'none'}")
             print("check: ok")
