@@ -48,9 +48,9 @@ async def _main(check: bool) -> int:
         core = BotCore.create(settings, engine)
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        await run_front_ends(core, stop)
+        ok = await run_front_ends(core, stop)
         core.store.close()
-        return 0
+        return 0 if ok else 1
     finally:
         await engine.stop()
 

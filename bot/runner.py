@@ -44,12 +44,14 @@ async def drain(core: BotCore) -> None:
         log.warning("%d generations were unfinished after %g s; they were told the bot is restarting", left, grace)
 
 
-async def run_front_ends(core: BotCore, stop: asyncio.Event) -> None:
-    """Run until `stop` is set (or a front end fails), drain in-flight work, then stop the front ends."""
+async def run_front_ends(core: BotCore, stop: asyncio.Event) -> bool:
+    """Run until `stop` is set (or a front end fails), drain in-flight work, then stop the front ends.
+
+    Returns False when a front end failed (a rejected token, a port in use), so the process can exit non-zero."""
     fronts = enabled_front_ends(core.settings)
     if not fronts:
         log.warning("no front end enabled: set web.enabled, BOT_TELEGRAM__TOKEN or BOT_DISCORD__TOKEN")
-        return
+        return False
     tasks: dict[asyncio.Task, str] = {}
     front_stop = asyncio.Event()  # set after the drain, so replies of in-flight work can still be sent
     for fe in fronts:
@@ -57,15 +59,16 @@ async def run_front_ends(core: BotCore, stop: asyncio.Event) -> None:
         tasks[asyncio.create_task(serve(core, front_stop), name=fe.name)] = fe.name
     log.info("started: %s", ", ".join(fe.name for fe in fronts))
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     await drain(core)
     front_stop.set()
-    for task in done:
-        if task in tasks and task.exception() is not None:
-            log.error("front end %s failed: %s", tasks[task], task.exception())
-    await asyncio.gather(*tasks, return_exceptions=True)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     stopper.cancel()
+    failed = [(name, exc) for name, exc in zip(tasks.values(), outcomes) if isinstance(exc, Exception)]
+    for name, exc in failed:
+        log.error("front end %s failed: %s", name, exc)
+    return not failed
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -88,3 +88,15 @@ def test_run_serves_the_tutorial_api_and_stops_cleanly(tiny_dir: Path, ckpt: Pat
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
     assert "web page on http://127.0.0.1" in output and "Traceback" not in output
+
+
+def test_a_front_end_that_cannot_start_makes_the_process_exit_1(tiny_dir: Path, tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "bot"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_WEB__PORT=str(port),
+                                      BOT_STORE__PATH=str(tmp_path / "store.sqlite3")))
+    assert out.returncode == 1, out.stderr
+    assert "front end web failed" in out.stderr and "Traceback" not in out.stderr
