@@ -10,7 +10,7 @@ from importlib import resources
 from aiohttp import web
 
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
-from core.grammar import GenRequest, check_prompt, normalise_label
+from core.grammar import GenRequest, normalise_label, request_from_text
 from core.knobs import knob_specs, validate_knobs
 from core.replies import APOLOGY
 from core.service import BotCore
@@ -45,19 +45,13 @@ def parse_api_body(payload: object, core: BotCore) -> GenRequest:
     if not isinstance(prompt, str):
         raise UserError('"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)')
     knobs = validate_knobs(fields, core.engine.defaults, core.settings.limits)
-    prompt = check_prompt(prompt, core.settings.limits)  # the bots' rules: no control characters, the length cap
-    if label_field in (None, ""):
-        words = prompt.split(maxsplit=1)
-        label = normalise_label(words[0]) if words else None
-        text = (words[1] if len(words) > 1 else "") if label else prompt.strip()
-    else:
+    label = None
+    if label_field not in (None, ""):
         label = normalise_label(label_field) if isinstance(label_field, str) else None
         if label is None:
             raise UserError('"label"은 "긍정" 또는 "부정"이어야 합니다. ("label" must be 긍정 or 부정)')
-        text = prompt.strip()
-    if not label and not text:
-        raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
-    request = GenRequest(label=label, prompt=text, knobs=knobs, origin="web")
+    # The bots' rules: a leading label word, no control characters, the length cap, not empty.
+    request = request_from_text(prompt, knobs, core.settings.limits, label=label, origin="web")
     core.engine.encode_prompt(request)
     return request
 

@@ -94,16 +94,24 @@ def check_prompt(prompt: str, limits: LimitsSettings) -> str:
     return re.sub(r"[ \t]+", " ", prompt).strip()
 
 
+def request_from_text(text: str, knobs: Knobs, limits: LimitsSettings, label: str | None = None,
+                      origin: str = "") -> GenRequest:
+    """A request from prose: its first word is the label when it names one (unless `label` is given)."""
+    if label is None:
+        words = text.split(maxsplit=1)
+        label = normalise_label(words[0]) if words else None
+        if label:
+            text = text.strip().removeprefix(words[0])
+    prompt = check_prompt(text, limits)
+    if not label and not prompt:
+        raise UserError(f"프롬프트가 비어 있습니다. (the prompt is empty) {USAGE}")
+    return GenRequest(label=label, prompt=prompt, knobs=knobs, origin=origin)
+
+
 def parse_gen(text: str, defaults: Knobs, limits: LimitsSettings) -> GenRequest:
     """Parse the arguments of `/gen` (the text after the command)."""
     prose, raw = extract_knobs(text, limits)
-    knobs = validate_knobs(raw, defaults, limits)
-    words = prose.split(maxsplit=1)
-    label = normalise_label(words[0]) if words else None
-    prompt = check_prompt(prose.removeprefix(words[0]) if label else prose, limits)
-    if not label and not prompt:
-        raise UserError(f"프롬프트가 비어 있습니다. (the prompt is empty) {USAGE}")
-    return GenRequest(label=label, prompt=prompt, knobs=knobs)
+    return request_from_text(prose, validate_knobs(raw, defaults, limits), limits)
 
 
 def parse_settings_args(text: str, defaults: Knobs, limits: LimitsSettings) -> dict[str, object]:
