@@ -25,7 +25,7 @@ from core.engine import Generation
 from core.errors import UserError
 from core.grammar import NEGATIVE, POSITIVE, GenRequest
 from core.knobs import KnobSpec, knob_specs, parse_value
-from core.replies import APOLOGY, help_text, render_generation, render_knobs
+from core.replies import APOLOGY, help_text, render_generation, render_knobs, shorten
 from core.service import BotCore
 from core.streaming import throttled
 
@@ -64,7 +64,7 @@ def bold(text: str) -> str:
 
 
 def fit(text: str) -> str:
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+    return shorten(text, MESSAGE_LIMIT)
 
 
 def render(gen: Generation) -> str:

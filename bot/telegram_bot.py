@@ -38,7 +38,7 @@ from core.engine import Generation
 from core.errors import UserError
 from core.followups import EXPIRED
 from core.grammar import GenRequest, split_command
-from core.replies import APOLOGY, help_text, render_generation, render_knobs
+from core.replies import APOLOGY, help_text, render_generation, render_knobs, shorten
 from core.service import BotCore
 from core.streaming import throttled
 
@@ -97,13 +97,10 @@ def _user_key(update: Update) -> str:
     return f"telegram:{user.id}" if user else f"telegram:chat{update.effective_chat.id}"
 
 
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
 
 def _plain(text: str) -> str:
     """Plain text for HTML parse mode: clipped first, so the visible length stays within Telegram's limit."""
-    return html.escape(_shorten(text, MESSAGE_LIMIT), quote=False)
+    return html.escape(shorten(text, MESSAGE_LIMIT), quote=False)
 
 
 def _bold(text: str) -> str:
@@ -315,7 +312,7 @@ async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
             raise UserError(EXPIRED)
         core.limiter.check(_user_key(update))
     except UserError as exc:
-        await query.answer(_shorten(str(exc), CALLBACK_ANSWER_LIMIT), show_alert=True)
+        await query.answer(shorten(str(exc), CALLBACK_ANSWER_LIMIT), show_alert=True)
         return
     await query.answer(GENERATING)
     what = "continue" if continuing else "regenerate"

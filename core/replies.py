@@ -35,13 +35,14 @@ def render_generation(
     budget = max(0, limit - len(head) * len(gen.continuations) - len(footer) - 16 * len(gen.continuations))
     share = budget // max(1, len(gen.continuations))
     for i, cont in enumerate(gen.continuations, 1):
-        body = escape(_shorten(cont, share))
+        body = escape(shorten(cont, share))
         prefix = f"{i}. " if many else ""
         lines.append(f"{prefix}{head}{body}{cursor}")
-    return _shorten("\n\n".join(lines) + footer, limit)
+    return shorten("\n\n".join(lines) + footer, limit)
 
 
-def _shorten(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, with "…" marking a cut."""
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
