@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -62,6 +63,34 @@ async def running_engine(settings: Settings) -> AsyncIterator[Engine]:
         yield eng
     finally:
         await eng.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_core(settings: Settings) -> AsyncIterator[BotCore]:
+    """What `python -m bot` shares between front ends: a core over a running engine."""
+    async with running_engine(settings) as eng:
+        bot_core = BotCore.create(settings, eng)
+        try:
+            yield bot_core
+        finally:
+            bot_core.store.close()
+
+
+@contextlib.asynccontextmanager
+async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:  # noqa: ANN001 (tests' FakeBotAPI)
+    """The Telegram front end's `serve()` as bot/runner.py runs it, polling `fake`; it must stop promptly after."""
+    import bot.telegram_bot as tg
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(tg.serve(bot_core, stop))
+    await fake.wait_for(lambda: fake.called("getUpdates", status=None) or task.done())
+    if task.done():
+        task.result()
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture

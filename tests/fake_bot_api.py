@@ -206,6 +206,11 @@ class FakeBotAPI:
         """The bot's messages in `chat_id`, in order, as they look now (after edits)."""
         return [m for (chat, _), m in sorted(self.messages.items()) if chat == chat_id and m["from"]["is_bot"]]
 
+    def replies_to(self, message: dict) -> list[dict]:
+        """The bot's messages that reply to the user's `message`."""
+        chat, mid = message["chat"]["id"], message["message_id"]
+        return [m for m in self.sent(chat) if m.get("reply_to_message", {}).get("message_id") == mid]
+
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
         deadline = time.monotonic() + timeout
         while not predicate():

@@ -4,6 +4,7 @@ and /healthz with every front end enabled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -14,10 +15,9 @@ import discord.ext.test as dpytest
 from discord.ext import commands
 import pytest
 from aiohttp import web
-from conftest import make_settings
+from conftest import make_settings, running_core, telegram_running
 from fake_bot_api import FakeBotAPI
 
-import bot.telegram_bot as tg
 from bot.discord_bot import NotAllowed, create_bot
 from bot.runner import run_front_ends
 from core.access import REFUSAL, Access, Verdict, telegram_access
@@ -59,25 +59,12 @@ def test_settings_feed_the_rule(tiny_dir, tmp_path):
 async def run_telegram(tiny_dir, tmp_path, fake: FakeBotAPI, **telegram):  # noqa: ANN001, ANN201
     settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0},
                              telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url, **telegram})
-    engine = Engine(load_model(settings.model), settings)
-    engine.start()
-    core = BotCore.create(settings, engine)
-    stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(core, stop))
-    await fake.wait_for(lambda: fake.called("getUpdates", status=None))
-
-    async def close() -> None:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        core.store.close()
-        await engine.stop()
-
-    return close
+    stack = contextlib.AsyncExitStack()
+    core = await stack.enter_async_context(running_core(settings))
+    await stack.enter_async_context(telegram_running(core, fake))
+    return stack.aclose
 
 
-def replies_to(fake: FakeBotAPI, message: dict) -> list[dict]:
-    chat = message["chat"]["id"]
-    return [m for m in fake.sent(chat) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
 
 
 @pytest.mark.parametrize("refusal", ["reply", "ignore"])
@@ -90,15 +77,15 @@ async def test_telegram_allowlist(tiny_dir, tmp_path, refusal):
         stranger = fake.user_message(STRANGER, "/gen 긍정 아 정말")
         stranger_help = fake.user_message(STRANGER, "/help")
         other_group_chatter = fake.user_message(OTHER_GROUP, "/gen@OtherBot 긍정", user_id=STRANGER)
-        await fake.wait_for(lambda: all("reply_markup" in (replies_to(fake, m) or [{}])[0] for m in (mine, in_group)))
+        await fake.wait_for(lambda: all("reply_markup" in (fake.replies_to(m) or [{}])[0] for m in (mine, in_group)))
         if refusal == "reply":
-            await fake.wait_for(lambda: replies_to(fake, stranger) and replies_to(fake, stranger_help))
+            await fake.wait_for(lambda: fake.replies_to(stranger) and fake.replies_to(stranger_help))
         await asyncio.sleep(0.3)
         for m in (stranger, stranger_help):
-            got = replies_to(fake, m)
+            got = fake.replies_to(m)
             assert [r["text"] for r in got] == ([REFUSAL] if refusal == "reply" else [])
-        assert replies_to(fake, other_group_chatter) == []  # not addressed to us: never answered
-        assert len(replies_to(fake, mine)) == 1 and len(replies_to(fake, in_group)) == 1
+        assert fake.replies_to(other_group_chatter) == []  # not addressed to us: never answered
+        assert len(fake.replies_to(mine)) == 1 and len(fake.replies_to(in_group)) == 1
     finally:
         await close()
         await fake.close()
@@ -195,7 +182,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     try:
         await fake.wait_for(lambda: fake.called("getUpdates"))
         message = fake.user_message(ME, "/gen 긍정 아 정말")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in replies_to(fake, message)))
+        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(message)))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
                 health = await resp.text()

@@ -13,13 +13,12 @@ import discord.ext.test as dpytest
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from bad_inputs import CASES, OK, WEB_ONLY, Case
-from conftest import make_settings
+from conftest import make_settings, running_core, telegram_running
 from fake_bot_api import FakeBotAPI
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-import bot.telegram_bot as tg
 from bot.discord_bot import create_bot
 from bot.web import create_app
 from core.engine import Engine
@@ -136,41 +135,30 @@ async def test_telegram_battery(tiny_dir, tmp_path):
     fake = await FakeBotAPI(TOKEN).start()
     settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0},
                              telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url})
-    engine = Engine(load_model(settings.model), settings)
-    engine.start()
-    core = BotCore.create(settings, engine)
-    stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(core, stop))
     try:
-        await fake.wait_for(lambda: fake.called("getUpdates", status=None))
-        sent = {case.id: fake.user_message(5000 + i, f"/gen {case.text}".rstrip()) for i, case in enumerate(CASES)}
+        async with running_core(settings) as core, telegram_running(core, fake):
+            sent = {case.id: fake.user_message(5000 + i, f"/gen {case.text}".rstrip()) for i, case in enumerate(CASES)}
 
-        def replies(case: Case) -> list[dict]:
-            message = sent[case.id]
-            return [m for m in fake.sent(message["chat"]["id"])
-                    if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
+            def replies(case: Case) -> list[dict]:
+                return fake.replies_to(sent[case.id])
 
-        def settled(case: Case) -> bool:
-            got = replies(case)
-            return bool(got) and (case.expect != OK or "reply_markup" in got[0])
+            def settled(case: Case) -> bool:
+                got = replies(case)
+                return bool(got) and (case.expect != OK or "reply_markup" in got[0])
 
-        await fake.wait_for(lambda: all(settled(c) for c in CASES), timeout=60)
-        await asyncio.sleep(0.3)  # room for a second reply, which must not come
-        for i, case in enumerate(CASES):
-            got = replies(case)
-            assert len(got) == 1 and len(fake.called("sendMessage", chat_id=5000 + i)) == 1, (case.id, got)
-            text = got[0]["text"]
-            assert_clean(text)
-            if case.expect == OK:
-                assert "seed=" in text and "reply_markup" in got[0], (case.id, text)
-            else:
-                assert case.expect in text and "reply_markup" not in got[0], (case.id, text)
-        assert TOKEN not in json.dumps([c.params for c in fake.calls], ensure_ascii=False)
+            await fake.wait_for(lambda: all(settled(c) for c in CASES), timeout=60)
+            await asyncio.sleep(0.3)  # room for a second reply, which must not come
+            for i, case in enumerate(CASES):
+                got = replies(case)
+                assert len(got) == 1 and len(fake.called("sendMessage", chat_id=5000 + i)) == 1, (case.id, got)
+                text = got[0]["text"]
+                assert_clean(text)
+                if case.expect == OK:
+                    assert "seed=" in text and "reply_markup" in got[0], (case.id, text)
+                else:
+                    assert case.expect in text and "reply_markup" not in got[0], (case.id, text)
+            assert TOKEN not in json.dumps([c.params for c in fake.calls], ensure_ascii=False)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        core.store.close()
-        await engine.stop()
         await fake.close()
 
 

@@ -9,15 +9,13 @@ import time
 
 import pytest
 import torch
-from conftest import make_settings
+from conftest import make_settings, running_core, telegram_running
 from fake_bot_api import FakeBotAPI
 
-import bot.telegram_bot as tg
 from core.engine import RESTARTING, Engine
 from core.errors import ShuttingDown
 from core.grammar import parse_gen
 from core.model_loading import load_model
-from core.service import BotCore
 
 TOKEN = "123456789:AAF-faults_Token-xyz"
 CHAT = 2001
@@ -151,24 +149,15 @@ def settings_tg(tiny_dir, tmp_path, fake):
 
 @pytest.fixture
 async def bot(settings_tg, fake):
-    engine = Engine(load_model(settings_tg.model), settings_tg)
-    engine.start()
-    core = BotCore.create(settings_tg, engine)
-    stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(core, stop))
-    await fake.wait_for(lambda: fake.called("getUpdates", status=None))
-    yield fake
-    stop.set()
-    await asyncio.wait_for(task, 10)
-    core.store.close()
-    await engine.stop()
+    async with running_core(settings_tg) as core, telegram_running(core, fake):
+        yield fake
 
 
 async def one_final_reply(fake: FakeBotAPI, text: str) -> dict:
     message = fake.user_message(CHAT, text)
 
     def replies() -> list[dict]:
-        return [m for m in fake.sent(CHAT) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
+        return fake.replies_to(message)
 
     await fake.wait_for(lambda: any("reply_markup" in m for m in replies()), timeout=20)
     await asyncio.sleep(0.3)

@@ -22,9 +22,6 @@ TOKEN = "123456789:AAF-shutdown_Token-xyz"
 CHAT = 4001
 
 
-def replies_to(fake: FakeBotAPI, message: dict) -> list[dict]:
-    chat = message["chat"]["id"]
-    return [m for m in fake.sent(chat) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
 
 
 async def start_bot(fake: FakeBotAPI, tiny_dir: Path, tmp_path: Path) -> asyncio.subprocess.Process:
@@ -60,7 +57,7 @@ async def test_sigterm_sends_the_reply_in_flight_then_restart_does_not_answer_ag
         output = await terminate(proc)
         assert proc.returncode == 0, output
         assert "Traceback" not in output and "finishing in-flight" in output, output
-        replies = replies_to(fake, message)
+        replies = fake.replies_to(message)
         assert len(replies) == 1 and replies[0]["text"].startswith("긍정 아 정말") and "reply_markup" in replies[0], output
         # PTB confirmed the handled update on the way out: its last poll asked for the next one.
         assert fake.called("getUpdates")[-1].get("offset") == handled + 1
@@ -68,9 +65,9 @@ async def test_sigterm_sends_the_reply_in_flight_then_restart_does_not_answer_ag
         # The restarted bot answers the new message, never the old one again.
         proc = await start_bot(fake, tiny_dir, tmp_path)
         fresh = fake.user_message(CHAT, "/gen 부정 스토리가 seed=8")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in replies_to(fake, fresh)), timeout=30)
+        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(fresh)), timeout=30)
         await asyncio.sleep(0.5)
-        assert len(replies_to(fake, message)) == 1 and len(replies_to(fake, fresh)) == 1
+        assert len(fake.replies_to(message)) == 1 and len(fake.replies_to(fresh)) == 1
         output = await terminate(proc)
         assert proc.returncode == 0, output
     finally:
@@ -93,10 +90,10 @@ async def test_work_unfinished_after_the_grace_is_told_the_bot_is_restarting(tin
     try:
         await fake.wait_for(lambda: fake.called("getUpdates", status=None))
         message = fake.user_message(CHAT, "/gen 긍정 아 정말 min_length=120 max_length=120")
-        await fake.wait_for(lambda: replies_to(fake, message), timeout=20)  # generating, first text shown
+        await fake.wait_for(lambda: fake.replies_to(message), timeout=20)  # generating, first text shown
         stop.set()  # what SIGTERM does
         await asyncio.wait_for(runner, 20)
-        (reply,) = replies_to(fake, message)
+        (reply,) = fake.replies_to(message)
         assert reply["text"] == RESTARTING and "reply_markup" not in reply
         assert fake.called("getUpdates")[-1].get("offset") == fake.last_update_id + 1  # confirmed, not fetched again
     finally:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import aiohttp
 import pytest
-from conftest import make_settings
+from conftest import make_settings, telegram_running
 from fake_bot_api import FakeBotAPI, parse_html
 
 import bot.telegram_bot as tg
@@ -41,37 +40,19 @@ def settings(tiny_dir, tmp_path, fake):
     )
 
 
-@contextlib.asynccontextmanager
-async def running(core: BotCore, fake: FakeBotAPI):
-    """`serve()` exactly as bot/runner.py runs it, until the block ends; then it must stop promptly."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(core, stop))
-    await fake.wait_for(lambda: fake.called("getUpdates", status=None) or task.done())
-    if task.done():
-        task.result()
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
 @pytest.fixture
 async def bot(core, fake):
-    async with running(core, fake):
+    async with telegram_running(core, fake):
         yield fake
 
 
-def replies_to(fake: FakeBotAPI, message: dict) -> list[dict]:
-    chat_id = message["chat"]["id"]
-    return [m for m in fake.sent(chat_id) if m.get("reply_to_message", {}).get("message_id") == message["message_id"]]
 
 
 async def ask(fake: FakeBotAPI, chat_id: int, text: str, final: bool = False) -> dict:
     """Send `text` as a user and return the bot's reply (with `final`, once it carries its buttons)."""
     message = fake.user_message(chat_id, text)
-    await fake.wait_for(lambda: any(not final or "reply_markup" in m for m in replies_to(fake, message)))
-    return replies_to(fake, message)[0]
+    await fake.wait_for(lambda: any(not final or "reply_markup" in m for m in fake.replies_to(message)))
+    return fake.replies_to(message)[0]
 
 
 def callback_data(reply: dict) -> list[str]:
@@ -115,7 +96,7 @@ async def test_group_answers_own_username_and_ignores_other_bots(bot):
     unknown_other = bot.user_message(GROUP, "/weather@OtherBot")
     await ask(bot, GROUP, "/help@ThisBot")  # handled after the two above were seen
     await asyncio.sleep(0.2)
-    assert replies_to(bot, theirs) == [] and replies_to(bot, unknown_other) == []
+    assert bot.replies_to(theirs) == [] and bot.replies_to(unknown_other) == []
     plain = await ask(bot, GROUP, "/gen 부정 스토리가", final=True)  # privacy mode still delivers /gen
     assert plain["text"].startswith("부정 스토리가")
 
@@ -150,14 +131,14 @@ async def test_message_limit_is_respected_even_when_escaping_grows_the_text(core
 
 # ---- per-chat settings -----------------------------------------------------------------------------------------
 async def test_set_settings_reset_persist_across_restart(core, fake, settings):
-    async with running(core, fake):
+    async with telegram_running(core, fake):
         saved = await ask(fake, PRIVATE, "/set top_p=0.5 temp=0.7")
         assert "top_p = 0.5" in saved["text"] and "temperature = 0.7" in saved["text"]
         bad = await ask(fake, PRIVATE, "/set top_p=2")
         assert "top_p" in bad["text"] and "0 초과 1 이하" in bad["text"]
     core.store.close()  # a real restart: a fresh connection to the same SQLite file
     core.store = type(core.store)(settings.store.path)
-    async with running(core, fake):
+    async with telegram_running(core, fake):
         shown = await ask(fake, PRIVATE, "/settings")
         assert "top_p = 0.5" in shown["text"] and "temperature = 0.7" in shown["text"]
         other = await ask(fake, OTHER, "/settings")
@@ -201,7 +182,7 @@ async def test_429_retry_after_is_honoured_for_that_chat_only(bot):
     bot.fail_next("sendMessage", retry_after=1, chat_id=PRIVATE)
     slow = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
     fast = bot.user_message(OTHER, "/help")
-    await bot.wait_for(lambda: replies_to(bot, slow) and replies_to(bot, fast))
+    await bot.wait_for(lambda: bot.replies_to(slow) and bot.replies_to(fast))
     refused = bot.calls_of("sendMessage", status=429, chat_id=PRIVATE)
     delivered = bot.calls_of("sendMessage", chat_id=PRIVATE)
     assert len(refused) == 1 and len(delivered) == 1, "retried once, delivered once"
@@ -213,11 +194,11 @@ async def test_429_retry_after_is_honoured_for_that_chat_only(bot):
 async def test_burst_from_many_chats_gets_one_reply_each(bot):
     chats = [2000 + i for i in range(8)]
     messages = [bot.user_message(chat, f"/gen 긍정 영화 {i}") for i, chat in enumerate(chats)]
-    await bot.wait_for(lambda: all(any("reply_markup" in r for r in replies_to(bot, m)) for m in messages), 20)
+    await bot.wait_for(lambda: all(any("reply_markup" in r for r in bot.replies_to(m)) for m in messages), 20)
     await asyncio.sleep(0.2)
     for chat, message in zip(chats, messages):
         assert len(bot.called("sendMessage", chat_id=chat)) == 1
-        assert replies_to(bot, message)[0]["text"].startswith(f"긍정 영화 {chats.index(chat)}")
+        assert bot.replies_to(message)[0]["text"].startswith(f"긍정 영화 {chats.index(chat)}")
 
 
 async def test_user_rate_limit_says_how_long_to_wait(bot, core):
@@ -229,11 +210,11 @@ async def test_user_rate_limit_says_how_long_to_wait(bot, core):
 
 async def test_edited_gen_does_not_generate_again(bot):
     message = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
-    await bot.wait_for(lambda: any("reply_markup" in r for r in replies_to(bot, message)))
+    await bot.wait_for(lambda: any("reply_markup" in r for r in bot.replies_to(message)))
     bot.edit_user_message(message, "/gen 부정 아 정말")
-    await bot.wait_for(lambda: len(replies_to(bot, message)) == 2)
+    await bot.wait_for(lambda: len(bot.replies_to(message)) == 2)
     await asyncio.sleep(0.2)
-    generated, hint = replies_to(bot, message)
+    generated, hint = bot.replies_to(message)
     assert "reply_markup" in generated and "수정한 메시지" in hint["text"]
     assert len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 1
 
@@ -250,9 +231,9 @@ async def test_slow_generation_does_not_delay_help_elsewhere(bot, core, monkeypa
     monkeypatch.setattr(core.engine, "stream", slow_stream)
     slow = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
     await ask(bot, OTHER, "/help")
-    assert replies_to(bot, slow) == []
+    assert bot.replies_to(slow) == []
     gate.set()
-    await bot.wait_for(lambda: replies_to(bot, slow))
+    await bot.wait_for(lambda: bot.replies_to(slow))
 
 
 async def test_long_generation_streams_by_editing_one_reply(bot, monkeypatch):
@@ -282,7 +263,7 @@ async def test_unexpected_failure_is_logged_and_apologised_for(bot, core, monkey
 async def test_token_never_reaches_the_logs(core, fake, caplog):
     for name in ("httpx", "httpcore", "telegram", "bot"):
         caplog.set_level(logging.DEBUG, logger=name)
-    async with running(core, fake):
+    async with telegram_running(core, fake):
         await ask(fake, PRIVATE, "/gen 긍정 아 정말", final=True)
     assert TOKEN in fake.tokens_seen, "the token was really used in the URLs"
     assert "HTTP Request: POST" in caplog.text and "Set Bot API URL" in caplog.text, "the URLs were logged"
