@@ -21,7 +21,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from core.access import REFUSAL, Verdict, discord_access
-from core.engine import Generation
+from core.types import Generation
 from core.errors import UserError
 from core.grammar import NEGATIVE, POSITIVE, GenRequest
 from core.knobs import KnobSpec, knob_specs, parse_value

@@ -34,7 +34,7 @@ from bot.log_redaction import redact_token_in_logs
 from bot.telegram_delivery import PerChatRateLimiter
 from bot.telegram_webhook import start_webhook
 from core.access import REFUSAL, Verdict, telegram_access
-from core.engine import Generation
+from core.types import Generation
 from core.errors import UserError
 from core.followups import EXPIRED
 from core.grammar import GenRequest, split_command

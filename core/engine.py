@@ -22,31 +22,16 @@ import torch
 from transformers import DynamicCache
 
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
-from core.grammar import GenRequest
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
+from core.types import Generation, GenRequest
 
 log = logging.getLogger(__name__)
 
 RESTARTING = "봇이 다시 시작하는 중입니다. 잠시 후 다시 시도해 주세요. (the bot is restarting, try again shortly)"
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What a request produced: one continuation per candidate, and the seeds that reproduce them."""
-
-    request: GenRequest
-    continuations: tuple[str, ...]
-    seeds: tuple[int, ...]
-    new_tokens: int
-    done: bool = True
-
-    def texts(self) -> tuple[str, ...]:
-        """The model prompt followed by each continuation (the tutorial's `result`)."""
-        return tuple(self.request.model_prompt + c for c in self.continuations)
 
 
 @dataclass(eq=False)

@@ -6,7 +6,8 @@ import secrets
 from collections import OrderedDict
 from dataclasses import replace
 
-from core.engine import Engine, Generation
+from core.engine import Engine
+from core.types import Generation
 from core.errors import UserError
 from core.grammar import GenRequest
 

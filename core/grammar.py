@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.errors import UserError
 from core.knobs import Knobs, knob_specs, resolve_key, validate_knobs
+from core.types import NEGATIVE, POSITIVE, GenRequest
 
 if TYPE_CHECKING:
     from core.settings import LimitsSettings
 
-POSITIVE, NEGATIVE = "긍정", "부정"
 LABEL_ALIASES: dict[str, tuple[str, ...]] = {
     POSITIVE: ("긍정", "긍", "pos", "positive", "good", "+", "👍", "😀", "😊"),
     NEGATIVE: ("부정", "부", "neg", "negative", "bad", "-", "👎", "😡", "😞"),
@@ -25,20 +24,6 @@ USAGE = "사용법: /gen [긍정|부정] 프롬프트 [key=value …] — 예: /
 # `key=value` anywhere in the text; spaces and full-width ＝ around the sign are tolerated.
 _KNOB_RE = re.compile(r"(?<!\S)([^\W\d][\w\-]*)(\s*)[=＝](\s*)(\S*)")
 _COMMAND_RE = re.compile(r"^\s*[/!]?([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)", re.ASCII)
-
-
-@dataclass(frozen=True)
-class GenRequest:
-    label: str | None
-    prompt: str
-    knobs: Knobs
-    # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
-    origin: str = ""
-
-    @property
-    def model_prompt(self) -> str:
-        """What the model sees: `label + " " + prompt`, as in training."""
-        return " ".join(part for part in (self.label, self.prompt) if part)
 
 
 def split_command(text: str) -> tuple[str, str | None, str]:

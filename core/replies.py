@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core.engine import Generation
+from core.types import Generation
 from core.knobs import Knobs, knob_specs
 from core.settings import LimitsSettings
 

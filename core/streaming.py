@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from core.engine import Generation
+from core.types import Generation
 
 
 async def throttled(stream: AsyncIterator[Generation], interval: float) -> AsyncIterator[Generation]:

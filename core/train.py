@@ -10,6 +10,7 @@ model learns where a review ends. The output directory loads in the bot unchange
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -57,6 +58,7 @@ class TrainArgs:
     seed: int
     threads: int
     lightning_ckpt: bool
+    save_dtype: str
     limit: int
 
 
@@ -84,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--lightning-ckpt", action="store_true", help="also write the tutorial's Lightning-style .ckpt")
+    p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the saved weights (float16 halves the folder; training stays float32)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training reviews (0 = all)")
     ns = p.parse_args(argv)
     if ns.lr is None:
@@ -150,7 +154,7 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
 
 def build_model_and_tokenizer(args: TrainArgs, rows: list[tuple[str, int]], out: Path):
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():  # resuming
-        return GPT2LMHeadModel.from_pretrained(out), load_tokenizer(str(out))
+        return GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32), load_tokenizer(str(out))
     if args.from_scratch:
         tokenizer = train_tokenizer((example_text(d, l) for d, l in rows), args.vocab_size)
         config = GPT2Config(
@@ -164,8 +168,13 @@ def build_model_and_tokenizer(args: TrainArgs, rows: list[tuple[str, int]], out:
     return GPT2LMHeadModel.from_pretrained(args.pretrained), tokenizer
 
 
-def save(model, tokenizer, out: Path, meta: dict, lightning: bool) -> None:
-    model.save_pretrained(out)
+def save(model, tokenizer, out: Path, meta: dict, lightning: bool, dtype: str = "float32") -> None:
+    # The mark that serving reads to know the label words steer this model.
+    model.config.sentiment_labels = {"positive": POSITIVE, "negative": NEGATIVE}
+    if dtype == "float16":
+        copy.deepcopy(model).to(torch.float16).save_pretrained(out)  # a copy keeps the tied weights tied
+    else:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
     if lightning:
@@ -233,7 +242,7 @@ def train(args: TrainArgs) -> dict:
                 meta = {"step": step, "epoch": epoch, "val_loss": val, "args": asdict(args), "history": history}
                 if val < best:
                     best = val
-                    save(model, tokenizer, out, meta, args.lightning_ckpt)
+                    save(model, tokenizer, out, meta, args.lightning_ckpt, args.save_dtype)
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                             "best": best, "spent": time.monotonic() - started, "total": total, "rng": rng.getstate()},
                            state_path)

@@ -12,7 +12,7 @@ from fake_bot_api import FakeBotAPI, parse_html
 
 import bot.telegram_bot as tg
 from bot.telegram_webhook import SECRET_HEADER
-from core.engine import Generation
+from core.types import Generation
 from core.followups import EXPIRED
 from core.grammar import GenRequest
 from core.knobs import knob_specs

@@ -1,0 +1,38 @@
+"""The neutral types every room shares: what a user asked for and what the model produced. No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.knobs import Knobs
+
+POSITIVE, NEGATIVE = "긍정", "부정"
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    label: str | None
+    prompt: str
+    knobs: Knobs
+    # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
+    origin: str = ""
+
+    @property
+    def model_prompt(self) -> str:
+        """What the model sees: `label + " " + prompt`, as in training."""
+        return " ".join(part for part in (self.label, self.prompt) if part)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a request produced: one continuation per candidate, and the seeds that reproduce them."""
+
+    request: GenRequest
+    continuations: tuple[str, ...]
+    seeds: tuple[int, ...]
+    new_tokens: int
+    done: bool = True
+
+    def texts(self) -> tuple[str, ...]:
+        """The model prompt followed by each continuation (the tutorial's `result`)."""
+        return tuple(self.request.model_prompt + c for c in self.continuations)
