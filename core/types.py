@@ -36,3 +36,12 @@ class Generation:
     def texts(self) -> tuple[str, ...]:
         """The model prompt followed by each continuation (the tutorial's `result`)."""
         return tuple(self.request.model_prompt + c for c in self.continuations)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request checked against the limits and tokenized once; what a generation backend's generate/stream take."""
+
+    request: GenRequest
+    prompt_ids: tuple[int, ...]
+    continuing: bool = False  # the prompt is the bot's own earlier output (held to max_length, not the prompt cap)
