@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -27,7 +27,8 @@ from core.model_loading import LoadedModel
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
-from core.types import Generation, GenRequest
+from core import rerank
+from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class _Job:
     started: float = field(default_factory=time.monotonic)  # for the latency metric
     generated: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
+    stopped: list[bool] = field(default_factory=list)  # ended with the end-of-text token (scored with it)
 
 
 @dataclass(eq=False)
@@ -133,8 +135,13 @@ class Engine:
             )
         return ids
 
-    async def generate(self, request: GenRequest, continuing: bool = False) -> Generation:
+    def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
+        return PreparedRequest(request, tuple(self.encode_prompt(request, continuing)), continuing)
+
+    async def generate(self, request: GenRequest | PreparedRequest, continuing: bool = False) -> Generation:
         """Generate every candidate of `request`; raises UserError (BusyError, RequestTimeout) on refusal."""
+        if isinstance(request, PreparedRequest):
+            request, continuing = request.request, request.continuing
         job = self._submit(request, streaming=False, continuing=continuing)
         return await self._await(job)
 
@@ -164,7 +171,7 @@ class Engine:
             self.telemetry.finished(request, "user_error")
             raise
         base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
-        seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.knobs.n)]
+        seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.rows)]
         loop = asyncio.get_running_loop()
         job = _Job(request, prompt_ids, seeds, loop, loop.create_future(), asyncio.Queue() if streaming else None)
         if self._thread is None:
@@ -213,8 +220,22 @@ class Engine:
 
     # ---- worker thread ---------------------------------------------------------------------------------------
     def _result(self, job: _Job, done: bool) -> Generation:
-        texts = tuple(self._continuation(job.prompt_ids, ids) for ids in job.generated)
-        return Generation(job.request, texts, tuple(job.seeds), sum(map(len, job.generated)), done)
+        chosen, confidence = list(range(len(job.generated))), None
+        if done and job.request.label:
+            chosen, confidence = self._rerank(job)
+        texts = tuple(self._continuation(job.prompt_ids, job.generated[i]) for i in chosen)
+        seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
+        return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
+
+    def _rerank(self, job: _Job) -> tuple[list[int], tuple[float, ...]]:
+        """The best of each group of `best_of` rows by the label score, and each pick's confidence."""
+        request = job.request
+        other = replace(request, label=NEGATIVE if request.label == POSITIVE else POSITIVE).model_prompt
+        other_ids = self.tokenizer(other, add_special_tokens=False)["input_ids"]
+        continuations = [ids + [self.eos_id] * stop for ids, stop in zip(job.generated, job.stopped)]
+        scores = rerank.label_scores(self.model, job.prompt_ids, other_ids, continuations)
+        chosen = rerank.pick_best(scores, request.knobs.n)
+        return chosen, tuple(rerank.confidence(scores[i]) for i in chosen)
 
     def _continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         # Decode with the prompt so subword joins and spaces come out right, then cut the prompt off.
@@ -269,7 +290,7 @@ class Engine:
         """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""
         if len(jobs) > 1:
             try:
-                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.knobs.n for job in jobs])
+                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.rows for job in jobs])
             except Exception:  # noqa: BLE001 (retried one by one below, where the error is reported)
                 log.warning("batched prefill of %d requests failed; prefilling one by one", len(jobs))
             else:
@@ -318,32 +339,33 @@ class Engine:
         try:
             if active == 0:
                 jobs.append(self._queue.get(timeout=0.1))
-                capacity -= jobs[0].request.knobs.n
+                capacity -= jobs[0].request.rows
                 deadline = time.monotonic() + self.limits.batch_window_ms / 1000
                 while capacity > 0 and (left := deadline - time.monotonic()) > 0:
                     job = self._queue.get(timeout=left)
                     jobs.append(job)
-                    capacity -= job.request.knobs.n
+                    capacity -= job.request.rows
             while capacity > 0:
                 head = self._queue.queue[0] if self._queue.queue else None
-                if head is None or head.request.knobs.n > capacity:
+                if head is None or head.request.rows > capacity:
                     break
                 jobs.append(self._queue.get_nowait())
-                capacity -= head.request.knobs.n
+                capacity -= head.request.rows
         except queue.Empty:
             pass
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
-        return self._start([job], batch.prefill([job.prompt_ids], [job.request.knobs.n]))
+        return self._start([job], batch.prefill([job.prompt_ids], [job.request.rows]))
 
     def _start(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Row]:
         """One row per candidate, each with its own seeded generator, and their first tokens from `logits`."""
         rows = []
         for job in jobs:
-            n = job.request.knobs.n
+            n = job.request.rows
             job.generated = [[] for _ in range(n)]
             job.finished = [False] * n
+            job.stopped = [False] * n
             for candidate, seed in enumerate(job.seeds):
                 rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
         self._advance(rows, logits)
@@ -364,6 +386,7 @@ class Engine:
             touched.add(job)
             if token == self.eos_id:
                 job.finished[row.candidate] = True
+                job.stopped[row.candidate] = True
                 continue
             row.tokens.append(token)
             job.generated[row.candidate].append(token)
@@ -371,8 +394,10 @@ class Engine:
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
         for job in touched:
-            if not job.cancelled:
-                self._publish(job, all(job.finished))
+            done = all(job.finished)
+            # A rerank's pick is known only at the end, so best_of > 1 publishes no partial text.
+            if not job.cancelled and (done or job.request.best_of == 1):
+                self._publish(job, done)
 
     def _retire(self, rows: list[_Row], batch: _Batch) -> list[_Row]:
         keep = [i for i, row in enumerate(rows) if not row.job.finished[row.candidate] and not row.job.cancelled]

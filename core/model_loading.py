@@ -12,6 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.errors import ModelLoadError
+from core.hub import load_named, unreachable_hint
 from core.settings import ModelSettings
 from core.speedups import fuse_gelu, quantize_int8
 
@@ -48,35 +49,24 @@ class LoadedModel:
     source: str  # what was loaded, for logs and --check
 
 
-def _hub_hint(name: str) -> str:
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return f"model.pretrained 디렉터리 '{name}'이(가) 없습니다. (directory not found: {name})"
-    return (
-        f"'{name}'을(를) 불러올 수 없습니다: 로컬 디렉터리가 아니고 Hugging Face 허브에도 연결할 수 없습니다. "
-        f"모델을 미리 내려받아 model.pretrained(BOT_MODEL__PRETRAINED)를 그 디렉터리로 지정하세요. "
-        f"(cannot load '{name}': not a local directory and the hub is unreachable; "
-        f"point model.pretrained at a local copy)"
-    )
-
-
 def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
     try:
-        return PreTrainedTokenizerFast.from_pretrained(source, **SPECIAL_TOKENS)
+        return load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw), source)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ModelLoadError(
                 f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다): {exc}"
             ) from None
-        raise ModelLoadError(_hub_hint(source)) from None
+        raise ModelLoadError(unreachable_hint(source)) from None
 
 
 def load_config(source: str) -> GPT2Config:
     try:
-        return GPT2Config.from_pretrained(source)
+        return load_named(GPT2Config.from_pretrained, source)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다: {exc}") from None
-        raise ModelLoadError(_hub_hint(source)) from None
+        raise ModelLoadError(unreachable_hint(source)) from None
 
 
 def pick_checkpoint(directory: Path) -> Path:
@@ -171,6 +161,7 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, torch.Tensor], or
 def load_model(settings: ModelSettings) -> LoadedModel:
     """The model and tokenizer named by settings; every failure is a ModelLoadError with one clear sentence."""
     pretrained, checkpoint = settings.pretrained, settings.checkpoint.strip()
+    log.info("loading %s …", " + ".join(part for part in (pretrained, checkpoint) if part))
     tokenizer_source = pretrained
     if not checkpoint:
         model = _from_pretrained(pretrained)
@@ -204,8 +195,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 
 def _from_pretrained(source: str) -> GPT2LMHeadModel:
     try:
-        return GPT2LMHeadModel.from_pretrained(source)
+        return load_named(GPT2LMHeadModel.from_pretrained, source)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"{source}에서 모델을 불러올 수 없습니다: {exc}") from None
-        raise ModelLoadError(_hub_hint(source)) from None
+        raise ModelLoadError(unreachable_hint(source)) from None

@@ -41,6 +41,8 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     temperature: float = 1.0
+    # Candidates per result, reranked by how clearly the model itself reads them as the requested label.
+    best_of: int = 1
 
 
 class LimitsSettings(BaseModel):
@@ -48,6 +50,8 @@ class LimitsSettings(BaseModel):
     max_prompt_chars: int = Field(500, ge=1)
     max_prompt_tokens: int = Field(64, ge=1)
     max_candidates: int = Field(3, ge=1, le=16)
+    max_best_of: int = Field(8, ge=1, le=16)
+    max_rows_per_request: int = Field(16, ge=1, le=64, description="cap on n × best_of (rows sampled for one request)")
     max_batch_size: int = Field(16, ge=1)
     batch_window_ms: int = Field(10, ge=0)
     queue_size: int = Field(64, ge=1)
