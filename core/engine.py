@@ -145,8 +145,10 @@ class Engine:
         job = self._submit(request, streaming=False, continuing=continuing)
         return await self._await(job)
 
-    async def stream(self, request: GenRequest, continuing: bool = False) -> AsyncIterator[Generation]:
+    async def stream(self, request: GenRequest | PreparedRequest, continuing: bool = False) -> AsyncIterator[Generation]:
         """Yield the text so far after each step (`done=False`), then the final Generation (`done=True`)."""
+        if isinstance(request, PreparedRequest):
+            request, continuing = request.request, request.continuing
         job = self._submit(request, streaming=True, continuing=continuing)
         result = asyncio.ensure_future(self._await(job))
         try:

@@ -20,6 +20,7 @@ from core.errors import ModelLoadError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 5.0
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 SERVING = ("model.pretrained(BOT_MODEL__PRETRAINED)", "설정을 지워 내장 모델(models/nsmc-small)을 쓰세요",
@@ -55,10 +56,19 @@ def hub_reachable(name: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+def local_dir(name: str) -> Path | None:
+    """`name` as a local directory: as given (from the working directory), else inside the project (so the default
+    `models/nsmc-small` works from any working directory)."""
+    for path in (Path(name).expanduser(), PROJECT_ROOT / name):
+        if path.is_dir():
+            return path
+    return None
+
+
 def load_named(load: Callable[..., T], name: str, where: tuple[str, str, str] = SERVING) -> T:
     """`load(name)` for a local directory; for a hub name, the cached copy, else a download after a quick probe."""
-    if Path(name).expanduser().is_dir():
-        return load(str(Path(name).expanduser()))
+    if (path := local_dir(name)) is not None:
+        return load(str(path))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(unreachable_hint(name, where))
     try:

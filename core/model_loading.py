@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.errors import ModelLoadError
-from core.hub import load_named, unreachable_hint
+from core.hub import load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
 from core.speedups import fuse_gelu, quantize_int8
 
@@ -47,13 +47,16 @@ class LoadedModel:
     model: GPT2LMHeadModel
     tokenizer: PreTrainedTokenizerFast
     source: str  # what was loaded, for logs and --check
+    # Whether the label words steer it: core.train marks its models; a Lightning/state-dict checkpoint is the
+    # tutorial's label-prefixed fine-tune. A bare pretrained model never learned the labels.
+    sentiment: bool = True
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
     try:
         return load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw), source)
     except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
+        if local_dir(source) is not None:
             raise ModelLoadError(
                 f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다): {exc}"
             ) from None
@@ -64,7 +67,7 @@ def load_config(source: str) -> GPT2Config:
     try:
         return load_named(GPT2Config.from_pretrained, source)
     except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
+        if local_dir(source) is not None:
             raise ModelLoadError(f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다: {exc}") from None
         raise ModelLoadError(unreachable_hint(source)) from None
 
@@ -163,6 +166,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     pretrained, checkpoint = settings.pretrained, settings.checkpoint.strip()
     log.info("loading %s …", " + ".join(part for part in (pretrained, checkpoint) if part))
     tokenizer_source = pretrained
+    tutorial_checkpoint = False
     if not checkpoint:
         model = _from_pretrained(pretrained)
         source = pretrained
@@ -180,6 +184,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
                 path = pick_checkpoint(path)
             model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path))
             source = f"{pretrained} + {path}"
+            tutorial_checkpoint = True
     tokenizer = load_tokenizer(tokenizer_source)
     if len(tokenizer) > model.config.vocab_size:
         raise ModelLoadError(
@@ -190,13 +195,18 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     if settings.quantize == "int8":
         model = quantize_int8(model)
         source += " (int8)"
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    sentiment = tutorial_checkpoint or bool(getattr(model.config, "sentiment_labels", None))
+    if not sentiment:
+        log.warning("%s carries no sentiment-label mark (core.train writes one): 긍정/부정 labels will not steer "
+                    "it unless it was fine-tuned with label-prefixed reviews", source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, sentiment=sentiment)
 
 
 def _from_pretrained(source: str) -> GPT2LMHeadModel:
     try:
-        return load_named(GPT2LMHeadModel.from_pretrained, source)
+        # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
+        return load_named(lambda name, **kw: GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32, **kw), source)
     except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
+        if local_dir(source) is not None:
             raise ModelLoadError(f"{source}에서 모델을 불러올 수 없습니다: {exc}") from None
         raise ModelLoadError(unreachable_hint(source)) from None

@@ -25,7 +25,8 @@ class SettingsError(Exception):
 
 
 class ModelSettings(BaseModel):
-    pretrained: str = "skt/kogpt2-base-v2"
+    # The embedded sentiment model (in the repository); "skt/kogpt2-base-v2" or a local copy for the full KoGPT2.
+    pretrained: str = "models/nsmc-small"
     checkpoint: str = ""
     quantize: Literal["none", "int8"] = "none"
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")

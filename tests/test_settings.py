@@ -12,7 +12,7 @@ from core.settings import SettingsError, load_settings
 
 def test_repo_settings_file_holds_the_tutorials_defaults():
     s = load_settings()
-    assert s.model.pretrained == "skt/kogpt2-base-v2" and s.model.checkpoint == ""
+    assert s.model.pretrained == "models/nsmc-small" and s.model.checkpoint == ""
     g = s.generation
     assert (g.min_length, g.max_length, g.top_p, g.top_k, g.repetition_penalty, g.no_repeat_ngram_size,
             g.temperature) == (10, 20, 1.0, 50, 1.0, 0, 1.0)
@@ -26,7 +26,7 @@ def test_environment_overrides_toml(monkeypatch):
     monkeypatch.setenv("BOT_TELEGRAM__BASE_URL", "http://127.0.0.1:8081/bot")
     monkeypatch.setenv("BOT_GENERATION__TOP_P", "0.9")
     s = load_settings()
-    assert s.model.checkpoint == "/ckpt/x.ckpt" and s.model.pretrained == "skt/kogpt2-base-v2"
+    assert s.model.checkpoint == "/ckpt/x.ckpt" and s.model.pretrained == "models/nsmc-small"
     assert s.web.port == 9001 and s.web.host == "127.0.0.1"
     assert s.telegram.base_url == "http://127.0.0.1:8081/bot"
     assert s.generation.top_p == 0.9 and s.generation.top_k == 50
