@@ -54,7 +54,7 @@ def build_model(directory: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from core.training.data import read_nsmc
-from core.training.tokenizer import train_tokenizer
+    from core.training.tokenizer import train_tokenizer
 
     data = ROOT.parent / "shared" / "data" / "nsmc" / "ratings_train.txt"
     rows = read_nsmc(data, 20000) if data.exists() else [("아 정말 재밌다 최고의 영화", 1), ("정말 재미없음", 0)] * 500

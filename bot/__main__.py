@@ -17,7 +17,11 @@ log = logging.getLogger("bot")
 def _quiet_libraries() -> None:
     import transformers
 
-    transformers.logging.set_verbosity_error()  # the hub's download progress bars stay on: a first start shows them
+    import huggingface_hub.utils
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar at every start …
+    huggingface_hub.utils.enable_progress_bars()  # … but a first start's hub download shows its progress
     # httpx logs every request URL at INFO, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
