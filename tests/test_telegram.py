@@ -223,9 +223,9 @@ async def test_slow_generation_does_not_delay_help_elsewhere(bot, core, monkeypa
     gate = asyncio.Event()
     real_stream = core.engine.stream
 
-    async def slow_stream(request, continuing=False):
+    async def slow_stream(prepared):
         await gate.wait()
-        async for gen in real_stream(request, continuing):
+        async for gen in real_stream(prepared):
             yield gen
 
     monkeypatch.setattr(core.engine, "stream", slow_stream)
@@ -248,15 +248,16 @@ async def test_long_generation_streams_by_editing_one_reply(bot, monkeypatch):
 
 # ---- failures and secrets --------------------------------------------------------------------------------------
 async def test_unexpected_failure_is_logged_and_apologised_for(bot, core, monkeypatch, caplog):
-    async def broken(request, continuing=False):
+    async def broken(prepared):
         raise RuntimeError(f"engine exploded near {TOKEN}")
         yield  # pragma: no cover (makes this an async generator)
 
     monkeypatch.setattr(core.engine, "stream", broken)
-    with caplog.at_level(logging.ERROR, logger="bot.telegram_bot"):
+    with caplog.at_level(logging.ERROR, logger="core.conversation"):
         reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말")
-    assert reply["text"] == APOLOGY
-    assert "telegram /gen failed in chat 1001" in caplog.text and "RuntimeError" in caplog.text
+    assert reply["text"].startswith(APOLOGY)
+    request_id = reply["text"].rsplit(" ", 1)[1].rstrip("]")
+    assert f"telegram /gen in chat 1001 failed [request {request_id}]" in caplog.text and "RuntimeError" in caplog.text
     assert TOKEN not in caplog.text
 
 

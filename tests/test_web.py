@@ -94,6 +94,6 @@ async def test_page_works_in_headless_chromium(core: BotCore, tmp_path):
     dom = dom.decode()
     assert 'class="candidate"' in dom, dom[-2000:]
     assert "긍정 아 정말 &lt;b&gt;" in dom  # the page shows user text literally
-    expected = await core.engine.generate(
-        core.gen_request("긍정 아 정말 <b> max_length=24 seed=3", "web", "test"))
+    expected = await core.engine.generate(core.engine.prepare(
+        gen_request(core, "긍정 아 정말 <b> max_length=24 seed=3", "web", "test")))
     assert expected.texts()[0].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in dom
