@@ -66,7 +66,7 @@ def build_model(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def tutorial_generate(model, tokenizer, spec: dict, length: int):  # noqa: ANN001
+def tutorial_generate(model, tokenizer, spec: dict, length: int):
     """The tutorial's inference path: one `generate` per request with that request's knobs."""
     import torch
 
@@ -100,9 +100,9 @@ def run_tutorial(model_dir: Path) -> dict:
 
 def run_engine(model_dir: Path, quantize: str, threads: int = 0) -> dict:
     from core.engine import start_engine
-    from core.types import GenRequest, PreparedRequest
     from core.knobs import Knobs
     from core.settings import load_settings
+    from core.types import GenRequest, PreparedRequest
 
     settings = load_settings(model={"pretrained": str(model_dir), "quantize": quantize, "threads": threads},
                              limits={"max_batch_size": CONCURRENT, "queue_size": 64, "request_timeout_s": 600})
@@ -137,7 +137,7 @@ def run_engine(model_dir: Path, quantize: str, threads: int = 0) -> dict:
     return asyncio.run(main())
 
 
-def max_batch(engine) -> int:  # noqa: ANN001
+def max_batch(engine) -> int:
     """The largest batch-size bucket any engine step fell in (from the Prometheus histogram)."""
     largest = 0
     for metric in engine.telemetry.metrics.batch.collect():

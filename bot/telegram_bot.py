@@ -351,7 +351,7 @@ async def _initialize(application: Application, stop: asyncio.Event) -> bool:
             log.warning("cannot reach the Telegram Bot API (%s); retrying in %.0f s", exc, delay)
         try:
             await asyncio.wait_for(stop.wait(), delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             delay = min(delay * 2, 60.0)
     return False
 

@@ -73,7 +73,7 @@ class PerChatRateLimiter(AIORateLimiter):
         self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
         self._paused_until[key] = max(self._paused_until.get(key, 0.0), now + seconds)
 
-    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):  # noqa: ANN001
+    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):  # noqa: ANN001, ANN201 (PTB's signature)
         chat_id = data.get("chat_id")
         key = "" if chat_id is None else str(chat_id)
         task = asyncio.current_task()

@@ -236,7 +236,8 @@ class _GuardedHandler(web_protocol.RequestHandler):
         if self.transport is not None:
             self.transport.close()
 
-    def handle_error(self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None):  # noqa: ANN001, ANN201
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,  # noqa: ANN001
+                     message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs, and refuses when a response was already sent
         text = STATUS_TEXT.get(status, error_text(exc or RuntimeError(message), "web connection") if status >= 500 else
                                f"{status}")

@@ -192,7 +192,7 @@ class Engine:
     async def _await(self, job: _Job) -> Generation:
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancelled = True
             self._finished(job, "timeout")
             raise RequestTimeout(
@@ -287,7 +287,7 @@ class Engine:
         """Prefill one job; if that fails, only this job fails and the batch is left as it was."""
         try:
             return self._prefill(job, batch)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("prefill failed for one request (%d prompt tokens)", len(job.prompt_ids))
             if len(batch.positions) > active:
                 batch.select(list(range(active)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from core.errors import RateLimited
 
@@ -16,7 +17,7 @@ class UserRateLimiter:
     so a spammer's burst cannot make the bot flood a group with "please wait" replies.
     """
 
-    def __init__(self, interval: float, capacity: int = 100_000, clock=time.monotonic):
+    def __init__(self, interval: float, capacity: int = 100_000, clock: Callable[[], float] = time.monotonic):
         self.interval = interval
         self.capacity = capacity
         self.clock = clock

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from core.chat_store import ChatStore
 from core.engine import Engine
+from core.errors import UserError
 from core.followups import FollowUps
 from core.grammar import parse_settings_args
-from core.errors import UserError
 from core.knobs import Knobs, knob_specs, resolve_key, validate_knobs
 from core.rate_limit import UserRateLimiter
 from core.settings import Settings

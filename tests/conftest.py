@@ -14,14 +14,14 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny  # noqa: E402
+from tiny_model import build_tiny
 
-from core.conversation import Conversation, Who  # noqa: E402
-from core.engine import Engine  # noqa: E402
-from core.model_loading import load_model  # noqa: E402
-from core.service import BotCore  # noqa: E402
-from core.settings import Settings, load_settings  # noqa: E402
-from core.types import PreparedRequest  # noqa: E402
+from core.conversation import Conversation, Who
+from core.engine import Engine
+from core.model_loading import load_model
+from core.service import BotCore
+from core.settings import Settings, load_settings
+from core.types import PreparedRequest
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -79,7 +79,7 @@ async def running_core(settings: Settings) -> AsyncIterator[BotCore]:
 
 
 @contextlib.asynccontextmanager
-async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:  # noqa: ANN001 (tests' FakeBotAPI)
+async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:
     """The Telegram front end's `serve()` as bot/runner.py runs it, polling `fake`; it must stop promptly after."""
     import bot.telegram_bot as tg
 

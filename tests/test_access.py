@@ -12,10 +12,10 @@ import socket
 import aiohttp
 import discord
 import discord.ext.test as dpytest
-from discord.ext import commands
 import pytest
 from aiohttp import web
 from conftest import make_settings, running_core, telegram_running
+from discord.ext import commands
 from fake_bot_api import FakeBotAPI
 
 from bot.discord_bot import NotAllowed, create_bot
@@ -56,7 +56,7 @@ def test_settings_feed_the_rule(tiny_dir, tmp_path):
 
 
 # ---- Telegram ----------------------------------------------------------------------------------------------------
-async def run_telegram(tiny_dir, tmp_path, fake: FakeBotAPI, **telegram):  # noqa: ANN001, ANN201
+async def run_telegram(tiny_dir, tmp_path, fake: FakeBotAPI, **telegram):
     settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0},
                              telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url, **telegram})
     stack = contextlib.AsyncExitStack()
@@ -98,11 +98,11 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
     engine.start()
     core = BotCore.create(settings, engine)
     bot = create_bot(core, sync_commands=False)
-    bot._connection._intents.members = True  # noqa: SLF001
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)  # noqa: SLF001
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
     dpytest.configure(bot, text_channels=2, voice_channels=0, members=1)
     config = dpytest.get_config()
-    await bot._async_setup_hook()  # noqa: SLF001
+    await bot._async_setup_hook()
     await bot.setup_hook()
     allowed, other = config.channels
     try:
@@ -164,7 +164,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     await discord_runner.setup()
     site = web.TCPSite(discord_runner, "127.0.0.1", 0)
     await site.start()
-    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v10")  # noqa: SLF001
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v10")
 
     fake = await FakeBotAPI(TOKEN).start()
     fake.fail_next("sendMessage", status=502)

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 import torch
-
 from conftest import make_settings, running_engine, shared_steps
+
 from core.engine import Engine
 from core.errors import BusyError, RequestTimeout, UserError
 from core.grammar import GenRequest, parse_gen

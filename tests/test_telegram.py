@@ -12,13 +12,13 @@ from fake_bot_api import FakeBotAPI, parse_html
 
 import bot.telegram_bot as tg
 from bot.telegram_webhook import SECRET_HEADER
-from core.types import Generation
 from core.followups import EXPIRED
 from core.grammar import GenRequest
 from core.knobs import knob_specs
 from core.rate_limit import UserRateLimiter
 from core.replies import APOLOGY
 from core.service import BotCore
+from core.types import Generation
 
 TOKEN = "123456789:AAF-secret_TokenValue-xyz"
 PRIVATE, OTHER, GROUP = 1001, 1002, -100500

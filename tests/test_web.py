@@ -9,6 +9,7 @@ import urllib.parse
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import gen_request
 
 from bot.web import create_app
 from core.service import BotCore
