@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = "conversation"  # where the Conversation lives in application.bot_data
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
+GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group
 REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long queued replies may take to go out
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity parsing
 CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
@@ -327,7 +328,7 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
         .token(token)
         .base_url(settings.base_url)
         .base_file_url(settings.base_file_url)
-        .rate_limiter(PerChatRateLimiter())
+        .rate_limiter(PerChatRateLimiter(group_max_rate=GROUP_MESSAGES_PER_MINUTE))
         .concurrent_updates(True)  # a slow generation in one chat must not delay /help in another
         .post_init(_post_init)
         .build()

@@ -51,8 +51,11 @@ class PerChatRateLimiter(AIORateLimiter):
         """Whether `chat_id` can afford a non-essential call now without delaying a final text."""
         if self._waiting[str(chat_id)] or self._paused_until.get(str(chat_id), 0.0) > time.monotonic():
             return False
-        limiter = self._group_limiters.get(chat_id) if chat_id < 0 and self._group_max_rate else None
-        return limiter is None or limiter.has_capacity(self._finals_owed[chat_id] + 1)
+        if chat_id >= 0 or not self._group_max_rate:
+            return True
+        needed = self._finals_owed[chat_id] + 1
+        limiter = self._group_limiters.get(chat_id)
+        return needed <= self._group_max_rate if limiter is None else limiter.has_capacity(needed)
 
     async def close(self, grace: float) -> None:
         """At shutdown: let queued sends go out for up to `grace` s, then cancel the rest (their handlers end)."""

@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
-from core.grammar import BROKEN_TEXT
+from core.grammar import reject_broken_text
 from core.knobs import knob_specs
 from core.service import BotCore
 from core.types import Generation
@@ -65,14 +65,17 @@ def _result(gen: Generation) -> dict:
     return {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
 
 
-def _has_broken_text(value: object) -> bool:
+def _check_text(value: object) -> None:
+    """Every string in the body, keys included, is valid Unicode (JSON's `\\ud800` escapes can make one that is not)."""
     if isinstance(value, str):
-        return any("\ud800" <= ch <= "\udfff" for ch in value)
-    if isinstance(value, dict):
-        return any(_has_broken_text(k) or _has_broken_text(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(map(_has_broken_text, value))
-    return False
+        reject_broken_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
 
 
 class _Refused(Exception):
@@ -95,17 +98,27 @@ async def _prepared(request: web.Request):  # noqa: ANN202
     except web.HTTPRequestEntityTooLarge:
         raise refuse(413, STATUS_TEXT[413]) from None
     except TimeoutError:
-        raise refuse(408, STATUS_TEXT[408]) from None
+        request.content.feed_eof()  # no lingering for the rest of a body that does not come
+        refused = refuse(408, STATUS_TEXT[408])
+        refused.response.force_close()
+        raise refused from None
     except RequestPayloadError:
-        raise refuse(400, "요청 본문을 풀 수 없습니다 (Content-Encoding이 맞지 않음). (cannot decode the body)") from None
+        # The rest of the body cannot be read either: mark it finished, or aiohttp drops the connection (and this
+        # answer) trying to drain it.
+        request.content.feed_eof()
+        refused = refuse(400, "요청 본문을 풀 수 없습니다 (Content-Encoding이 맞지 않음). (cannot decode the body)")
+        refused.response.force_close()
+        raise refused from None
     except UnicodeDecodeError:
         raise refuse(400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)") from None
     except (ValueError, RecursionError):  # malformed JSON, or an integer past Python's digit limit
         raise refuse(400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)') from None
     if not isinstance(payload, dict):
         raise refuse(422, '요청 본문은 JSON 객체여야 합니다. 예: {"prompt": "긍정 아 정말"} (body must be a JSON object)')
-    if _has_broken_text(payload):
-        raise refuse(400, BROKEN_TEXT.format(code=0xD800).replace("U+D800", "U+D800–DFFF"))
+    try:
+        _check_text(payload)
+    except UserError as exc:
+        raise refuse(422, str(exc)) from None
     try:
         return conversation.from_fields(payload, WHO, base="server")  # the door counts its own refusals
     except UserError as exc:
