@@ -154,8 +154,10 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     for name in ("httpx", "httpcore", "telegram", "discord"):
         caplog.set_level(logging.DEBUG, logger=name)
 
+    checked = asyncio.Event()  # the fake Discord refuses the token only once the web page has been read (issue 11.7)
+
     async def slow_refusal(request: web.Request) -> web.Response:  # a Discord that rejects the token after a while
-        await asyncio.sleep(2.0)
+        await checked.wait()
         return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
 
     discord_app = web.Application()
@@ -188,6 +190,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
                 health = await resp.text()
             async with http.post(f"http://127.0.0.1:{port}/api", data=b"{bad") as resp:
                 web_error = await resp.text()
+        checked.set()
         await asyncio.wait_for(runner, 30)  # Discord refuses the token: that front end fails, the runner stops all
     finally:
         if not runner.done():
