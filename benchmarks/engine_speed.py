@@ -67,7 +67,7 @@ def build_model(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def tutorial_generate(model, tokenizer, spec: dict, length: int):  # noqa: ANN001
+def tutorial_generate(model, tokenizer, spec: dict, length: int):
     """The tutorial's inference path: one `generate` per request with that request's knobs."""
     import torch
 
@@ -101,21 +101,21 @@ def run_tutorial(model_dir: Path) -> dict:
 
 def run_engine(model_dir: Path, quantize: str, threads: int = 0) -> dict:
     from core.engine import start_engine
-    from core.grammar import GenRequest
     from core.knobs import Knobs
     from core.settings import load_settings
+    from core.types import GenRequest, PreparedRequest
 
     settings = load_settings(model={"pretrained": str(model_dir), "quantize": quantize, "threads": threads},
                              limits={"max_batch_size": CONCURRENT, "queue_size": 64, "request_timeout_s": 600})
 
-    def request(spec: dict) -> GenRequest:
+    def request(spec: dict) -> PreparedRequest:
         label, _, prompt = spec["prompt"].partition(" ")
         prompt_len = len(engine.tokenizer(spec["prompt"], add_special_tokens=False)["input_ids"])
         total = prompt_len + NEW_TOKENS
         knobs = Knobs(min_length=total, max_length=total, top_p=spec["top_p"], top_k=spec["top_k"],
                       repetition_penalty=spec["repetition_penalty"], no_repeat_ngram_size=spec["no_repeat_ngram_size"],
                       temperature=spec["temperature"], seed=spec["seed"])
-        return GenRequest(label=label, prompt=prompt, knobs=knobs)
+        return engine.prepare(GenRequest(label=label, prompt=prompt, knobs=knobs))
 
     engine = None
 
@@ -133,9 +133,22 @@ def run_engine(model_dir: Path, quantize: str, threads: int = 0) -> dict:
         b = time.perf_counter() - started
         assert all(r.new_tokens == NEW_TOKENS for r in results)
         await engine.stop()
-        return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b, "max_batch": engine.stats["max_batch"]}
+        return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b, "max_batch": max_batch(engine)}
 
     return asyncio.run(main())
+
+
+def max_batch(engine) -> int:
+    """The largest batch-size bucket any engine step fell in (from the Prometheus histogram)."""
+    largest = 0
+    for metric in engine.telemetry.metrics.batch.collect():
+        buckets = sorted((float(s.labels["le"]), s.value) for s in metric.samples if s.name.endswith("_bucket"))
+        below = 0.0
+        for le, count in buckets:
+            if count > below:
+                largest = le
+            below = count
+    return int(largest) if largest != float("inf") else 64
 
 
 def child(row: str, model_dir: Path) -> None:

@@ -73,7 +73,7 @@ async def run_load(url: str, requests: int, bound_s: float, body: dict | None = 
             async with session.post(url, json={**base, "seed": seed}, timeout=aiohttp.ClientTimeout(total=bound_s)) as resp:
                 data = await resp.json(content_type=None)
                 status = resp.status
-        except (asyncio.TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError):
             report.lost += 1
             return
         report.latencies.append(time.monotonic() - started)
@@ -116,9 +116,8 @@ async def serve_and_load(model_dir: Path, requests: int, bound_s: float, limits:
         report = await run_load(f"http://127.0.0.1:{port}/api", requests, bound_s)
         import aiohttp
 
-        async with aiohttp.ClientSession() as session:  # still up, still answering
-            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                health = {**(await resp.json()), "http_status": resp.status}
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            health = {**(await resp.json()), "http_status": resp.status}  # still up, still answering
         health["engine_alive"] = engine._thread is not None and engine._thread.is_alive()  # noqa: SLF001
         health["settings"] = {k: getattr(settings.limits, k) for k in ("queue_size", "max_batch_size", "request_timeout_s")}
         return report, health

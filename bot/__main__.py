@@ -41,7 +41,7 @@ async def _main(check: bool) -> int:
         if check:
             request = parse_gen("긍정 아 정말 max_length=16 min_length=1 seed=0", engine.defaults, settings.limits)
             started = time.monotonic()
-            result = await engine.generate(request)
+            result = await engine.generate(engine.prepare(request))
             print(f"model: {engine.source}")
             if settings.model.quantize == "none":  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")

@@ -14,20 +14,20 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Optional, Protocol
+from typing import Optional
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from core.access import REFUSAL, Verdict, discord_access
-from core.types import Generation
-from core.errors import UserError
-from core.grammar import NEGATIVE, POSITIVE, GenRequest
-from core.knobs import KnobSpec, knob_specs, parse_value
-from core.replies import APOLOGY, help_text, render_generation, render_knobs, shorten
+from core.access import Access, Verdict, discord_access
+from core.conversation import Buttons, Conversation, Reply, Style, Who, error_text
+from core.errors import NotAllowed as Refused
+from core.grammar import NEGATIVE, POSITIVE
+from core.knobs import KnobSpec, knob_specs
+from core.replies import help_text, render_knobs, shorten
 from core.service import BotCore
-from core.streaming import throttled
+from core.types import PreparedRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,95 +42,91 @@ REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long replies
 
 
 class NotAllowed(commands.CheckFailure):
-    """The server or channel is outside the allowlists."""
+    """The server or channel is outside the allowlists (core's refusal, as discord.py's check failure)."""
+
+    def __init__(self, refused: Refused):
+        super().__init__(str(refused))
+        self.refused = refused
 
 
-# ---- text helpers ------------------------------------------------------------------------------------------------
-def channel_key(channel_id: int) -> str:
-    return f"discord:{channel_id}"
-
-
-def user_key(user_id: int) -> str:
-    return f"discord:{user_id}"
-
-
+# ---- translation -------------------------------------------------------------------------------------------------
 def escape(text: str) -> str:
     """Model output and prompts are shown literally: no markdown, no live mentions."""
     return discord.utils.escape_markdown(discord.utils.escape_mentions(text))
-
-
-def bold(text: str) -> str:
-    return f"**{text}**"
 
 
 def fit(text: str) -> str:
     return shorten(text, MESSAGE_LIMIT)
 
 
-def render(gen: Generation) -> str:
-    return render_generation(gen, MESSAGE_LIMIT, escape=escape, emphasize=bold)
+STYLE = Style(MESSAGE_LIMIT, escape=escape, emphasize=lambda s: f"**{s}**", notice=fit)
+
+
+def who(guild_id: int | None, channel_id: int | None, user_id: int | None) -> Who:
+    return Who(chat=f"discord:{channel_id}", user=None if user_id is None else f"discord:{user_id}",
+               ids={"guild": guild_id, "channel": channel_id})
 
 
 def knobs_block(title: str, text: str) -> str:
     return fit(f"{title}\n```\n{text}\n```")
 
 
-def options_text(options: Mapping[str, object], specs: Mapping[str, KnobSpec]) -> str:
-    """Typed slash options as `key=value` text for the core grammar, so one set of rules (and errors) applies."""
-    pairs = []
-    for name, value in options.items():
-        if value is None:
-            continue
-        if isinstance(value, str):  # seed is text (see _knob_parameter); a space inside must not split it
-            value = parse_value(specs[name], value)
-        pairs.append(f"{name}={value}")
-    return " ".join(pairs)
-
-
-# ---- where a generation is shown ---------------------------------------------------------------------------------
-class Target(Protocol):
-    async def show(self, text: str, view: discord.ui.View | None = None) -> discord.Message | None: ...
-
-    async def fail(self, text: str) -> None: ...
-
-
 class ChannelTarget:
-    """A prefix command's answer: the first update replies to the command, later ones edit that reply."""
+    """A prefix command's answer (core.conversation.ReplyTarget): a reply to the command, edited afterwards."""
 
-    def __init__(self, ctx: commands.Context):
-        self.ctx = ctx
+    def __init__(self, cog: GenCog, ctx: commands.Context):
+        self.cog, self.ctx = cog, ctx
+        self.style, self.edit_interval = STYLE, cog.edit_interval
         self.message: discord.Message | None = None
 
-    async def show(self, text: str, view: discord.ui.View | None = None) -> discord.Message:
-        if self.message is None:
-            self.message = await reply(self.ctx, text, view=view)
-        else:
-            self.message = await self.message.edit(content=fit(text), view=view, allowed_mentions=NO_MENTIONS)
-        return self.message
+    async def send(self, reply: Reply) -> None:
+        view = self.cog.view(reply.buttons)
+        self.message = await answer(self.ctx, reply.text, **({"view": view} if view else {}))
+        if view is not None:
+            view.message = self.message
 
-    async def fail(self, text: str) -> None:
-        if self.message is None:
-            await reply(self.ctx, text)
-        else:
-            await self.message.edit(content=fit(text), view=None, allowed_mentions=NO_MENTIONS)
+    async def edit(self, reply: Reply) -> None:
+        view = self.cog.view(reply.buttons)
+        self.message = await self.message.edit(content=fit(reply.text), view=view, allowed_mentions=NO_MENTIONS)
+        if view is not None:
+            view.message = self.message
+
+    async def typing(self) -> None:
+        """`ctx.typing()` around the whole reply keeps it shown."""
+
+    def spare(self) -> bool:
+        return True
 
 
 class InteractionTarget:
-    """A deferred interaction's answer: updates edit the "thinking…" message; failures are shown only to the user."""
+    """A deferred interaction's answer: the "thinking…" message is edited; an error is shown only to the user."""
 
-    def __init__(self, interaction: discord.Interaction):
-        self.interaction = interaction
+    def __init__(self, cog: GenCog, interaction: discord.Interaction):
+        self.cog, self.interaction = cog, interaction
+        self.style, self.edit_interval = STYLE, cog.edit_interval
 
-    async def show(self, text: str, view: discord.ui.View | None = None) -> discord.Message:
-        return await self.interaction.edit_original_response(content=fit(text), view=view, allowed_mentions=NO_MENTIONS)
+    async def send(self, reply: Reply) -> None:
+        if reply.error:
+            with contextlib.suppress(discord.HTTPException):
+                await self.interaction.delete_original_response()
+            await self.interaction.followup.send(fit(reply.text), ephemeral=True, allowed_mentions=NO_MENTIONS)
+            return
+        view = self.cog.view(reply.buttons)
+        message = await self.interaction.edit_original_response(content=fit(reply.text), view=view,
+                                                                allowed_mentions=NO_MENTIONS)
+        if view is not None:
+            view.message = message
 
-    async def fail(self, text: str) -> None:
-        with contextlib.suppress(discord.HTTPException):
-            await self.interaction.delete_original_response()
-        await self.interaction.followup.send(fit(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
+    edit = send
+
+    async def typing(self) -> None:
+        """The deferred "thinking…" already shows activity."""
+
+    def spare(self) -> bool:
+        return True
 
 
-async def reply(ctx: commands.Context, text: str, **kwargs: object) -> discord.Message:
+async def answer(ctx: commands.Context, text: str, **kwargs: object) -> discord.Message:
     # Still answer when the command message was deleted meanwhile.
     reference = ctx.message.to_reference(fail_if_not_exists=False)
     return await ctx.send(fit(text), reference=reference, mention_author=False, allowed_mentions=NO_MENTIONS, **kwargs)
@@ -144,21 +140,20 @@ async def refuse(interaction: discord.Interaction, text: str) -> None:
         await interaction.response.send_message(fit(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
-# ---- buttons -----------------------------------------------------------------------------------------------------
 class GenerationView(discord.ui.View):
     """다시 생성 (regenerate) and 이어 쓰기 (continue, one button per candidate) under a result."""
 
     def __init__(self, cog: GenCog, key: str, candidates: int, timeout: float = VIEW_TIMEOUT_S):
         super().__init__(timeout=timeout)
         self.message: discord.Message | None = None
-        self._button(REGENERATE, discord.ButtonStyle.primary, functools.partial(cog.on_regenerate, key=key))
+        self._button(REGENERATE, discord.ButtonStyle.primary, cog, key, None)
         for i in range(candidates):
-            label = CONTINUE if candidates == 1 else f"{CONTINUE} {i + 1}"
-            self._button(label, discord.ButtonStyle.secondary, functools.partial(cog.on_continue, key=key, candidate=i))
+            self._button(CONTINUE if candidates == 1 else f"{CONTINUE} {i + 1}", discord.ButtonStyle.secondary, cog, key, i)
 
-    def _button(self, label: str, style: discord.ButtonStyle, callback: Callable[[discord.Interaction], Awaitable]) -> None:
+    def _button(self, label: str, style: discord.ButtonStyle, cog: GenCog, key: str, candidate: int | None) -> None:
         button: discord.ui.Button = discord.ui.Button(label=label, style=style)
-        button.callback = callback
+        data = f"r:{key}" if candidate is None else f"c:{key}:{candidate}"
+        button.callback = functools.partial(cog.on_button, data=data)
         self.add_item(button)
 
     async def on_timeout(self) -> None:
@@ -170,7 +165,7 @@ class GenerationView(discord.ui.View):
                 await self.message.edit(view=self)
 
 
-# ---- slash command construction ----------------------------------------------------------------------------------
+# ---- slash commands, generated from the knob table (a new knob becomes an option by itself) -----------------------
 LABEL_CHOICES = [app_commands.Choice(name=POSITIVE, value=POSITIVE), app_commands.Choice(name=NEGATIVE, value=NEGATIVE)]
 
 
@@ -183,46 +178,56 @@ def _knob_parameter(spec: KnobSpec) -> inspect.Parameter:
     return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[annotation])
 
 
-def _knob_description(spec: KnobSpec) -> str:
-    return f"{spec.help_ko} — {spec.range_ko()}"[:100]  # Discord caps option descriptions at 100
-
-
-def build_slash(
-    name: str,
-    description: str,
-    callback: Callable[..., Awaitable[None]],
-    specs: Mapping[str, KnobSpec],
-    head: list[inspect.Parameter] = (),
-    head_descriptions: Mapping[str, str] | None = None,
-    choices: Mapping[str, list[app_commands.Choice]] | None = None,
-) -> app_commands.Command:
-    """A slash command whose knob options carry today's ranges from `[limits]`.
-
-    `app_commands.Range` bounds are read from the callback's signature when the command is built, and the caps are
-    settings, so the signature is assembled here at run time instead of being written in a class body.
-    """
+def build_slash(name: str, description: str, callback: Callable[..., Awaitable[None]], specs: Mapping[str, KnobSpec],
+                head: list[inspect.Parameter] = (), head_descriptions: Mapping[str, str] | None = None,
+                choices: Mapping[str, list[app_commands.Choice]] | None = None) -> app_commands.Command:
+    """A slash command whose knob options carry today's ranges from `[limits]` (read from the signature when the
+    command is built, so the signature is assembled here at run time)."""
 
     async def invoke(interaction: discord.Interaction, **options: object) -> None:
         await callback(interaction, **options)
 
     interaction = inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
     invoke.__signature__ = inspect.Signature([interaction, *head, *(_knob_parameter(s) for s in specs.values())])
-    invoke = app_commands.describe(**(head_descriptions or {}), **{s.name: _knob_description(s) for s in specs.values()})(invoke)
+    described = {s.name: f"{s.help_ko} — {s.range_ko()}"[:100] for s in specs.values()}  # Discord's cap is 100
+    invoke = app_commands.describe(**(head_descriptions or {}), **described)(invoke)
     if choices:
         invoke = app_commands.choices(**choices)(invoke)
     return app_commands.Command(name=name, description=description, callback=invoke)
 
 
 # ---- the cog -----------------------------------------------------------------------------------------------------
+def answers_errors(command: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A refused request is an answer, not a failed command: map it here (bot.report), so discord.py does not log
+    it as an error and dispatch it again."""
+
+    @functools.wraps(command)
+    async def wrapped(self: GenCog, ctx: commands.Context, *args: object, **kwargs: object) -> None:
+        try:
+            await command(self, ctx, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 (mapped to a reply)
+            await self.bot.report(ctx, exc)
+
+    return wrapped
+
+
 class GenCog(commands.Cog):
-    """Every command, prefix and slash, over the shared core."""
+    """Every command, prefix and slash: translate, hand to the conversation, map errors to replies."""
 
     def __init__(self, bot: commands.Bot, core: BotCore, edit_interval: float = EDIT_INTERVAL_S):
-        self.bot = bot
-        self.core = core
-        self.edit_interval = edit_interval
+        self.bot, self.core, self.edit_interval = bot, core, edit_interval
+        self.conversation: Conversation = bot.conversation
         self.specs = knob_specs(core.settings.limits)
-        self._dynamic = [self._gen_slash(), self._set_slash()]
+        head = [inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=str),
+                inspect.Parameter("label", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str])]
+        self._dynamic = [
+            build_slash("gen", "감성을 골라 한국어 문장을 이어 씁니다 (generate Korean text in a sentiment)",
+                        self._guarded(self.gen_slash), self.specs, head,
+                        {"prompt": "이어 쓸 문장 (예: 아 정말)", "label": "감성 라벨: 긍정 또는 부정 (생략하면 프롬프트 그대로 이어 씀)"},
+                        {"label": LABEL_CHOICES}),
+            build_slash("set", "이 채널의 기본 설정을 바꿉니다 (set this channel's defaults)", self._guarded(self.set_slash),
+                        self.specs),
+        ]
         self.active: set[asyncio.Task] = set()  # generations being shown; shutdown lets them send their replies
 
     async def cog_load(self) -> None:
@@ -233,154 +238,113 @@ class GenCog(commands.Cog):
         for command in self._dynamic:
             self.bot.tree.remove_command(command.name)
 
-    # ---- shared work -------------------------------------------------------------------------------------------
-    async def stream_to(self, target: Target, request: GenRequest, continuing: bool = False) -> None:
-        """Show the text as it grows (one edit per `edit_interval` at most), then the result with its buttons."""
-        stream = self.core.engine.stream(request, continuing)
+    def view(self, buttons: Buttons | None) -> GenerationView | None:
+        return None if buttons is None else GenerationView(self, buttons.key, buttons.candidates)
+
+    async def reply(self, target: ChannelTarget | InteractionTarget, prepared: PreparedRequest) -> None:
         task = asyncio.current_task()
         self.active.add(task)
         try:
-            async for gen in throttled(stream, self.edit_interval):
-                if gen.done:
-                    view = GenerationView(self, self.core.followups.remember(gen), len(gen.continuations))
-                    view.message = await target.show(render(gen), view)
-                else:
-                    await target.show(render(gen))
-        except UserError as exc:
-            await target.fail(str(exc))
-        except Exception:
-            log.exception("discord: generation failed (prompt %r, knobs %s)", request.model_prompt[:60], request.knobs)
-            await target.fail(APOLOGY)
+            await self.conversation.reply(target, prepared, "discord generation")
         finally:
             self.active.discard(task)
-            await stream.aclose()  # stops the engine's work if we left early
 
-    def answer(self, work: Callable[[], str], what: str) -> str:
-        """`work()`'s text, the UserError's message, or the apology (logged) for anything unexpected."""
-        try:
-            return work()
-        except UserError as exc:
-            return str(exc)
-        except Exception:
-            log.exception("discord: %s failed", what)
-            return APOLOGY
+    # ---- the one error → reply mapping for interactions (the tree's error hook and the guards end here) --------
+    async def app_error(self, interaction: discord.Interaction, error: BaseException) -> None:
+        text = error_text(error, f"discord interaction {getattr(interaction.command, 'name', 'button')}")
+        if text is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await refuse(interaction, text)
+
+    def _guarded(self, callback: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        """Generated slash callbacks and buttons report through app_error (discord.py would only log a button's)."""
+
+        async def guarded(interaction: discord.Interaction, **kwargs: object) -> None:
+            try:
+                await callback(interaction, **kwargs)
+            except Exception as exc:  # noqa: BLE001 (mapped to a reply)
+                await self.app_error(interaction, exc)
+
+        return guarded
+
+    def who(self, interaction: discord.Interaction) -> Who:
+        return who(interaction.guild_id, interaction.channel_id, interaction.user.id)
 
     def help_for(self, channel_id: int, command: str) -> str:
         prefix = self.bot.command_prefix_text
-        body = help_text(self.core.chat_knobs(channel_key(channel_id)), self.core.settings.limits, command)
-        extra = (
-            f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, /reset)"
-            f"\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE}"
-        )
-        return fit(body + extra)
+        body = help_text(self.core.chat_knobs(f"discord:{channel_id}"), self.core.settings.limits, command)
+        return fit(body + f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, "
+                   f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE}")
 
-    def show_settings(self, channel_id: int) -> str:
-        knobs = self.core.chat_knobs(channel_key(channel_id))
-        return knobs_block("이 채널의 기본 설정 (current defaults):", render_knobs(knobs))
-
-    def set_settings(self, args: str, channel_id: int) -> str:
-        knobs = self.core.set_chat_knobs(args, channel_key(channel_id))
-        return knobs_block("이 채널의 기본 설정을 바꿨습니다 (saved):", render_knobs(knobs))
-
-    def reset_settings(self, channel_id: int) -> str:
-        knobs = self.core.reset_chat_knobs(channel_key(channel_id))
-        return knobs_block("이 채널의 기본 설정을 초기화했습니다 (reset):", render_knobs(knobs))
+    def show_settings(self, channel_id: int, title: str = "이 채널의 기본 설정 (current defaults):") -> str:
+        return knobs_block(title, render_knobs(self.core.chat_knobs(f"discord:{channel_id}")))
 
     # ---- prefix commands ---------------------------------------------------------------------------------------
     @commands.command(name="gen", aliases=["생성"])
+    @answers_errors
     async def gen_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
         """!gen [긍정|부정] 프롬프트 [key=value …]"""
-        try:
-            request = self.core.gen_request(args, channel_key(ctx.channel.id), user_key(ctx.author.id))
-        except UserError as exc:
-            await reply(ctx, str(exc))
-            return
+        prepared = self.conversation.from_text(args, who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id))
         async with ctx.typing():
-            await self.stream_to(ChannelTarget(ctx), request)
+            await self.reply(ChannelTarget(self, ctx), prepared)
 
     @commands.command(name="help", aliases=["도움말"])
+    @answers_errors
     async def help_prefix(self, ctx: commands.Context) -> None:
-        await reply(ctx, self.answer(lambda: self.help_for(ctx.channel.id, f"{self.bot.command_prefix_text}gen"), "help"))
+        await answer(ctx, self.help_for(ctx.channel.id, f"{self.bot.command_prefix_text}gen"))
 
     @commands.command(name="set")
+    @answers_errors
     async def set_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
-        await reply(ctx, self.answer(lambda: self.set_settings(args, ctx.channel.id), "set"))
+        self.core.set_chat_knobs(args, f"discord:{ctx.channel.id}")
+        await answer(ctx, self.show_settings(ctx.channel.id, "이 채널의 기본 설정을 바꿨습니다 (saved):"))
 
     @commands.command(name="settings")
+    @answers_errors
     async def settings_prefix(self, ctx: commands.Context) -> None:
-        await reply(ctx, self.answer(lambda: self.show_settings(ctx.channel.id), "settings"))
+        await answer(ctx, self.show_settings(ctx.channel.id))
 
     @commands.command(name="reset")
+    @answers_errors
     async def reset_prefix(self, ctx: commands.Context) -> None:
-        await reply(ctx, self.answer(lambda: self.reset_settings(ctx.channel.id), "reset"))
+        self.core.reset_chat_knobs(f"discord:{ctx.channel.id}")
+        await answer(ctx, self.show_settings(ctx.channel.id, "이 채널의 기본 설정을 초기화했습니다 (reset):"))
 
-    # ---- slash commands ----------------------------------------------------------------------------------------
-    def _gen_slash(self) -> app_commands.Command:
-        head = [
-            inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=str),
-            inspect.Parameter("label", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str]),
-        ]
-        return build_slash(
-            "gen", "감성을 골라 한국어 문장을 이어 씁니다 (generate Korean text in a sentiment)", self.gen_slash,
-            self.specs, head,
-            {"prompt": "이어 쓸 문장 (예: 아 정말)", "label": "감성 라벨: 긍정 또는 부정 (생략하면 프롬프트 그대로 이어 씀)"},
-            {"label": LABEL_CHOICES},
-        )
-
-    def _set_slash(self) -> app_commands.Command:
-        return build_slash("set", "이 채널의 기본 설정을 바꿉니다 (set this channel's defaults)", self.set_slash, self.specs)
-
+    # ---- slash commands and buttons ----------------------------------------------------------------------------
     async def gen_slash(self, interaction: discord.Interaction, prompt: str, label: str | None = None, **knobs: object) -> None:
-        try:
-            args = " ".join(part for part in (options_text(knobs, self.specs), label, prompt) if part)
-            request = self.core.gen_request(args, channel_key(interaction.channel_id), user_key(interaction.user.id))
-        except UserError as exc:
-            await refuse(interaction, str(exc))
-            return
-        # Parsing is instant; generation is not, so acknowledge before Discord's 3-second deadline.
-        await interaction.response.defer(thinking=True)
-        await self.stream_to(InteractionTarget(interaction), request)
+        # Typed options go to the core as fields: the prompt is never re-read for `key=value`.
+        prepared = self.conversation.from_fields({"prompt": prompt, "label": label, **knobs}, self.who(interaction))
+        await interaction.response.defer(thinking=True)  # before Discord's 3-second deadline
+        await self.reply(InteractionTarget(self, interaction), prepared)
 
     async def set_slash(self, interaction: discord.Interaction, **knobs: object) -> None:
-        text = self.answer(lambda: self.set_settings(options_text(knobs, self.specs), interaction.channel_id), "set")
+        self.core.set_chat_fields(knobs, f"discord:{interaction.channel_id}")
+        text = self.show_settings(interaction.channel_id, "이 채널의 기본 설정을 바꿨습니다 (saved):")
         await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
 
     @app_commands.command(name="help", description="사용법과 설정 범위 (usage and knob ranges)")
     async def help_slash(self, interaction: discord.Interaction) -> None:
-        text = self.answer(lambda: self.help_for(interaction.channel_id, "/gen"), "help")
+        text = self.help_for(interaction.channel_id, "/gen")
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
 
     @app_commands.command(name="settings", description="이 채널의 기본 설정 보기 (show this channel's defaults)")
     async def settings_slash(self, interaction: discord.Interaction) -> None:
-        text = self.answer(lambda: self.show_settings(interaction.channel_id), "settings")
-        await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
+        await interaction.response.send_message(self.show_settings(interaction.channel_id), allowed_mentions=NO_MENTIONS)
 
     @app_commands.command(name="reset", description="이 채널의 기본 설정 초기화 (reset this channel's defaults)")
     async def reset_slash(self, interaction: discord.Interaction) -> None:
-        text = self.answer(lambda: self.reset_settings(interaction.channel_id), "reset")
+        self.core.reset_chat_knobs(f"discord:{interaction.channel_id}")
+        text = self.show_settings(interaction.channel_id, "이 채널의 기본 설정을 초기화했습니다 (reset):")
         await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
 
-    # ---- buttons -----------------------------------------------------------------------------------------------
-    async def on_regenerate(self, interaction: discord.Interaction, *, key: str) -> None:
-        await self._follow_up(interaction, lambda: self.core.followups.regenerate(key), continuing=False)
-
-    async def on_continue(self, interaction: discord.Interaction, *, key: str, candidate: int) -> None:
-        await self._follow_up(interaction, lambda: self.core.followups.continuation(key, candidate), continuing=True)
-
-    async def _follow_up(self, interaction: discord.Interaction, make: Callable[[], GenRequest], continuing: bool) -> None:
+    async def on_button(self, interaction: discord.Interaction, *, data: str) -> None:
         try:
-            request = make()
-            self.core.engine.encode_prompt(request, continuing)  # length errors before the cooldown is charged
-            self.core.limiter.check(user_key(interaction.user.id))
-        except UserError as exc:
-            await refuse(interaction, str(exc))
-            return
-        except Exception:
-            log.exception("discord: button failed")
-            await refuse(interaction, APOLOGY)
+            prepared = self.conversation.from_button(data, self.who(interaction))
+        except Exception as exc:  # noqa: BLE001 (mapped to a reply)
+            await self.app_error(interaction, exc)
             return
         await interaction.response.defer(thinking=True)  # a new message below, so the earlier result stays
-        await self.stream_to(InteractionTarget(interaction), request, continuing)
+        await self.reply(InteractionTarget(self, interaction), prepared)
 
 
 # ---- the bot -----------------------------------------------------------------------------------------------------
@@ -404,23 +368,33 @@ class GenBot(commands.Bot):
         self.edit_interval = edit_interval
         self.sync_commands = sync_commands
         self.tree.error(self.on_app_command_error)
-        self.access = discord_access(core.settings.discord)
+        self.conversation = Conversation(core, discord_access(core.settings.discord))
         self.add_check(self._allowed_here)
         self.tree.interaction_check = self._interaction_allowed
 
-    def verdict(self, guild_id: int | None, channel_id: int | None) -> Verdict:
-        return self.access.check(guild=guild_id, channel=channel_id)
+    @property
+    def access(self) -> Access:
+        return self.conversation.access
+
+    @access.setter
+    def access(self, access: Access) -> None:
+        self.conversation.access = access
 
     async def _allowed_here(self, ctx: commands.Context) -> bool:
-        if self.verdict(ctx.guild.id if ctx.guild else None, ctx.channel.id) is not Verdict.ALLOW:
-            raise NotAllowed()
+        try:
+            self.conversation.check_access(who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id))
+        except Refused as exc:
+            raise NotAllowed(exc) from None
         return True
 
     async def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
-        verdict = self.verdict(interaction.guild_id, interaction.channel_id)
-        if verdict is Verdict.REFUSE:
-            await refuse(interaction, REFUSAL)
-        return verdict is Verdict.ALLOW
+        try:
+            self.conversation.check_access(who(interaction.guild_id, interaction.channel_id, None))
+        except Refused as exc:
+            if not exc.quiet:
+                await refuse(interaction, str(exc))
+            return False
+        return True
 
     async def setup_hook(self) -> None:
         # Runs on login only (never when tests build the bot), so syncing here is the one place that talks to Discord.
@@ -448,32 +422,33 @@ class GenBot(commands.Bot):
     # Bots, including this one, are already ignored by Bot.process_commands (`message.author.bot`).
 
     async def on_command_error(self, ctx: commands.Context, error: commands.CommandError) -> None:
-        if isinstance(error, NotAllowed):
-            log.info("discord: refused a command in channel %s (allowlist)", ctx.channel.id)
-            if self.access.refusal == "reply":
-                await reply(ctx, REFUSAL)
-        elif isinstance(error, commands.CommandNotFound):
-            if self.verdict(ctx.guild.id if ctx.guild else None, ctx.channel.id) is Verdict.ALLOW:
+        """The one error → reply mapping for prefix commands."""
+        if isinstance(error, commands.CommandNotFound):
+            if self.access.check(guild=ctx.guild and ctx.guild.id, channel=ctx.channel.id) is Verdict.ALLOW:
                 await self._suggest(ctx)
-        elif isinstance(error, commands.UserInputError):
-            await reply(ctx, f"명령을 이해하지 못했습니다. {self.command_prefix_text}help 를 보세요. (bad command input)")
-        else:
-            log.error("discord: command %s failed", ctx.command, exc_info=getattr(error, "original", error))
-            await reply(ctx, APOLOGY)
+            return
+        if isinstance(error, commands.UserInputError):
+            await answer(ctx, f"명령을 이해하지 못했습니다. {self.command_prefix_text}help 를 보세요. (bad command input)")
+            return
+        await self.report(ctx, error.refused if isinstance(error, NotAllowed) else getattr(error, "original", error))
+
+    async def report(self, ctx: commands.Context, error: BaseException) -> None:
+        text = error_text(error, f"discord command {ctx.command}")
+        if text is not None:
+            await answer(ctx, text)
 
     async def _suggest(self, ctx: commands.Context) -> None:
         # The prefix is shared with other bots, so only near-misses of our own commands get an answer.
         names = [name for command in self.commands for name in (command.name, *command.aliases)]
         close = difflib.get_close_matches((ctx.invoked_with or "").lower(), names, n=1, cutoff=0.6)
         if close:
-            await reply(ctx, f"알 수 없는 명령입니다. 혹시 {self.command_prefix_text}{close[0]} 을(를) 말씀하셨나요? "
+            await answer(ctx, f"알 수 없는 명령입니다. 혹시 {self.command_prefix_text}{close[0]} 을(를) 말씀하셨나요? "
                              f"(unknown command; did you mean {self.command_prefix_text}{close[0]}?)")
 
     async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        log.error("discord: slash command %s failed", interaction.command and interaction.command.name,
-                  exc_info=getattr(error, "original", error))
-        with contextlib.suppress(discord.HTTPException):
-            await refuse(interaction, APOLOGY)
+        cog = self.get_cog("GenCog")
+        if cog is not None:
+            await cog.app_error(interaction, getattr(error, "original", error))
 
 
 def create_bot(core: BotCore, *, edit_interval: float = EDIT_INTERVAL_S, sync_commands: bool = True) -> GenBot:

@@ -26,7 +26,7 @@ class TokenRedactor(logging.Filter):
         return True
 
 
-def redact_token_in_logs(token: str, prefixes: tuple[str, ...] = ("httpx", "httpcore", "telegram", "bot")) -> None:
+def redact_token_in_logs(token: str, prefixes: tuple[str, ...] = ("httpx", "httpcore", "telegram", "bot", "core")) -> None:
     """Attach a redactor to every logger that may see a Bot API URL (filters act where a record is made)."""
     names = [name for name in logging.Logger.manager.loggerDict if name.split(".")[0] in prefixes]
     for name in {*prefixes, *names}:

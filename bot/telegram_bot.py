@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from telegram import (
@@ -33,23 +34,24 @@ from telegram.ext import (
 from bot.log_redaction import redact_token_in_logs
 from bot.telegram_delivery import PerChatRateLimiter
 from bot.telegram_webhook import start_webhook
-from core.access import REFUSAL, Verdict, telegram_access
-from core.types import Generation
-from core.errors import UserError
-from core.followups import EXPIRED
-from core.grammar import GenRequest, split_command
-from core.replies import APOLOGY, help_text, render_generation, render_knobs, shorten
+from core.access import telegram_access
+from core.conversation import Buttons, Conversation, Reply, Style, Who, error_text
+from core.errors import NotAllowed, UserError
+from core.followups import EXPIRED, button_data
+from core.grammar import split_command
+from core.replies import help_text, render_knobs, shorten
 from core.service import BotCore
-from core.streaming import throttled
+from core.types import Generation, PreparedRequest
 
 log = logging.getLogger(__name__)
 
-CORE_KEY = "core"  # where the BotCore lives in application.bot_data
-ACCESS_KEY = "access"  # the allowlists (core.access.Access)
+CONVERSATION_KEY = "conversation"  # where the Conversation lives in application.bot_data
+NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
+GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group
+REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long queued replies may take to go out
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity parsing
 CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
 EDIT_INTERVAL_S = 1.0  # Telegram tolerates about one edit per second per message
-TYPING_REFRESH_S = 4.5  # a chat action is shown for 5 s, so refresh a little earlier
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 
 COMMANDS = (
@@ -83,19 +85,16 @@ EDITED_TEXT = (
 GENERATING = "생성 중… (generating)"
 
 
-# ---- small helpers ---------------------------------------------------------------------------------------------
-def _core(context: ContextTypes.DEFAULT_TYPE) -> BotCore:
-    return context.bot_data[CORE_KEY]
+# ---- translation -----------------------------------------------------------------------------------------------
+def _conversation(context: ContextTypes.DEFAULT_TYPE) -> Conversation:
+    return context.bot_data[CONVERSATION_KEY]
 
 
-def _chat_key(chat_id: int) -> str:
-    return f"telegram:{chat_id}"
-
-
-def _user_key(update: Update) -> str:
-    user = update.effective_user
-    return f"telegram:{user.id}" if user else f"telegram:chat{update.effective_chat.id}"
-
+def _who(update: Update) -> Who:
+    chat, user = update.effective_chat, update.effective_user
+    return Who(chat=f"telegram:{chat.id if chat else '-'}",
+               user=f"telegram:{user.id}" if user else f"telegram:chat{chat.id if chat else '-'}",
+               ids={"chat": chat.id if chat else None, "user": user.id if user else None})
 
 
 def _plain(text: str) -> str:
@@ -103,26 +102,25 @@ def _plain(text: str) -> str:
     return html.escape(shorten(text, MESSAGE_LIMIT), quote=False)
 
 
-def _bold(text: str) -> str:
-    return f"<b>{text}</b>"
+STYLE = Style(MESSAGE_LIMIT, escape=lambda s: html.escape(s, quote=False), emphasize=lambda s: f"<b>{s}</b>",
+              notice=_plain)
 
 
 def render(gen: Generation) -> str:
     """The result as Telegram HTML: prompt in bold, continuation plain, every user character escaped."""
-    text = render_generation(gen, MESSAGE_LIMIT, escape=lambda s: html.escape(s, quote=False), emphasize=_bold)
+    text = Conversation.render(gen, STYLE)
     if len(text) < MESSAGE_LIMIT:
         return text
     # Escaping lengthened the text past the limit, and clipping it could cut a tag or entity: escape afterwards.
-    return _plain(render_generation(gen, MESSAGE_LIMIT))
+    return _plain(Conversation.render(gen, Style(MESSAGE_LIMIT)))
 
 
-def buttons(key: str, candidates: int) -> InlineKeyboardMarkup:
+def keyboard(buttons: Buttons) -> InlineKeyboardMarkup:
     """Callback data holds only a short server-side key (Telegram allows 64 bytes)."""
-    rows = [[InlineKeyboardButton("🔄 다시 생성", callback_data=f"r:{key}")]]
-    if candidates == 1:
-        rows.append([InlineKeyboardButton("➡️ 이어 쓰기", callback_data=f"c:{key}:0")])
-    else:
-        rows.append([InlineKeyboardButton(f"➡️ {i + 1} 이어 쓰기", callback_data=f"c:{key}:{i}") for i in range(candidates)])
+    rows = [[InlineKeyboardButton("🔄 다시 생성", callback_data=button_data(buttons.key))]]
+    many = buttons.candidates > 1
+    rows.append([InlineKeyboardButton(f"➡️ {i + 1} 이어 쓰기" if many else "➡️ 이어 쓰기", callback_data=button_data(buttons.key, i))
+                 for i in range(buttons.candidates)])
     return InlineKeyboardMarkup(rows)
 
 
@@ -132,139 +130,89 @@ def _addressed_to_us(text: str, username: str | None) -> bool:
     return target is not None and username is not None and target.lower() == username.lower()
 
 
-async def send(context: ContextTypes.DEFAULT_TYPE, chat_id: int, text: str, reply_to: int | None, markup=None):  # noqa: ANN001
+async def send(context: ContextTypes.DEFAULT_TYPE, chat_id: int, text: str, reply_to: int | None, markup=None):  # noqa: ANN001, ANN201
     """Send HTML `text` as a reply (still sent if the replied-to message was deleted)."""
     reply = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
-    return await context.bot.send_message(
-        chat_id,
-        text,
-        parse_mode=ParseMode.HTML,
-        reply_parameters=reply,
-        reply_markup=markup,
-        link_preview_options=LinkPreviewOptions(is_disabled=True),
-    )
+    return await context.bot.send_message(chat_id, text, parse_mode=ParseMode.HTML, reply_parameters=reply,
+                                          reply_markup=markup, link_preview_options=NO_PREVIEW)
 
 
 async def _answer(update: Update, context: ContextTypes.DEFAULT_TYPE, text: str) -> None:
     message = update.effective_message
-    await send(context, message.chat_id, text, message.message_id)
+    await send(context, message.chat_id, _plain(text), message.message_id)
 
 
-async def _safely(coro, what: str) -> None:  # noqa: ANN001
-    """Last-resort sends (apologies) must not raise over the error being reported."""
-    try:
-        await coro
-    except Exception as exc:  # noqa: BLE001
-        log.warning("could not send %s: %s", what, exc)
-
-
-# ---- generation ------------------------------------------------------------------------------------------------
 @dataclass
-class _Reply:
-    """The one message that shows a generation: sent on the first update, edited afterwards."""
+class ChatTarget:
+    """One reply message in a chat (core.conversation.ReplyTarget): sent once, edited afterwards."""
 
     context: ContextTypes.DEFAULT_TYPE
     chat_id: int
     reply_to: int | None
+    style: Style = STYLE
+    edit_interval: float = field(default_factory=lambda: EDIT_INTERVAL_S)
     message_id: int | None = None
-    text: str = ""
 
-    async def show(self, text: str, markup: InlineKeyboardMarkup | None = None) -> None:
-        if self.message_id is None:
-            sent = await send(self.context, self.chat_id, text, self.reply_to, markup)
-            self.message_id = sent.message_id
-        elif text != self.text or markup is not None:
-            try:
-                await self.context.bot.edit_message_text(
-                    text,
-                    chat_id=self.chat_id,
-                    message_id=self.message_id,
-                    parse_mode=ParseMode.HTML,
-                    reply_markup=markup,
-                    link_preview_options=LinkPreviewOptions(is_disabled=True),
-                )
-            except BadRequest as exc:
-                if "not modified" not in str(exc).lower():
-                    raise
-        self.text = text
+    async def send(self, reply: Reply) -> None:
+        text = reply.text if reply.error else render(reply.generation)
+        markup = keyboard(reply.buttons) if reply.buttons else None
+        self.message_id = (await send(self.context, self.chat_id, text, self.reply_to, markup)).message_id
 
-
-async def _keep_typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int) -> None:
-    while True:
+    async def edit(self, reply: Reply) -> None:
+        text = reply.text if reply.error else render(reply.generation)
         try:
-            await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
-        except TelegramError as exc:
-            log.debug("typing action failed in chat %s: %s", chat_id, exc)
-        await asyncio.sleep(TYPING_REFRESH_S)
+            await self.context.bot.edit_message_text(
+                text, chat_id=self.chat_id, message_id=self.message_id, parse_mode=ParseMode.HTML,
+                reply_markup=keyboard(reply.buttons) if reply.buttons else None, link_preview_options=NO_PREVIEW)
+        except BadRequest as exc:
+            if "not modified" not in str(exc).lower():
+                raise
+
+    async def typing(self) -> None:
+        await self.context.bot.send_chat_action(self.chat_id, ChatAction.TYPING)
+
+    def spare(self) -> bool:
+        limiter = self.context.bot.rate_limiter
+        return not isinstance(limiter, PerChatRateLimiter) or limiter.spare(self.chat_id)
 
 
-async def generate(
-    context: ContextTypes.DEFAULT_TYPE, chat_id: int, reply_to: int | None, request: GenRequest, continuing: bool, what: str
-) -> None:
-    """Stream `request` into one reply (edited at most every EDIT_INTERVAL_S), with buttons on the final text."""
-    core = _core(context)
-    reply = _Reply(context, chat_id, reply_to)
-    typing = asyncio.create_task(_keep_typing(context, chat_id))
-    stream = core.engine.stream(request, continuing)
-    try:
-        async for gen in throttled(stream, EDIT_INTERVAL_S):
-            if gen.done:
-                typing.cancel()  # no "typing…" after the answer is there
-                await reply.show(render(gen), buttons(core.followups.remember(gen), len(gen.continuations)))
-            else:
-                await reply.show(render(gen))
-    except UserError as exc:  # busy, timeout, prompt too long for the model
-        await _safely(reply.show(_plain(str(exc))), "an error reply")
-    except Exception:
-        log.exception("telegram %s failed in chat %s (prompt %r)", what, chat_id, request.model_prompt[:80])
-        await _safely(reply.show(_plain(APOLOGY)), "an apology")
-    finally:
-        typing.cancel()
-        await stream.aclose()
+async def _reply(context: ContextTypes.DEFAULT_TYPE, target: ChatTarget, prepared: PreparedRequest, what: str) -> None:
+    limiter = context.bot.rate_limiter
+    with limiter.final_owed(target.chat_id) if isinstance(limiter, PerChatRateLimiter) else contextlib.nullcontext():
+        await _conversation(context).reply(target, prepared, f"telegram {what} in chat {target.chat_id}")
 
 
 # ---- handlers --------------------------------------------------------------------------------------------------
 async def start_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    await _answer(update, context, _plain(START_TEXT))
+    await _answer(update, context, START_TEXT)
 
 
 async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    core = _core(context)
-    knobs = core.chat_knobs(_chat_key(update.effective_chat.id))
-    text = help_text(knobs, core.settings.limits, "/gen") + HELP_EXTRA
-    await _answer(update, context, _plain(text))
+    core = _conversation(context).core
+    await _answer(update, context, help_text(core.chat_knobs(_who(update).chat), core.settings.limits, "/gen") + HELP_EXTRA)
 
 
 async def gen_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     message = update.effective_message
     _, _, args = split_command(message.text or "")
-    try:
-        request = _core(context).gen_request(args, _chat_key(message.chat_id), _user_key(update))
-    except UserError as exc:
-        await _answer(update, context, _plain(str(exc)))
-        return
-    await generate(context, message.chat_id, message.message_id, request, continuing=False, what="/gen")
+    prepared = _conversation(context).from_text(args, _who(update))  # a refusal goes to on_error
+    await _reply(context, ChatTarget(context, message.chat_id, message.message_id), prepared, "/gen")
 
 
 async def set_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     _, _, args = split_command(update.effective_message.text or "")
-    try:
-        knobs = _core(context).set_chat_knobs(args, _chat_key(update.effective_chat.id))
-    except UserError as exc:
-        await _answer(update, context, _plain(str(exc)))
-        return
-    await _answer(update, context, _plain("이 채팅의 설정을 저장했습니다 (saved):\n" + render_knobs(knobs)))
+    knobs = _conversation(context).core.set_chat_knobs(args, _who(update).chat)
+    await _answer(update, context, "이 채팅의 설정을 저장했습니다 (saved):\n" + render_knobs(knobs))
 
 
 async def reset_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    knobs = _core(context).reset_chat_knobs(_chat_key(update.effective_chat.id))
-    await _answer(update, context, _plain("기본 설정으로 되돌렸습니다 (reset):\n" + render_knobs(knobs)))
+    knobs = _conversation(context).core.reset_chat_knobs(_who(update).chat)
+    await _answer(update, context, "기본 설정으로 되돌렸습니다 (reset):\n" + render_knobs(knobs))
 
 
 async def settings_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    knobs = _core(context).chat_knobs(_chat_key(update.effective_chat.id))
-    text = "이 채팅의 설정 (settings):\n" + render_knobs(knobs) + "\n\n바꾸기: /set top_p=0.9 · 되돌리기: /reset"
-    await _answer(update, context, _plain(text))
+    knobs = _conversation(context).core.chat_knobs(_who(update).chat)
+    await _answer(update, context, "이 채팅의 설정 (settings):\n" + render_knobs(knobs) + "\n\n바꾸기: /set top_p=0.9 · 되돌리기: /reset")
 
 
 async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -272,51 +220,32 @@ async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     if message.chat.type != ChatType.PRIVATE and not _addressed_to_us(message.text or "", context.bot.username):
         return  # in groups, `/x` or `/x@OtherBot` belongs to someone else
     command, _, _ = split_command(message.text or "")
-    await _answer(update, context, _plain(f"알 수 없는 명령입니다: /{command} — /help 를 보세요. (unknown command)"))
+    await _answer(update, context, f"알 수 없는 명령입니다: /{command} — /help 를 보세요. (unknown command)")
 
 
 async def edited_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """An edit must not start a second generation, but the user learns why nothing happened."""
     message = update.effective_message
     command, target, _ = split_command(message.text or "")
-    ours = {name for name, _ in COMMANDS}
     if message.chat.type != ChatType.PRIVATE and not (
-        _addressed_to_us(message.text or "", context.bot.username) or (target is None and command in ours)
+        _addressed_to_us(message.text or "", context.bot.username) or (target is None and command in dict(COMMANDS))
     ):
         return
-    await _answer(update, context, _plain(EDITED_TEXT))
+    await _answer(update, context, EDITED_TEXT)
 
 
 async def private_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    await _answer(update, context, _plain(HINT_TEXT))
-
-
-def followup_request(core: BotCore, data: str) -> tuple[GenRequest, bool]:
-    """`r:<key>` → regenerate, `c:<key>:<i>` → continue candidate i; anything else is an expired button."""
-    kind, _, rest = data.partition(":")
-    if kind == "r":
-        return core.followups.regenerate(rest), False
-    if kind == "c":
-        key, _, index = rest.partition(":")
-        if index.isdigit():
-            return core.followups.continuation(key, int(index)), True
-    raise UserError(EXPIRED)
+    await _answer(update, context, HINT_TEXT)
 
 
 async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     query = update.callback_query
-    core = _core(context)
-    try:
-        request, continuing = followup_request(core, query.data or "")
-        if query.message is None:  # an inline-mode message; this bot has no inline mode
-            raise UserError(EXPIRED)
-        core.limiter.check(_user_key(update))
-    except UserError as exc:
-        await query.answer(shorten(str(exc), CALLBACK_ANSWER_LIMIT), show_alert=True)
-        return
+    if query.message is None:  # an inline-mode message; this bot has no inline mode
+        raise UserError(EXPIRED)
+    prepared = _conversation(context).from_button(query.data or "", _who(update))  # a refusal goes to on_error
     await query.answer(GENERATING)
-    what = "continue" if continuing else "regenerate"
-    await generate(context, query.message.chat.id, query.message.message_id, request, continuing, what)
+    what = "continue" if prepared.continuing else "regenerate"
+    await _reply(context, ChatTarget(context, query.message.chat.id, query.message.message_id), prepared, what)
 
 
 def _for_us(message, username: str | None) -> bool:  # noqa: ANN001 (telegram.Message)
@@ -332,28 +261,32 @@ def _for_us(message, username: str | None) -> bool:  # noqa: ANN001 (telegram.Me
 
 async def access_gate(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Runs first (group -1): updates from outside the allowlists get the refusal (or nothing) and go no further."""
-    access = context.bot_data.get(ACCESS_KEY)
-    if access is None or not isinstance(update, Update):
+    if not isinstance(update, Update):
         return
-    chat, user = update.effective_chat, update.effective_user
-    verdict = access.check(chat=chat.id if chat else None, user=user.id if user else None)
-    if verdict is Verdict.ALLOW:
+    try:
+        _conversation(context).check_access(_who(update))
+    except NotAllowed as exc:
+        if update.callback_query is not None or (update.message is not None and _for_us(update.message, context.bot.username)):
+            await on_error(update, context, exc)
+        log.info("telegram: refused an update from %s (allowlist)", _who(update).chat)
+        raise ApplicationHandlerStop from None
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE, error: BaseException | None = None) -> None:
+    """The one error → reply mapping: a UserError's sentence, silence when the user was already told, or an apology
+    with a request id that is also in the log line. A button press is always answered."""
+    error = error or context.error
+    where = f"telegram update in chat {update.effective_chat.id if isinstance(update, Update) and update.effective_chat else '-'}"
+    text = error_text(error, where)
+    if not isinstance(update, Update):
         return
-    if verdict is Verdict.REFUSE:
+    try:
         if update.callback_query is not None:
-            await _safely(update.callback_query.answer(REFUSAL, show_alert=True), "a refusal")
-        elif update.message is not None and _for_us(update.message, context.bot.username):
-            await _safely(_answer(update, context, _plain(REFUSAL)), "a refusal")
-    log.info("telegram: refused an update from chat %s user %s (allowlist)", chat and chat.id, user and user.id)
-    raise ApplicationHandlerStop
-
-
-async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Anything a handler did not catch: log with context; tell the user briefly, never with the exception text."""
-    where = "polling" if not isinstance(update, Update) else f"chat {update.effective_chat.id if update.effective_chat else '-'}"
-    log.error("telegram update failed (%s)", where, exc_info=context.error)
-    if isinstance(update, Update) and update.effective_message is not None:
-        await _safely(_answer(update, context, _plain(APOLOGY)), "an apology")
+            await update.callback_query.answer(shorten(text or "", CALLBACK_ANSWER_LIMIT) or None, show_alert=bool(text))
+        elif text is not None and update.effective_message is not None:
+            await _answer(update, context, text)
+    except Exception as exc:  # noqa: BLE001 (reporting must not raise over the error being reported)
+        log.warning("could not send an error reply: %s", exc)
 
 
 def add_handlers(application: Application) -> None:
@@ -395,13 +328,12 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
         .token(token)
         .base_url(settings.base_url)
         .base_file_url(settings.base_file_url)
-        .rate_limiter(PerChatRateLimiter())
+        .rate_limiter(PerChatRateLimiter(group_max_rate=GROUP_MESSAGES_PER_MINUTE))
         .concurrent_updates(True)  # a slow generation in one chat must not delay /help in another
         .post_init(_post_init)
         .build()
     )
-    application.bot_data[CORE_KEY] = core
-    application.bot_data[ACCESS_KEY] = telegram_access(settings)
+    application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings))
     add_handlers(application)
     return application
 
@@ -420,7 +352,7 @@ async def _initialize(application: Application, stop: asyncio.Event) -> bool:
             log.warning("cannot reach the Telegram Bot API (%s); retrying in %.0f s", exc, delay)
         try:
             await asyncio.wait_for(stop.wait(), delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             delay = min(delay * 2, 60.0)
     return False
 
@@ -455,6 +387,8 @@ async def serve(core: BotCore, stop: asyncio.Event) -> None:
             # Handlers already running keep going and send their replies until `stop` (after the drain).
             await application.updater.stop()
         await stop.wait()
+        # Replies stuck behind a group's flood limit must not hold the shutdown for minutes.
+        await application.bot.rate_limiter.close(REPLY_GRACE_S)
     finally:
         if webhook is not None:
             await webhook.cleanup()

@@ -1,112 +1,204 @@
-"""The tutorial's web page and its JSON API, on aiohttp (already a dependency of discord.py)."""
+"""The tutorial's web page and its JSON API, on aiohttp (already a dependency of discord.py).
+
+`POST /api` answers the tutorial's JSON at once; `POST /api/stream` takes the same body and answers JSON lines as the
+text grows (`{"partial": …}` … then the final object, or `{"error": …}`). Every error, aiohttp's own included, is
+JSON `{"error": …}`. Slow clients are bounded: headers and body must arrive in time, and open connections are capped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
-from aiohttp import web
+from aiohttp import web, web_protocol, web_server
+from aiohttp.web_protocol import RequestPayloadError
 
+from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
-from core.grammar import GenRequest, normalise_label, request_from_text
-from core.knobs import knob_specs, validate_knobs
-from core.replies import APOLOGY
+from core.grammar import reject_broken_text
+from core.knobs import knob_specs
 from core.service import BotCore
+from core.types import Generation
 
 log = logging.getLogger(__name__)
 
-CORE_KEY = web.AppKey("core", BotCore)
+CONVERSATION_KEY = web.AppKey("conversation", Conversation)
 MAX_BODY = 64 * 1024
+HEADER_TIMEOUT_S = 10.0  # a request's headers must be complete this long after the connection opens
+BODY_TIMEOUT_S = 10.0  # and its body this long after the headers
+KEEPALIVE_TIMEOUT_S = 15.0  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 512  # beyond this, the oldest connection still sending its headers is closed
+STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
+WHO = Who(chat="web")
+STATUS_TEXT = {
+    400: "요청을 이해할 수 없습니다. (bad request)",
+    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics 를 쓰세요. (not found)",
+    405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
+    408: "요청 본문이 제때 도착하지 않았습니다. (request body too slow)",
+    413: f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)",
+    431: "요청 헤더가 너무 큽니다. (request headers too large)",
+}
+
+
+def _dumps(payload: object) -> str:
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate quoted back: escape it rather than fail
+        text = json.dumps(payload)
+    return text
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.json_response(payload, status=status, dumps=_dumps)
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return _json({"error": message}, status)
 
 
-def _refused(core: BotCore, status: int, message: str) -> web.Response:
-    """A request turned away before the engine saw it: counted as the web front end's user_error."""
-    core.engine.telemetry.refused("web", "user_error")
-    return _error(status, message)
+def _result(gen: Generation) -> dict:
+    texts = gen.texts()
+    return {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
 
 
-def _ok(payload: dict) -> web.Response:
-    return web.json_response(payload, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+def _check_text(value: object) -> None:
+    """Every string in the body, keys included, is valid Unicode (JSON's `\\ud800` escapes can make one that is not)."""
+    if isinstance(value, str):
+        reject_broken_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
 
 
-def parse_api_body(payload: object, core: BotCore) -> GenRequest:
-    """The tutorial's JSON (`prompt` plus optional knobs, numbers or numeric strings, "" = default)."""
+class _Refused(Exception):
+    def __init__(self, response: web.Response):
+        self.response = response
+
+
+async def _prepared(request: web.Request):  # noqa: ANN202
+    """The body → a PreparedRequest through the typed-fields door; a refusal raises _Refused with its response."""
+    conversation = request.app[CONVERSATION_KEY]
+
+    def refuse(status: int, message: str) -> _Refused:
+        conversation.backend.telemetry.refused("web", "user_error")
+        return _Refused(_error(status, message))
+
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            raw = await request.read()
+        payload = json.loads(raw.decode("utf-8"))
+    except web.HTTPRequestEntityTooLarge:
+        raise refuse(413, STATUS_TEXT[413]) from None
+    except TimeoutError:
+        request.content.feed_eof()  # no lingering for the rest of a body that does not come
+        refused = refuse(408, STATUS_TEXT[408])
+        refused.response.force_close()
+        raise refused from None
+    except RequestPayloadError:
+        # The rest of the body cannot be read either: mark it finished, or aiohttp drops the connection (and this
+        # answer) trying to drain it.
+        request.content.feed_eof()
+        refused = refuse(400, "요청 본문을 풀 수 없습니다 (Content-Encoding이 맞지 않음). (cannot decode the body)")
+        refused.response.force_close()
+        raise refused from None
+    except UnicodeDecodeError:
+        raise refuse(400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)") from None
+    except (ValueError, RecursionError):  # malformed JSON, or an integer past Python's digit limit
+        raise refuse(400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)') from None
     if not isinstance(payload, dict):
-        raise UserError('요청 본문은 JSON 객체여야 합니다. 예: {"prompt": "긍정 아 정말"} (body must be a JSON object)')
-    fields = dict(payload)
-    prompt = fields.pop("prompt", None)
-    label_field = fields.pop("label", None)
-    if not isinstance(prompt, str):
-        raise UserError('"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)')
-    knobs = validate_knobs(fields, core.engine.defaults, core.settings.limits)
-    label = None
-    if label_field not in (None, ""):
-        label = normalise_label(label_field) if isinstance(label_field, str) else None
-        if label is None:
-            raise UserError('"label"은 "긍정" 또는 "부정"이어야 합니다. ("label" must be 긍정 or 부정)')
-    # The bots' rules: a leading label word, no control characters, the length cap, not empty.
-    request = request_from_text(prompt, knobs, core.settings.limits, label=label, origin="web")
-    core.engine.encode_prompt(request)
-    return request
+        raise refuse(422, '요청 본문은 JSON 객체여야 합니다. 예: {"prompt": "긍정 아 정말"} (body must be a JSON object)')
+    try:
+        _check_text(payload)
+    except UserError as exc:
+        raise refuse(422, str(exc)) from None
+    try:
+        return conversation.from_fields(payload, WHO, base="server")  # the door counts its own refusals
+    except UserError as exc:
+        raise _Refused(_error(422, str(exc))) from None
 
 
 async def api(request: web.Request) -> web.Response:
-    core = request.app[CORE_KEY]
     try:
-        raw = await request.read()
-        payload = json.loads(raw.decode("utf-8"))
-    except web.HTTPRequestEntityTooLarge:
-        return _refused(core, 413, f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)")
-    except UnicodeDecodeError:
-        return _refused(core, 400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)")
-    except (json.JSONDecodeError, RecursionError):
-        return _refused(core, 400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)')
+        prepared = await _prepared(request)
+    except _Refused as refused:
+        return refused.response
     try:
-        gen_request = parse_api_body(payload, core)
-    except UserError as exc:
-        return _refused(core, 422, str(exc))
-    try:
-        result = await core.engine.generate(gen_request)  # the engine counts what happens from here on
+        result = await request.app[CONVERSATION_KEY].backend.generate(prepared)  # counted from here on by the engine
     except BusyError as exc:
         return _error(429, str(exc))
     except (RequestTimeout, ShuttingDown) as exc:
         return _error(503, str(exc))
     except UserError as exc:
         return _error(422, str(exc))
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("web /api failed")
-        return _error(500, APOLOGY)
-    texts = result.texts()
-    return _ok({"result": texts[0], "results": list(texts), "seeds": list(result.seeds)})
+    return _json(_result(result))
+
+
+class _LinesTarget:
+    """/api/stream's ReplyTarget: one JSON line per state of the reply."""
+
+    style = Style(limit=1 << 20)
+    edit_interval = STREAM_INTERVAL_S
+
+    def __init__(self, response: web.StreamResponse):
+        self.response = response
+
+    async def send(self, reply: Reply) -> None:
+        if reply.error:
+            line: dict = {"error": reply.text}
+        elif reply.final:
+            line = {**_result(reply.generation), "prompt": reply.generation.request.model_prompt}
+        else:
+            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt}
+        await self.response.write((_dumps(line) + "\n").encode("utf-8"))
+
+    edit = send
+
+    async def typing(self) -> None:
+        """A page shows its own progress."""
+
+    def spare(self) -> bool:
+        return True
+
+
+async def api_stream(request: web.Request) -> web.StreamResponse:
+    try:
+        prepared = await _prepared(request)
+    except _Refused as refused:
+        return refused.response
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8",
+                                           "Cache-Control": "no-store"})
+    await response.prepare(request)
+    await request.app[CONVERSATION_KEY].reply(_LinesTarget(response), prepared, "web /api/stream")
+    await response.write_eof()
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
-    core = request.app[CORE_KEY]
-    return _ok({"status": "ok", "queue_depth": core.engine.queue_depth})
+    return _json({"status": "ok", "queue_depth": request.app[CONVERSATION_KEY].backend.queue_depth})
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; the series are documented in core/metrics.py."""
-    body, content_type = request.app[CORE_KEY].engine.telemetry.metrics.render()
+    body, content_type = request.app[CONVERSATION_KEY].backend.telemetry.metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def page(request: web.Request) -> web.Response:
-    core = request.app[CORE_KEY]
+    backend = request.app[CONVERSATION_KEY].backend
     html = resources.files("bot").joinpath("web_page.html").read_text(encoding="utf-8")
     config = {
-        "defaults": core.engine.defaults.as_dict(),
+        "defaults": backend.defaults.as_dict(),
         "knobs": {
             name: {"min": spec.low, "max": spec.high, "int": spec.kind is int, "range": spec.range_ko(), "help": spec.help_ko}
-            for name, spec in knob_specs(core.settings.limits).items()
+            for name, spec in knob_specs(backend.limits).items()
         },
     }
     # `</` cannot appear inside the JSON, so it cannot close the script element early.
@@ -114,18 +206,102 @@ async def page(request: web.Request) -> web.Response:
     return web.Response(text=html.replace("__CONFIG__", blob), content_type="text/html")
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
+    """404, 405, 413 … and anything unexpected answer JSON `{"error": …}` (an apology with a request id for a 500)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, STATUS_TEXT.get(exc.status, f"{exc.status} {exc.reason}"))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        return _error(500, error_text(exc, f"web {request.method} {request.path}"))
+
+
+class _GuardedHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler with a deadline for the request's headers and JSON for its own errors."""
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001
+        super().connection_made(transport)
+        self.headers_due = self._loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
+        self._manager.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.headers_due is not None and (self._messages or self._current_request is not None):
+            self.headers_due.cancel()
+            self.headers_due = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.headers_due is not None:
+            self.headers_due.cancel()
+            self.headers_due = None
+        manager = self._manager
+        super().connection_lost(exc)
+        if isinstance(manager, _GuardedServer):
+            manager.closed(self)
+
+    def _too_slow(self) -> None:
+        self.headers_due = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,  # noqa: ANN001
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, and refuses when a response was already sent
+        text = STATUS_TEXT.get(status, error_text(exc or RuntimeError(message), "web connection") if status >= 500 else
+                               f"{status}")
+        response = web.Response(status=status, text=_dumps({"error": text}), content_type="application/json")
+        response.force_close()
+        return response
+
+
+class _GuardedServer(web_server.Server):
+    """Hands out _GuardedHandler and caps open connections by closing the oldest one still sending headers."""
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self._waiting: dict[_GuardedHandler, None] = {}  # insertion-ordered: oldest first
+        self._open = 0
+
+    def __call__(self) -> _GuardedHandler:
+        return _GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+    def opened(self, handler: _GuardedHandler) -> None:
+        self._open += 1
+        self._waiting[handler] = None
+        if self._open > MAX_CONNECTIONS:
+            stale = next((h for h in self._waiting if h is not handler and h.headers_due is not None), None)
+            if stale is not None and stale.transport is not None:
+                stale.transport.close()
+
+    def closed(self, handler: _GuardedHandler) -> None:
+        self._open -= 1
+        self._waiting.pop(handler, None)
+
+
+class GuardedRunner(web.AppRunner):
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        kwargs = {**server._kwargs, "keepalive_timeout": KEEPALIVE_TIMEOUT_S}  # noqa: SLF001
+        return _GuardedServer(server.request_handler, request_factory=server.request_factory, loop=server._loop, **kwargs)  # noqa: SLF001
+
+
 def create_app(core: BotCore) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
-    app[CORE_KEY] = core
-    app.add_routes([web.get("/", page), web.post("/api", api), web.get("/healthz", healthz),
-                    web.get("/metrics", metrics)])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app[CONVERSATION_KEY] = Conversation(core)
+    app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
+                    web.get("/healthz", healthz), web.get("/metrics", metrics)])
     return app
 
 
 async def serve(core: BotCore, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
     settings = core.settings.web
-    runner = web.AppRunner(create_app(core), access_log=None)
+    runner = GuardedRunner(create_app(core), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

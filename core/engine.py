@@ -42,12 +42,13 @@ class _Job:
     seeds: list[int]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    updates: asyncio.Queue | None  # set when the caller streams
+    changed: asyncio.Event | None  # set when the caller streams: new tokens since the stream last looked
     cancelled: bool = False
     started: float = field(default_factory=time.monotonic)  # for the latency metric
     generated: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
     stopped: list[bool] = field(default_factory=list)  # ended with the end-of-text token (scored with it)
+    prompt_text: str | None = None  # the prompt decoded, cached for cutting it off each continuation
 
 
 @dataclass(eq=False)
@@ -78,7 +79,6 @@ class Engine:
         self._stopping = threading.Event()
         self._jobs: set[_Job] = set()  # submitted and not yet answered (event-loop side)
         self._closing = False
-        self.stats = {"requests": 0, "busy": 0, "timeouts": 0, "tokens": 0, "max_batch": 0}
         # Every request ends here (or in _submit), so every front end is counted and logged in one place.
         self.telemetry = Telemetry(lambda: self.queue_depth)
 
@@ -113,8 +113,8 @@ class Engine:
         return self._queue.qsize()
 
     # ---- public API ------------------------------------------------------------------------------------------
-    def encode_prompt(self, request: GenRequest, continuing: bool = False) -> list[int]:
-        """Token ids of the model prompt, or a UserError when it does not fit the limits.
+    def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
+        """Check `request` against the limits and tokenize it (once); a UserError says what does not fit.
 
         `continuing`: the prompt is the bot's own earlier output, held to max_length only, not the prompt cap.
         """
@@ -133,32 +133,34 @@ class Engine:
                 f"(max_length counts the prompt's {len(ids)} tokens; use max_length between {len(ids) + 1} "
                 f"and {self.limits.max_length})"
             )
-        return ids
+        return PreparedRequest(request, tuple(ids), continuing)
 
-    def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
-        return PreparedRequest(request, tuple(self.encode_prompt(request, continuing)), continuing)
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    async def generate(self, request: GenRequest | PreparedRequest, continuing: bool = False) -> Generation:
-        """Generate every candidate of `request`; raises UserError (BusyError, RequestTimeout) on refusal."""
-        if isinstance(request, PreparedRequest):
-            request, continuing = request.request, request.continuing
-        job = self._submit(request, streaming=False, continuing=continuing)
+    async def generate(self, prepared: PreparedRequest | GenRequest) -> Generation:
+        """Generate every candidate; raises UserError (BusyError, RequestTimeout, ShuttingDown) on refusal.
+
+        A bare GenRequest is prepared first (core/evaluate.py passes one; serving code prepares once itself)."""
+        if isinstance(prepared, GenRequest):
+            prepared = self.prepare(prepared)
+        job = self._submit(prepared, streaming=False)
         return await self._await(job)
 
-    async def stream(self, request: GenRequest | PreparedRequest, continuing: bool = False) -> AsyncIterator[Generation]:
-        """Yield the text so far after each step (`done=False`), then the final Generation (`done=True`)."""
-        if isinstance(request, PreparedRequest):
-            request, continuing = request.request, request.continuing
-        job = self._submit(request, streaming=True, continuing=continuing)
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[Generation]:
+        """Yield the text so far (`done=False`) whenever new tokens came since the last yield, then the final
+        Generation (`done=True`). Steps the consumer did not wait for are never decoded."""
+        job = self._submit(prepared, streaming=True)
         result = asyncio.ensure_future(self._await(job))
         try:
             while not result.done():
-                getter = asyncio.ensure_future(job.updates.get())
-                await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
+                changed = asyncio.ensure_future(job.changed.wait())
+                await asyncio.wait({changed, result}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if result.done():
+                    break
+                job.changed.clear()
+                yield self._result(job, False)
             yield result.result()
         finally:
             if not result.done():
@@ -166,16 +168,13 @@ class Engine:
                 result.cancel()
 
     # ---- event-loop side -------------------------------------------------------------------------------------
-    def _submit(self, request: GenRequest, streaming: bool, continuing: bool = False) -> _Job:
-        try:
-            prompt_ids = self.encode_prompt(request, continuing)
-        except UserError:
-            self.telemetry.finished(request, "user_error")
-            raise
+    def _submit(self, prepared: PreparedRequest, streaming: bool) -> _Job:
+        request = prepared.request
         base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
         seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.rows)]
         loop = asyncio.get_running_loop()
-        job = _Job(request, prompt_ids, seeds, loop, loop.create_future(), asyncio.Queue() if streaming else None)
+        job = _Job(request, list(prepared.prompt_ids), seeds, loop, loop.create_future(),
+                   asyncio.Event() if streaming else None)
         if self._thread is None:
             raise RuntimeError("engine not started")
         if self._closing:
@@ -184,12 +183,10 @@ class Engine:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            self.stats["busy"] += 1
             self.telemetry.finished(request, "busy")
             raise BusyError(
                 "지금 요청이 너무 많습니다. 잠시 후 다시 시도해 주세요. (busy: too many requests, try again shortly)"
             ) from None
-        self.stats["requests"] += 1
         self._jobs.add(job)
         job.future.add_done_callback(lambda _: self._jobs.discard(job))
         return job
@@ -197,9 +194,8 @@ class Engine:
     async def _await(self, job: _Job) -> Generation:
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancelled = True
-            self.stats["timeouts"] += 1
             self._finished(job, "timeout")
             raise RequestTimeout(
                 f"생성이 {self.limits.request_timeout_s:g}초 안에 끝나지 않았습니다. 더 짧게(max_length) 다시 "
@@ -224,8 +220,9 @@ class Engine:
     def _result(self, job: _Job, done: bool) -> Generation:
         chosen, confidence = list(range(len(job.generated))), None
         if done and job.request.label:
-            chosen, confidence = self._rerank(job)
-        texts = tuple(self._continuation(job.prompt_ids, job.generated[i]) for i in chosen)
+            chosen, confidence = self._rerank(job)  # the worker's final call: the model is its own
+        generated = [list(job.generated[i]) for i in chosen]  # a snapshot: the worker may be appending
+        texts = tuple(self._continuation(job, ids) for ids in generated)
         seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
         return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
 
@@ -239,20 +236,21 @@ class Engine:
         chosen = rerank.pick_best(scores, request.knobs.n)
         return chosen, tuple(rerank.confidence(scores[i]) for i in chosen)
 
-    def _continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+    def _continuation(self, job: _Job, new_ids: list[int]) -> str:
         # Decode with the prompt so subword joins and spaces come out right, then cut the prompt off.
-        head = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        full = self.tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-        if full.startswith(head):
-            return full[len(head):]
+        if job.prompt_text is None:
+            job.prompt_text = self.tokenizer.decode(job.prompt_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(job.prompt_ids + new_ids, skip_special_tokens=True)
+        if full.startswith(job.prompt_text):
+            return full[len(job.prompt_text):]
         return self.tokenizer.decode(new_ids, skip_special_tokens=True)
 
     def _publish(self, job: _Job, done: bool) -> None:
+        # Only the final result is decoded here; a stream decodes a partial when its reader asks for one.
         if done:
-            result = self._result(job, True)
-            job.loop.call_soon_threadsafe(_set_result, job.future, result)
-        elif job.updates is not None:
-            job.loop.call_soon_threadsafe(job.updates.put_nowait, self._result(job, False))
+            job.loop.call_soon_threadsafe(_set_result, job.future, self._result(job, True))
+        elif job.changed is not None:
+            job.loop.call_soon_threadsafe(job.changed.set)
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
@@ -270,7 +268,6 @@ class Engine:
                 rows = self._retire(rows, batch)
                 if not rows:
                     continue
-                self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
                 self.telemetry.batch(len(rows))
                 saved = batch.snapshot()
                 try:
@@ -306,7 +303,7 @@ class Engine:
         """Prefill one job; if that fails, only this job fails and the batch is left as it was."""
         try:
             return self._prefill(job, batch)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("prefill failed for one request (%d prompt tokens)", len(job.prompt_ids))
             if len(batch.positions) > active:
                 batch.select(list(range(active)))
@@ -392,7 +389,6 @@ class Engine:
                 continue
             row.tokens.append(token)
             job.generated[row.candidate].append(token)
-            self.stats["tokens"] += 1
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
         for job in touched:

@@ -17,5 +17,21 @@ class ShuttingDown(UserError):
     """The bot is restarting: the request was refused, or not finished within the shutdown grace."""
 
 
+class RateLimited(UserError):
+    """The user asked again too soon. `quiet`: they were already told in this window, so say nothing."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+class NotAllowed(UserError):
+    """Outside the allowlists. `quiet`: the operator chose to ignore such requests rather than answer."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
 class ModelLoadError(Exception):
     """The model or checkpoint cannot be loaded; the message is one sentence saying why and what to do."""

@@ -63,8 +63,22 @@ def extract_knobs(text: str, limits: LimitsSettings) -> tuple[str, list[tuple[st
     return "".join(kept).strip(), pairs
 
 
+BROKEN_TEXT = (
+    "보낸 글에 깨진 문자(짝이 없는 서로게이트 U+{code:04X})가 있습니다. 이모지나 글자가 반쯤 잘렸을 수 있습니다. "
+    "다시 입력해 보내 주세요. (the text contains invalid Unicode: a lone surrogate, e.g. half an emoji)"
+)
+
+
+def reject_broken_text(text: str) -> None:
+    """Lone surrogates (half an emoji from a buggy client or forged JSON) cannot be encoded to UTF-8 for a reply."""
+    bad = next((ch for ch in text if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        raise UserError(BROKEN_TEXT.format(code=ord(bad)))
+
+
 def check_prompt(prompt: str, limits: LimitsSettings) -> str:
     """No control characters, at most `max_prompt_chars`; runs of spaces become one. Every front end uses it."""
+    reject_broken_text(prompt)
     bad = next((ch for ch in prompt if unicodedata.category(ch) == "Cc" and ch not in "\n\t"), None)
     if bad is not None:
         raise UserError(
@@ -95,6 +109,7 @@ def request_from_text(text: str, knobs: Knobs, limits: LimitsSettings, label: st
 
 def parse_gen(text: str, defaults: Knobs, limits: LimitsSettings) -> GenRequest:
     """Parse the arguments of `/gen` (the text after the command)."""
+    reject_broken_text(text)
     prose, raw = extract_knobs(text, limits)
     request = request_from_text(prose, validate_knobs(raw, defaults, limits), limits)
     check_best_of(request, {resolve_key(key, knob_specs(limits)) for key, _ in raw})
@@ -112,6 +127,7 @@ def check_best_of(request: GenRequest, given: set[str]) -> None:
 
 def parse_settings_args(text: str, defaults: Knobs, limits: LimitsSettings) -> dict[str, object]:
     """`/set top_p=0.9 temp=0.8` → {"top_p": 0.9, "temperature": 0.8}, validated against `defaults`."""
+    reject_broken_text(text)
     prose, raw = extract_knobs(text, limits)
     if prose:
         raise UserError(

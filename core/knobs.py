@@ -8,12 +8,26 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from core.errors import UserError
 
-if TYPE_CHECKING:
-    from core.settings import GenerationSettings, LimitsSettings
+
+class KnobLimits(Protocol):
+    """What the knob ranges depend on (core.settings.LimitsSettings provides it; knobs must not import settings,
+    which validates its defaults with the knobs)."""
+
+    max_length: int
+    max_candidates: int
+    max_best_of: int
+    max_rows_per_request: int
+    max_batch_size: int
+
+
+class KnobDefaults(Protocol):
+    """The server's default knobs (core.settings.GenerationSettings)."""
+
+    def model_dump(self) -> dict[str, object]: ...
 
 SEED_MAX = 2**63 - 1
 VOCAB_TOP_K_MAX = 51200  # KoGPT2's vocabulary; larger is the same as "no top-k"
@@ -64,7 +78,7 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def knob_specs(limits: LimitsSettings) -> dict[str, KnobSpec]:
+def knob_specs(limits: KnobLimits) -> dict[str, KnobSpec]:
     """Every knob a user may set, in display order; ranges depend on the server's limits."""
     cap = limits.max_length
     specs = [
@@ -155,7 +169,7 @@ def parse_value(spec: KnobSpec, raw: object) -> int | float:
     return value
 
 
-def validate_knobs(raw: Mapping[str, object] | Iterable[tuple[str, object]], base: Knobs, limits: LimitsSettings) -> Knobs:
+def validate_knobs(raw: Mapping[str, object] | Iterable[tuple[str, object]], base: Knobs, limits: KnobLimits) -> Knobs:
     """`base` with the user's values applied. Keys may be aliases; "" or None means "keep the default"."""
     specs = knob_specs(limits)
     values: dict[str, object] = {}
@@ -189,10 +203,10 @@ def validate_knobs(raw: Mapping[str, object] | Iterable[tuple[str, object]], bas
     return knobs
 
 
-def default_knobs(generation: GenerationSettings) -> Knobs:
+def default_knobs(generation: KnobDefaults) -> Knobs:
     return Knobs(**generation.model_dump())
 
 
-def check_defaults(generation: GenerationSettings, limits: LimitsSettings) -> None:
+def check_defaults(generation: KnobDefaults, limits: KnobLimits) -> None:
     """Raise UserError if the configured defaults break the rules users are held to."""
     validate_knobs({}, default_knobs(generation), limits)

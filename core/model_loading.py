@@ -90,7 +90,7 @@ def _torch_load_safely(path: Path) -> object:
     """torch.load with weights_only=True, admitting only known hyper-parameter containers as inert stand-ins."""
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (reported as one sentence)
         raise ModelLoadError(f"{path}은(는) PyTorch 체크포인트가 아닙니다. (not a PyTorch checkpoint: {exc})") from None
     refused = [name for name in unsafe if name not in _HPARAM_CONTAINERS]
     if refused:
@@ -102,7 +102,7 @@ def _torch_load_safely(path: Path) -> object:
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (reported as one sentence)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}을(를) 읽을 수 없습니다. (cannot read checkpoint: {first_line})") from None
 
@@ -116,7 +116,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (reported as one sentence)
             raise ModelLoadError(f"{path}은(는) safetensors 파일이 아닙니다. (not a safetensors file: {exc})") from None
     obj = _torch_load_safely(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core.types import Generation
 from core.knobs import Knobs, knob_specs
 from core.settings import LimitsSettings
+from core.types import Generation
 
 APOLOGY = "죄송합니다, 생성 중에 문제가 생겼습니다. 잠시 후 다시 시도해 주세요. (sorry, something went wrong)"
 CURSOR = " ▌"

@@ -1,16 +1,17 @@
-"""What every front end shares: the engine, the per-chat store, the per-user limiter, and the request rules."""
+"""What every front end shares: the engine, the per-chat store, the per-user limiter, and the follow-up memory."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from core.chat_store import ChatStore
 from core.engine import Engine
 from core.errors import UserError
 from core.followups import FollowUps
-from core.grammar import GenRequest, parse_gen, parse_settings_args
-from core.knobs import Knobs
+from core.grammar import parse_settings_args
+from core.knobs import Knobs, knob_specs, resolve_key, validate_knobs
 from core.rate_limit import UserRateLimiter
 from core.settings import Settings
 
@@ -18,7 +19,7 @@ from core.settings import Settings
 @dataclass
 class BotCore:
     settings: Settings
-    engine: Engine
+    engine: Engine  # or any backend with the same interface (prepare, generate, stream, defaults, limits, …)
     store: ChatStore
     limiter: UserRateLimiter
     followups: FollowUps
@@ -32,32 +33,28 @@ class BotCore:
             engine,
             ChatStore(settings.store.path),
             UserRateLimiter(settings.limits.user_interval_s),
-            FollowUps(engine),
+            FollowUps(),
         )
 
     def chat_knobs(self, chat: str) -> Knobs:
         return self.store.knobs(chat, self.engine.defaults, self.settings.limits)
 
-    def gen_request(self, args: str, chat: str, user: str) -> GenRequest:
-        """Parse `/gen` arguments with the chat's defaults, then charge the user's rate limit."""
-        try:
-            request = parse_gen(args, self.chat_knobs(chat), self.settings.limits)
-            self.engine.encode_prompt(request)  # prompt-length errors before the rate limit is charged
-        except UserError:
-            self.engine.telemetry.refused(chat, "user_error")
-            raise
-        try:
-            self.limiter.check(user)
-        except UserError:
-            self.engine.telemetry.refused(chat, "rate_limited")
-            raise
-        # The chat key ("telegram:123") tells metrics and logs the front end; follow-ups inherit it.
-        return replace(request, origin=chat)
-
     def set_chat_knobs(self, args: str, chat: str) -> Knobs:
         values = parse_settings_args(args, self.chat_knobs(chat), self.settings.limits)
+        return self.set_chat_values(values, chat)
+
+    def set_chat_values(self, values: dict[str, object], chat: str) -> Knobs:
         self.store.update(chat, values)
         return self.chat_knobs(chat)
+
+    def set_chat_fields(self, fields: Mapping[str, object], chat: str) -> Knobs:
+        """Typed knob fields (Discord's /set options; None = not given), validated like `/set key=value`."""
+        given = {key: value for key, value in fields.items() if value is not None}
+        if not given:
+            raise UserError("바꿀 설정을 key=value로 적어 주세요. 예: /set top_p=0.9 (nothing to set)")
+        knobs = validate_knobs(given, self.chat_knobs(chat), self.settings.limits)
+        specs = knob_specs(self.settings.limits)
+        return self.set_chat_values({name: getattr(knobs, name) for name in (resolve_key(k, specs) for k in given)}, chat)
 
     def reset_chat_knobs(self, chat: str) -> Knobs:
         self.store.reset(chat)

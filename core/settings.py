@@ -163,5 +163,5 @@ def load_settings(**overrides: object) -> Settings:
             field = ".".join(str(part) for part in err["loc"]) or "settings"
             problems.append(f"{field}: {err['msg']}")
         raise SettingsError("설정 오류 (settings error) — " + "; ".join(problems)) from None
-    except Exception as exc:  # malformed TOML
+    except Exception as exc:  # noqa: BLE001 (malformed TOML)
         raise SettingsError(f"설정 파일을 읽을 수 없습니다 (cannot read settings): {exc}") from None

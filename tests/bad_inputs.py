@@ -74,6 +74,9 @@ CASES: list[Case] = [
          {"prompt": f"{P} 그리고 배우들 연기가", "min_length": 1, "max_length": 3},
          "max_length"),
     Case("newlines-tabs", "긍정 아\n정말\t좋다", None),
+    # Issue 12.1: a lone surrogate (half an emoji) got a 500 on the web and the generic apology on the chat bots.
+    Case("lone-surrogate", "긍정 아\ud800 정말", None, "서로게이트"),
+    Case("half-emoji-in-knob", f"{P} top_p=\ud83d", {"prompt": P, "top_p": "\ud83d"}, "서로게이트"),
 ]
 
 # What only `/api` can receive: raw bytes and JSON of the wrong shape. (raw body, expected status, error fragment)
@@ -92,4 +95,9 @@ WEB_ONLY: list[tuple[str, bytes, int, str]] = [
     ("deep-nesting", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 413, "KiB"),
     ("nested-deep-small", b"[" * 5000 + b"]" * 5000, 400, "JSON"),
     ("nan-literal", b'{"prompt": "a", "top_p": NaN}', 422, "top_p"),
+    # Issue 12.1: these answered HTTP 500 text/plain.
+    ("lone-surrogate-escape", b'{"prompt": "\\ud800 a"}', 422, "서로게이트"),
+    ("surrogate-in-key", b'{"prompt": "a", "\\udc00": 1}', 422, "서로게이트"),
+    ("int-past-digit-limit", b'{"prompt": "a", "top_k": ' + b"1" * 5000 + b"}", 400, "JSON"),
+    ("int-past-digit-limit-nested", b'{"prompt": "a", "x": [' + b"9" * 4400 + b"]}", 400, "JSON"),
 ]

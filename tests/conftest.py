@@ -14,12 +14,14 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny  # noqa: E402
+from tiny_model import build_tiny
 
-from core.engine import Engine  # noqa: E402
-from core.model_loading import load_model  # noqa: E402
-from core.service import BotCore  # noqa: E402
-from core.settings import Settings, load_settings  # noqa: E402
+from core.conversation import Conversation, Who
+from core.engine import Engine
+from core.model_loading import load_model
+from core.service import BotCore
+from core.settings import Settings, load_settings
+from core.types import PreparedRequest
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -77,7 +79,7 @@ async def running_core(settings: Settings) -> AsyncIterator[BotCore]:
 
 
 @contextlib.asynccontextmanager
-async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:  # noqa: ANN001 (tests' FakeBotAPI)
+async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:
     """The Telegram front end's `serve()` as bot/runner.py runs it, polling `fake`; it must stop promptly after."""
     import bot.telegram_bot as tg
 
@@ -91,6 +93,23 @@ async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:  # n
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+def gen_request(bot_core: BotCore, args: str, chat: str, user: str) -> PreparedRequest:
+    """`/gen args` through the text door, as a chat front end sends it."""
+    return Conversation(bot_core).from_text(args, Who(chat, user))
+
+
+def shared_steps(engine: Engine, rows: int) -> float:
+    """How many engine steps decoded more than `rows` rows together (from the batch-size histogram)."""
+    total = within = 0.0
+    for metric in engine.telemetry.metrics.batch.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                total = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == rows:
+                within = sample.value
+    return total - within
 
 
 @pytest.fixture

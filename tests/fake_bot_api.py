@@ -120,7 +120,7 @@ class FakeBotAPI:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 (port 0 → the one the OS chose)
+        self.port = site._server.sockets[0].getsockname()[1]
         return self
 
     async def close(self) -> None:
@@ -211,7 +211,7 @@ class FakeBotAPI:
         chat, mid = message["chat"]["id"], message["message_id"]
         return [m for m in self.sent(chat) if m.get("reply_to_message", {}).get("message_id") == mid]
 
-    async def wait_for(self, predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
+    async def wait_for(self, predicate, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
@@ -287,7 +287,7 @@ class FakeBotAPI:
             timeout = min(float(params.get("timeout") or 0), self.poll_cap_s)
             try:
                 await asyncio.wait_for(self._new_update.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return self._updates[: int(params.get("limit") or 100)]
 

@@ -12,10 +12,10 @@ import socket
 import aiohttp
 import discord
 import discord.ext.test as dpytest
-from discord.ext import commands
 import pytest
 from aiohttp import web
 from conftest import make_settings, running_core, telegram_running
+from discord.ext import commands
 from fake_bot_api import FakeBotAPI
 
 from bot.discord_bot import NotAllowed, create_bot
@@ -56,7 +56,7 @@ def test_settings_feed_the_rule(tiny_dir, tmp_path):
 
 
 # ---- Telegram ----------------------------------------------------------------------------------------------------
-async def run_telegram(tiny_dir, tmp_path, fake: FakeBotAPI, **telegram):  # noqa: ANN001, ANN201
+async def run_telegram(tiny_dir, tmp_path, fake: FakeBotAPI, **telegram):
     settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0},
                              telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url, **telegram})
     stack = contextlib.AsyncExitStack()
@@ -98,11 +98,11 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
     engine.start()
     core = BotCore.create(settings, engine)
     bot = create_bot(core, sync_commands=False)
-    bot._connection._intents.members = True  # noqa: SLF001
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)  # noqa: SLF001
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
     dpytest.configure(bot, text_channels=2, voice_channels=0, members=1)
     config = dpytest.get_config()
-    await bot._async_setup_hook()  # noqa: SLF001
+    await bot._async_setup_hook()
     await bot.setup_hook()
     allowed, other = config.channels
     try:
@@ -154,8 +154,10 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     for name in ("httpx", "httpcore", "telegram", "discord"):
         caplog.set_level(logging.DEBUG, logger=name)
 
+    checked = asyncio.Event()  # the fake Discord refuses the token only once the web page has been read (issue 11.7)
+
     async def slow_refusal(request: web.Request) -> web.Response:  # a Discord that rejects the token after a while
-        await asyncio.sleep(2.0)
+        await checked.wait()
         return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
 
     discord_app = web.Application()
@@ -164,7 +166,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     await discord_runner.setup()
     site = web.TCPSite(discord_runner, "127.0.0.1", 0)
     await site.start()
-    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v10")  # noqa: SLF001
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v10")
 
     fake = await FakeBotAPI(TOKEN).start()
     fake.fail_next("sendMessage", status=502)
@@ -188,6 +190,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
                 health = await resp.text()
             async with http.post(f"http://127.0.0.1:{port}/api", data=b"{bad") as resp:
                 web_error = await resp.text()
+        checked.set()
         await asyncio.wait_for(runner, 30)  # Discord refuses the token: that front end fails, the runner stops all
     finally:
         if not runner.done():

@@ -121,7 +121,7 @@ def test_web_fuzz(settings):
 
     try:
         check()
-        assert engine._thread.is_alive()  # noqa: SLF001
+        assert engine._thread.is_alive()
     finally:
         loop.run_until_complete(client.close())
         core.store.close()
@@ -165,10 +165,10 @@ async def test_telegram_battery(tiny_dir, tmp_path):
 # ---- Discord -----------------------------------------------------------------------------------------------------
 async def test_discord_battery(core):
     bot = create_bot(core, sync_commands=False)
-    bot._connection._intents.members = True  # noqa: SLF001 (dpytest builds members through the cache)
-    bot._connection.member_cache_flags = discord_member_flags(bot)  # noqa: SLF001
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord_member_flags(bot)
     dpytest.configure(bot, text_channels=1, voice_channels=0, members=1)
-    await bot._async_setup_hook()  # noqa: SLF001
+    await bot._async_setup_hook()
     await bot.setup_hook()
     try:
         for case in CASES:
@@ -197,4 +197,4 @@ async def finished(bot) -> None:
 def discord_member_flags(bot):
     import discord
 
-    return discord.MemberCacheFlags.from_intents(bot._connection._intents)  # noqa: SLF001
+    return discord.MemberCacheFlags.from_intents(bot._connection._intents)

@@ -208,13 +208,13 @@ async def test_streaming_edits_one_reply(core, sent):
 
 
 async def test_unexpected_failure_gets_apology_not_traceback(dbot, core, monkeypatch):
-    async def broken(request, continuing=False):
+    async def broken(prepared):
         raise RuntimeError("secret internals")
         yield  # pragma: no cover
 
     monkeypatch.setattr(core.engine, "stream", broken)
     text = await answer("!gen 긍정 아 정말")
-    assert text == APOLOGY
+    assert text.startswith(APOLOGY) and "요청 ID" in text and "secret internals" not in text
 
 
 async def test_help_and_near_miss_commands(dbot):
@@ -234,6 +234,7 @@ class FakeInteraction:
 
     def __init__(self, user_id: int = 1, channel_id: int = 10):
         self.user = SimpleNamespace(id=user_id, bot=False)
+        self.guild_id = None
         self.channel_id = channel_id
         self.command = None
         self.log: list[tuple[str, str | None, dict]] = []

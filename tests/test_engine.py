@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 import torch
+from conftest import make_settings, running_engine, shared_steps
 
-from conftest import make_settings, running_engine
 from core.engine import Engine
 from core.errors import BusyError, RequestTimeout, UserError
 from core.grammar import GenRequest, parse_gen
@@ -27,18 +27,18 @@ async def test_seeded_output_is_identical_alone_and_in_any_batch(engine: Engine)
         "부정 seed=5 n=3",
     ]
     requests = [req(engine, t) for t in texts]
-    alone = [await engine.generate(r) for r in requests]
-    batched = await asyncio.gather(*(engine.generate(r) for r in requests))
-    shuffled = await asyncio.gather(*(engine.generate(r) for r in reversed(requests)))
+    alone = [await engine.generate(engine.prepare(r)) for r in requests]
+    batched = await asyncio.gather(*(engine.generate(engine.prepare(r)) for r in requests))
+    shuffled = await asyncio.gather(*(engine.generate(engine.prepare(r)) for r in reversed(requests)))
     assert [a.continuations for a in alone] == [b.continuations for b in batched]
     assert [a.continuations for a in alone] == [s.continuations for s in reversed(shuffled)]
-    assert engine.stats["max_batch"] > 1  # they really shared a batch
+    assert shared_steps(engine, 1) > 0  # they really shared a batch
 
 
 async def test_top_k_1_row_is_greedy_while_neighbours_sample(engine: Engine):
     greedy = req(engine, "긍정 아 정말 top_k=1 min_length=20 max_length=20")
     samplers = [req(engine, f"긍정 아 정말 seed={s} min_length=20 max_length=20") for s in range(6)]
-    results = await asyncio.gather(engine.generate(greedy), *(engine.generate(r) for r in samplers))
+    results = await asyncio.gather(engine.generate(engine.prepare(greedy)), *(engine.generate(engine.prepare(r)) for r in samplers))
     ids = torch.tensor([engine.tokenizer(greedy.model_prompt, add_special_tokens=False)["input_ids"]])
     expected = engine.model.generate(ids, do_sample=False, max_length=20, min_length=20,
                                      eos_token_id=engine.eos_id, pad_token_id=engine.eos_id)
@@ -48,31 +48,31 @@ async def test_top_k_1_row_is_greedy_while_neighbours_sample(engine: Engine):
 
 async def test_lengths_count_the_prompt(engine: Engine):
     r = req(engine, "긍정 아 정말 min_length=12 max_length=12 seed=7")
-    prompt_tokens = len(engine.encode_prompt(r))
-    result = await engine.generate(r)
+    prompt_tokens = len(engine.prepare(r).prompt_ids)
+    result = await engine.generate(engine.prepare(r))
     assert result.new_tokens == 12 - prompt_tokens
     assert result.texts()[0].startswith("긍정 아 정말")
 
 
 async def test_candidates_get_distinct_reported_seeds(engine: Engine):
-    result = await engine.generate(req(engine, "긍정 아 정말 n=3 seed=10 min_length=15 max_length=15"))
+    result = await engine.generate(engine.prepare(req(engine, "긍정 아 정말 n=3 seed=10 min_length=15 max_length=15")))
     assert result.seeds == (10, 11, 12) and len(result.continuations) == 3
-    again = await engine.generate(req(engine, f"긍정 아 정말 seed={result.seeds[1]} min_length=15 max_length=15"))
+    again = await engine.generate(engine.prepare(req(engine, f"긍정 아 정말 seed={result.seeds[1]} min_length=15 max_length=15")))
     assert again.continuations[0] == result.continuations[1]
 
 
 async def test_prompt_longer_than_max_length_is_a_precise_error(engine: Engine):
     with pytest.raises(UserError, match="max_length를 .* 이상"):
-        await engine.generate(req(engine, "긍정 " + "아 정말 " * 12 + "max_length=5 min_length=1"))
+        await engine.generate(engine.prepare(req(engine, "긍정 " + "아 정말 " * 12 + "max_length=5 min_length=1")))
 
 
 async def test_stream_yields_growing_text_then_final(engine: Engine):
-    parts = [p async for p in engine.stream(req(engine, "긍정 아 정말 seed=3 min_length=16 max_length=16"))]
+    parts = [p async for p in engine.stream(engine.prepare(req(engine, "긍정 아 정말 seed=3 min_length=16 max_length=16")))]
     assert parts[-1].done and not any(p.done for p in parts[:-1])
     assert len(parts) > 2
     for earlier, later in zip(parts, parts[1:]):
         assert later.continuations[0].startswith(earlier.continuations[0].rstrip("�"))
-    final = await engine.generate(req(engine, "긍정 아 정말 seed=3 min_length=16 max_length=16"))
+    final = await engine.generate(engine.prepare(req(engine, "긍정 아 정말 seed=3 min_length=16 max_length=16")))
     assert final.continuations == parts[-1].continuations
 
 
@@ -80,11 +80,11 @@ async def test_full_queue_fails_fast_with_busy(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, limits={"queue_size": 1, "max_batch_size": 1})
     async with running_engine(settings) as engine:
         r = parse_gen("긍정 아 정말 min_length=60 max_length=60", engine.defaults, settings.limits)
-        outcomes = await asyncio.gather(*(engine.generate(r) for _ in range(8)), return_exceptions=True)
+        outcomes = await asyncio.gather(*(engine.generate(engine.prepare(r)) for _ in range(8)), return_exceptions=True)
         busy = [o for o in outcomes if isinstance(o, BusyError)]
         assert busy and "잠시 후 다시" in str(busy[0])
         assert all(not isinstance(o, Exception) or isinstance(o, BusyError) for o in outcomes)
-        assert (await engine.generate(r)).new_tokens > 0  # still serving
+        assert (await engine.generate(engine.prepare(r))).new_tokens > 0  # still serving
 
 
 async def test_timeout_fails_that_request_and_the_engine_goes_on(tiny_dir, tmp_path):
@@ -92,10 +92,10 @@ async def test_timeout_fails_that_request_and_the_engine_goes_on(tiny_dir, tmp_p
     async with running_engine(settings) as engine:
         slow = parse_gen("긍정 아 정말 min_length=128 max_length=128", engine.defaults, settings.limits)
         with pytest.raises(RequestTimeout, match="초 안에"):
-            await engine.generate(slow)
+            await engine.generate(engine.prepare(slow))
         engine.limits.request_timeout_s = 30
         quick = parse_gen("긍정 아 min_length=5 max_length=5", engine.defaults, settings.limits)
-        assert (await engine.generate(quick)).done
+        assert (await engine.generate(engine.prepare(quick))).done
 
 
 async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
@@ -105,14 +105,14 @@ async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
     assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in loaded.model.modules())
     async with running_engine(settings) as engine:
         r = parse_gen("긍정 아 정말 seed=9 min_length=14 max_length=14", engine.defaults, settings.limits)
-        first, second = await engine.generate(r), await engine.generate(r)
+        first, second = await engine.generate(engine.prepare(r)), await engine.generate(engine.prepare(r))
         assert first.continuations == second.continuations and first.new_tokens > 0
 
 
 def test_padded_batch_prefill_and_steps_match_each_prompt_alone(engine: Engine):
     from core.engine import _Batch
 
-    prompts = [engine.encode_prompt(req(engine, t)) for t in ("긍정 아 정말 재밌다", "부정", "긍정 배우들의 연기가 너무 좋았다")]
+    prompts = [list(engine.prepare(req(engine, t)).prompt_ids) for t in ("긍정 아 정말 재밌다", "부정", "긍정 배우들의 연기가 너무 좋았다")]
     together = _Batch(engine.model)
     logits = together.prefill(prompts, [1, 2, 1])
     nxt = together.step([5, 6, 6, 7])

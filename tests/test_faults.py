@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_settings, running_core, telegram_running
+from conftest import make_settings, running_core, shared_steps, telegram_running
 from fake_bot_api import FakeBotAPI
 
 from core.engine import RESTARTING, Engine
@@ -24,22 +24,22 @@ CHAT = 2001
 class Wrapped(torch.nn.Module):
     """The real model behind a hook that may raise or stall, as a broken or slow model would."""
 
-    def __init__(self, inner: torch.nn.Module, hook):  # noqa: ANN001
+    def __init__(self, inner: torch.nn.Module, hook):
         super().__init__()
         self.inner, self.config, self.hook = inner, inner.config, hook
 
-    def forward(self, input_ids, position_ids=None, **kwargs):  # noqa: ANN001
+    def forward(self, input_ids, position_ids=None, **kwargs):
         self.hook(input_ids, position_ids)
         return self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)
 
 
-def engine_over(settings, hook) -> Engine:  # noqa: ANN001
+def engine_over(settings, hook) -> Engine:
     loaded = load_model(settings.model)
     return Engine(dataclasses.replace(loaded, model=Wrapped(loaded.model, hook)), settings)
 
 
-def request(engine: Engine, text: str):  # noqa: ANN201
-    return parse_gen(text, engine.defaults, engine.limits)
+def request(engine: Engine, text: str):
+    return engine.prepare(parse_gen(text, engine.defaults, engine.limits))
 
 
 # ---- a model error fails that request only -----------------------------------------------------------------------
@@ -53,7 +53,7 @@ async def test_a_model_error_fails_only_its_request(settings):
     cut = len(ids(long_prompt))  # only the long prompt's rows ever reach this position
     assert cut > 20
 
-    def hook(input_ids, position_ids):  # noqa: ANN001
+    def hook(input_ids, position_ids):
         if input_ids.shape[1] > 1 and (input_ids == bad_token).any():
             raise RuntimeError("prefill failed")
         if position_ids is not None and (position_ids >= cut).any():
@@ -71,7 +71,7 @@ async def test_a_model_error_fails_only_its_request(settings):
         assert isinstance(results[0], RuntimeError) and "prefill" in str(results[0])
         assert isinstance(results[1], RuntimeError) and "step" in str(results[1])
         assert [r.texts()[0].startswith(t) for r, t in zip(results[2:], good)] == [True, True]
-        assert engine.stats["max_batch"] >= 2  # the failing step was a batch shared with the good requests
+        assert shared_steps(engine, 1) > 0  # the failing step was a batch shared with the good requests
         again = await asyncio.wait_for(engine.generate(request(engine, "긍정 배우들 seed=3")), 30)
         assert again.continuations[0]  # the engine keeps serving
     finally:
@@ -81,7 +81,7 @@ async def test_a_model_error_fails_only_its_request(settings):
 async def test_a_failure_of_the_whole_batch_fails_its_requests_and_the_engine_goes_on(settings):
     broken = {"on": True}
 
-    def hook(input_ids, position_ids):  # noqa: ANN001
+    def hook(input_ids, position_ids):
         if broken["on"] and position_ids is not None and input_ids.shape[0] >= 2:
             raise RuntimeError("batch too big")  # fails only in a batch: nobody alone is to blame
 
@@ -98,7 +98,7 @@ async def test_a_failure_of_the_whole_batch_fails_its_requests_and_the_engine_go
 
 
 # ---- drain at shutdown -------------------------------------------------------------------------------------------
-def slow_hook(input_ids, position_ids):  # noqa: ANN001
+def slow_hook(input_ids, position_ids):
     time.sleep(0.03)  # ~30 ms per forward: a 40-token generation takes over a second
 
 

@@ -11,7 +11,7 @@ from conftest import make_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from load_test import serve_and_load  # noqa: E402
+from load_test import serve_and_load
 
 
 async def test_sixty_concurrent_requests_get_a_result_or_busy(tiny_dir, tmp_path):

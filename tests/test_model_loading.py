@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2LMHeadModel
-
 from tiny_model import write_lightning_ckpt
+from transformers import GPT2LMHeadModel
 
 from core.errors import ModelLoadError
 from core.model_loading import load_model, pick_checkpoint

@@ -12,13 +12,13 @@ from fake_bot_api import FakeBotAPI, parse_html
 
 import bot.telegram_bot as tg
 from bot.telegram_webhook import SECRET_HEADER
-from core.types import Generation
 from core.followups import EXPIRED
 from core.grammar import GenRequest
 from core.knobs import knob_specs
 from core.rate_limit import UserRateLimiter
 from core.replies import APOLOGY
 from core.service import BotCore
+from core.types import Generation
 
 TOKEN = "123456789:AAF-secret_TokenValue-xyz"
 PRIVATE, OTHER, GROUP = 1001, 1002, -100500
@@ -223,9 +223,9 @@ async def test_slow_generation_does_not_delay_help_elsewhere(bot, core, monkeypa
     gate = asyncio.Event()
     real_stream = core.engine.stream
 
-    async def slow_stream(request, continuing=False):
+    async def slow_stream(prepared):
         await gate.wait()
-        async for gen in real_stream(request, continuing):
+        async for gen in real_stream(prepared):
             yield gen
 
     monkeypatch.setattr(core.engine, "stream", slow_stream)
@@ -248,15 +248,16 @@ async def test_long_generation_streams_by_editing_one_reply(bot, monkeypatch):
 
 # ---- failures and secrets --------------------------------------------------------------------------------------
 async def test_unexpected_failure_is_logged_and_apologised_for(bot, core, monkeypatch, caplog):
-    async def broken(request, continuing=False):
+    async def broken(prepared):
         raise RuntimeError(f"engine exploded near {TOKEN}")
         yield  # pragma: no cover (makes this an async generator)
 
     monkeypatch.setattr(core.engine, "stream", broken)
-    with caplog.at_level(logging.ERROR, logger="bot.telegram_bot"):
+    with caplog.at_level(logging.ERROR, logger="core.conversation"):
         reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말")
-    assert reply["text"] == APOLOGY
-    assert "telegram /gen failed in chat 1001" in caplog.text and "RuntimeError" in caplog.text
+    assert reply["text"].startswith(APOLOGY)
+    request_id = reply["text"].rsplit(" ", 1)[1].rstrip("]")
+    assert f"telegram /gen in chat 1001 failed [request {request_id}]" in caplog.text and "RuntimeError" in caplog.text
     assert TOKEN not in caplog.text
 
 
@@ -330,3 +331,42 @@ async def test_webhook_mode_checks_the_secret_and_answers(core, fake, tiny_dir, 
         stop.set()
         await asyncio.wait_for(task, 10)
         hooked.store.close()
+
+
+# ---- issue 12: hardening ---------------------------------------------------------------------------------------
+async def test_forged_callback_data_is_answered_as_expired(bot):
+    """Issue 12.7: `c:<key>:²` passed `isdigit()` and crashed in int(); the press was never answered."""
+    first = await ask(bot, PRIVATE, "/gen 긍정 아 정말", final=True)
+    key = callback_data(first)[0][2:]
+    for data in (f"c:{key}:²", f"c:{key}:١", f"c:{key}:-1", f"r:{key}:0", f"r:{key[:4]}", "c:a:b:c", "r:", ""):
+        query = bot.press(first, data)
+        await bot.wait_for(lambda q=query: bot.called("answerCallbackQuery", callback_query_id=q))
+        answer = bot.called("answerCallbackQuery", callback_query_id=query)[0]
+        assert answer["text"] == EXPIRED and answer["show_alert"] is True, data
+    assert len(bot.sent(PRIVATE)) == 1
+
+
+async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monkeypatch):
+    """Issue 12.5: with the group's allowance short, no typing and no partial edits, only the results."""
+    monkeypatch.setattr(tg, "GROUP_MESSAGES_PER_MINUTE", 3)
+    monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0.0)  # partial edits would be due at every step
+    async with telegram_running(core, fake):
+        asks = [fake.user_message(GROUP, "/gen 긍정 아 정말 min_length=30 max_length=30", user_id=300 + i) for i in range(3)]
+        # Three calls is the whole allowance for a minute: a fourth would hold a result back for 20 s.
+        await fake.wait_for(lambda: all(any("reply_markup" in r for r in fake.replies_to(m)) for m in asks), 15)
+    assert len(fake.called("sendMessage", chat_id=GROUP)) == 3
+    assert not fake.called("sendChatAction", chat_id=GROUP) and not fake.called("editMessageText", chat_id=GROUP)
+
+
+async def test_shutdown_does_not_wait_for_a_group_backlog(core, fake, monkeypatch):
+    """Issue 12.5: replies queued behind a group's flood limit are dropped after the reply grace, not awaited."""
+    monkeypatch.setattr(tg, "GROUP_MESSAGES_PER_MINUTE", 1)
+    monkeypatch.setattr(tg, "REPLY_GRACE_S", 0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(tg.serve(core, stop))
+    await fake.wait_for(lambda: fake.called("getUpdates", status=None))
+    asks = [fake.user_message(GROUP, "/gen 긍정 아 정말", user_id=400 + i) for i in range(3)]
+    await fake.wait_for(lambda: any(fake.replies_to(m) for m in asks))  # one got through; two wait ~60 s each
+    stop.set()
+    await asyncio.wait_for(task, 10)  # before the fix: about two minutes
+    assert len(fake.called("sendMessage", chat_id=GROUP)) == 1

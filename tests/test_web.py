@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import subprocess
+import json
 import urllib.parse
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from browser import CHROMIUM, chromium_page
+from conftest import gen_request
 
 from bot.web import create_app
 from core.service import BotCore
@@ -79,21 +80,55 @@ async def test_healthz_and_page(client: TestClient):
     assert "<form" in html and "temperature" in html and "__CONFIG__" not in html
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient):
+    body = {"prompt": "아 정말", "label": "긍정", "min_length": 40, "max_length": 40, "seed": 4, "n": 2}
+    resp = await client.post("/api/stream", json=body)
+    assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+    lines = [json.loads(line) for line in (await resp.text()).splitlines()]
+    *partials, final = lines
+    assert partials and all(len(p["partial"]) == 2 and p["prompt"] == "긍정 아 정말" for p in partials)
+    assert final["seeds"] == [4, 5] and final["result"] == final["results"][0]
+    same = await (await client.post("/api", json=body)).json()
+    assert same["results"] == final["results"]  # the same request through POST /api gives the same text
+    refused = await client.post("/api/stream", json={**body, "top_p": 7})
+    assert refused.status == 422 and "top_p" in (await refused.json())["error"]
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 async def test_page_works_in_headless_chromium(core: BotCore, tmp_path):
-    async with TestServer(create_app(core), host="127.0.0.1") as server:
-        query = urllib.parse.urlencode({"prompt": "긍정 아 정말 <b>", "max_length": "24", "seed": "3", "run": "1"})
-        url = f"http://127.0.0.1:{server.port}/?{query}"
-        proc = await asyncio.create_subprocess_exec(
-            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000", "--dump-dom", url,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )
-        dom, _ = await asyncio.wait_for(proc.communicate(), timeout=90)
-    dom = dom.decode()
-    assert 'class="candidate"' in dom, dom[-2000:]
-    assert "긍정 아 정말 &lt;b&gt;" in dom  # the page shows user text literally
-    expected = await core.engine.generate(
-        core.gen_request("긍정 아 정말 <b> max_length=24 seed=3", "web", "test"))
-    assert expected.texts()[0].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in dom
+    """The page streams from /api/stream, numbers the candidates, sets the prompt apart, shows the seeds, shows the
+    server's Korean message for a bad value, and clears the last result on a new submit. Screenshots go to
+    test-artifacts/ (git-ignored)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with TestServer(create_app(core), host="127.0.0.1") as server, chromium_page(tmp_path / "profile") as page:
+        query = urllib.parse.urlencode({"label": "긍정", "prompt": "아 정말 <b>", "max_length": "24", "seed": "3", "n": "2",
+                                        "run": "1"})
+        await page.goto(f"http://127.0.0.1:{server.port}/?{query}")
+        await page.wait_for("document.getElementById('results').dataset.done === '1'")
+        await page.screenshot(ARTIFACTS / "web-page-result.png")
+        dom = await page.evaluate("document.getElementById('results').outerHTML")
+        seeds = await page.evaluate("document.getElementById('seeds').textContent")
+        # A bad value: the server's Korean sentence, and the last result is gone.
+        await page.evaluate("document.getElementById('top_p').value = '7'; document.getElementById('submit').click()")
+        error = await page.wait_for("document.getElementById('error').textContent")
+        await page.screenshot(ARTIFACTS / "web-page-error.png")
+        left = await page.evaluate("document.querySelectorAll('.candidate').length")
+        # The label choice "none": the prompt is taken as typed.
+        await page.evaluate("""document.querySelector('input[name=label][value=""]').checked = true;
+            document.getElementById('top_p').value = ''; document.getElementById('prompt').value = '부정 별로';
+            document.getElementById('submit').click()""")
+        await page.wait_for("document.getElementById('results').dataset.done === '1'")
+        unlabeled = await page.evaluate("document.querySelector('.candidate .prompt').textContent")
+    assert dom.count('class="candidate"') == 2 and '<span class="number">1.</span>' in dom and "2.</span>" in dom
+    assert '<span class="prompt">긍정 아 정말 &lt;b&gt;</span>' in dom  # set apart, and shown literally
+    assert seeds.startswith("seed = 3, 4")
+    expected = await core.engine.generate(gen_request(core, "긍정 아 정말 <b> max_length=24 seed=3 n=2", "web", "test"))
+    for continuation in expected.continuations:
+        shown = continuation.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        assert f'<span class="continuation">{shown}</span>' in dom
+    assert "top_p은(는) 0 초과 1 이하" in error and left == 0
+    assert unlabeled == "부정 별로"
+    assert (ARTIFACTS / "web-page-result.png").stat().st_size > 0
