@@ -15,9 +15,8 @@ log = logging.getLogger("bot")
 
 
 def _quiet_libraries() -> None:
-    import transformers
-
     import huggingface_hub.utils
+    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar at every start …

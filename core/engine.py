@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
+from core import rerank
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
-from core import rerank
 from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from tiny_model import NSMC_DIR
 
-from core.training import evaluate, train
 from core.engine import Engine
 from core.grammar import parse_gen
 from core.model_loading import load_model
 from core.settings import load_settings
+from core.training import evaluate, train
 
 
 @pytest.fixture(scope="module")

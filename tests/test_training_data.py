@@ -8,7 +8,6 @@ import hashlib
 import http.server
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 from tiny_model import NSMC_DIR
@@ -32,7 +31,7 @@ def served(tmp_path_factory):
     hits: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
+        def do_GET(self):
             hits.append(self.path)
             super().do_GET()
 
