@@ -40,7 +40,7 @@ async def _main(check: bool) -> int:
             started = time.monotonic()
             result = await engine.generate(request)
             print(f"model: {engine.source}")
-            if settings.model.quantize == "none":  # int8 weights are packed and not counted as parameters
+            if "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
             print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"front ends enabled: {', '.join(fe.name for fe in enabled_front_ends(settings)) or 'none'}")

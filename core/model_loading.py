@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
 from core.settings import ModelSettings
 from core.speedups import fuse_gelu, quantize_int8
@@ -196,9 +197,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model = fuse_gelu(model.eval())
-    if settings.quantize == "int8":
+    device = resolve_device(settings.device)
+    if resolve_quantize(settings.quantize, device) == "int8":
         model = quantize_int8(model)
         source += " (int8)"
+    elif device.type != "cpu":
+        dtype = model_dtype(device)
+        model = model.to(device=device, dtype=dtype)
+        source += f" ({device.type}, {str(dtype).removeprefix('torch.')})"
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
