@@ -26,13 +26,13 @@ def _quiet_libraries() -> None:
 
 async def _main(check: bool) -> int:
     from bot.runner import enabled_front_ends, install_signal_handlers, run_front_ends
-    from core.engine import start_engine
+    from core.backends import start_backend
     from core.grammar import parse_gen
     from core.service import BotCore
 
     settings = load_settings()
     started = time.monotonic()
-    engine = await start_engine(settings)
+    engine = await start_backend(settings)
     log.info("model loaded from %s in %.1f s", engine.source, time.monotonic() - started)
     try:
         if check:
@@ -40,7 +40,7 @@ async def _main(check: bool) -> int:
             started = time.monotonic()
             result = await engine.generate(request)
             print(f"model: {engine.source}")
-            if "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
+            if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
             print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"front ends enabled: {', '.join(fe.name for fe in enabled_front_ends(settings)) or 'none'}")

@@ -119,6 +119,7 @@ def create_app(core: BotCore) -> web.Application:
     app[CORE_KEY] = core
     app.add_routes([web.get("/", page), web.post("/api", api), web.get("/healthz", healthz),
                     web.get("/metrics", metrics)])
+    __import__("bot.openai_api").openai_api.add_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app
 
 

@@ -28,7 +28,8 @@ from core.model_loading import LoadedModel
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
-from core.types import Generation, GenRequest
+from core.prompt_rules import check_prompt_ids
+from core.types import Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,13 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    backend = "local"
+
+    async def health(self) -> dict:
+        """For /healthz: whether the worker thread that owns the model is alive."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(_device_of(self.model))}
+
     # ---- public API ------------------------------------------------------------------------------------------
     def encode_prompt(self, request: GenRequest, continuing: bool = False) -> list[int]:
         """Token ids of the model prompt, or a UserError when it does not fit the limits.
@@ -118,21 +126,11 @@ class Engine:
         `continuing`: the prompt is the bot's own earlier output, held to max_length only, not the prompt cap.
         """
         ids = self.tokenizer(request.model_prompt, add_special_tokens=False)["input_ids"] if request.model_prompt else []
-        if not ids:
-            raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
-        if len(ids) > self.limits.max_prompt_tokens and not continuing:
-            raise UserError(
-                f"프롬프트가 너무 깁니다: {len(ids)}토큰. 최대 {self.limits.max_prompt_tokens}토큰까지 가능합니다. "
-                f"(prompt too long: {len(ids)} tokens, at most {self.limits.max_prompt_tokens})"
-            )
-        if len(ids) >= request.knobs.max_length:
-            raise UserError(
-                f"프롬프트가 이미 {len(ids)}토큰이라 max_length({request.knobs.max_length}) 안에 이어 쓸 자리가 "
-                f"없습니다. max_length를 {len(ids) + 1} 이상 {self.limits.max_length} 이하로 지정하세요. "
-                f"(max_length counts the prompt's {len(ids)} tokens; use max_length between {len(ids) + 1} "
-                f"and {self.limits.max_length})"
-            )
-        return ids
+        return check_prompt_ids(ids, request, self.limits, continuing)
+
+    def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
+        """The request checked against the limits and tokenized once (UserError when it does not fit)."""
+        return PreparedRequest(request, tuple(self.encode_prompt(request, continuing)), continuing)
 
     async def generate(self, request: GenRequest, continuing: bool = False) -> Generation:
         """Generate every candidate of `request`; raises UserError (BusyError, RequestTimeout) on refusal."""
