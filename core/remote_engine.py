@@ -202,9 +202,10 @@ class RemoteEngine:
                     yield Generation(request, tuple(texts), seeds, sum(tokens), False)
                 else:
                     getter.cancel()
-            while not updates.empty():
+            while not updates.empty():  # every delta is shown, however fast the remote was
                 index, delta, _ = updates.get_nowait()
                 texts[index] += delta
+                yield Generation(request, tuple(texts), seeds, sum(tokens), False)
             try:
                 finals = task.result()
             except asyncio.CancelledError:
