@@ -227,7 +227,8 @@ class RemoteEngine:
             outcome = "user_error"
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+            if outcome != "ok":  # closing the generator after its final item is the normal end
+                outcome = "cancelled"
             raise
         finally:
             if task is not None and not task.done():
