@@ -99,7 +99,6 @@ def parse_completion(body: object, core: BotCore) -> tuple[GenRequest, int, bool
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise UserError("stream은 true 또는 false여야 합니다. (stream must be a boolean)")
-    request = GenRequest(label=None, prompt=prompt, knobs=core.engine.defaults, origin="openai")
     ids = core.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     raw = {k: body[k] for k in KNOB_FIELDS if body.get(k) is not None}
     if raw.get("top_k") in (-1, 0):  # vLLM's "no top-k"

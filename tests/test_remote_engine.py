@@ -138,3 +138,29 @@ def test_openai_backend_needs_a_url(tiny_dir, tmp_path):
 
     with pytest.raises(SettingsError, match="engine.url|url"):
         make_settings(tiny_dir, tmp_path, engine={"backend": "openai"})
+
+
+async def test_the_api_key_can_come_from_a_mounted_file(tiny_dir, tmp_path, vllm):
+    key_file = tmp_path / "engine_key"
+    key_file.write_text("sk-test-key\n")
+    settings = make_settings(tiny_dir, tmp_path, engine={"backend": "openai", "url": vllm.url + "/v1",
+                                                           "api_key_file": str(key_file)})
+    assert "sk-test-key" not in repr(settings.engine)  # never echoed
+    engine = await start_backend(settings)
+    try:
+        await engine.generate(req(engine, "긍정 아 정말 seed=2"))
+    finally:
+        await engine.stop()
+    assert vllm.headers[0]["Authorization"] == "Bearer sk-test-key"
+
+
+async def test_a_tokenizer_json_file_can_count_the_prompt(tiny_dir, tmp_path, vllm):
+    settings = make_settings(tiny_dir, tmp_path, model={"pretrained": "skt/kogpt2-base-v2"},  # unreachable here
+                             engine={"backend": "openai", "url": vllm.url, "api_key": "sk-test-key",
+                                     "tokenizer": str(tiny_dir / "tokenizer.json")})
+    engine = await start_backend(settings)
+    try:
+        result = await engine.generate(req(engine, "긍정 아 정말 seed=2"))
+    finally:
+        await engine.stop()
+    assert result.continuations == (" 재밌다 seed2",)
