@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # torch first and alone: the largest layer, rebuilt only when this pin changes. The CPU index has the CPU-only
-# wheel; PyPI's torch for Linux pulls gigabytes of CUDA libraries. Same pin as pyproject.toml and .ci/run.
+# wheel; PyPI's torch for Linux pulls gigabytes of CUDA libraries. Same pin as .ci/run, within pyproject.toml's range.
 RUN python -m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 # The other dependencies depend on pyproject.toml only: install the project (editable, as the README's

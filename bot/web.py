@@ -16,6 +16,7 @@ from importlib import resources
 from aiohttp import web, web_protocol, web_server
 from aiohttp.web_protocol import RequestPayloadError
 
+from bot.openai_api import add_routes as add_openai_routes
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.grammar import reject_broken_text
@@ -35,7 +36,7 @@ STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
 WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
-    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics 를 쓰세요. (not found)",
+    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
     405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
     408: "요청 본문이 제때 도착하지 않았습니다. (request body too slow)",
     413: f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)",
@@ -295,6 +296,7 @@ def create_app(core: BotCore) -> web.Application:
     app[CONVERSATION_KEY] = Conversation(core)
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
+    add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app
 
 

@@ -9,8 +9,8 @@ is answered at once and leaves the batch. The event loop never runs model code.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -22,9 +22,11 @@ import torch
 from transformers import DynamicCache
 
 from core import rerank
+from core.devices import usable_cpus
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
+from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
@@ -112,6 +114,13 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    backend = "local"
+
+    async def health(self) -> dict:
+        """For /healthz: whether the worker thread that owns the model is alive."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(_device_of(self.model))}
+
     # ---- public API ------------------------------------------------------------------------------------------
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
         """Check `request` against the limits and tokenize it (once); a UserError says what does not fit.
@@ -119,21 +128,7 @@ class Engine:
         `continuing`: the prompt is the bot's own earlier output, held to max_length only, not the prompt cap.
         """
         ids = self.tokenizer(request.model_prompt, add_special_tokens=False)["input_ids"] if request.model_prompt else []
-        if not ids:
-            raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
-        if len(ids) > self.limits.max_prompt_tokens and not continuing:
-            raise UserError(
-                f"프롬프트가 너무 깁니다: {len(ids)}토큰. 최대 {self.limits.max_prompt_tokens}토큰까지 가능합니다. "
-                f"(prompt too long: {len(ids)} tokens, at most {self.limits.max_prompt_tokens})"
-            )
-        if len(ids) >= request.knobs.max_length:
-            raise UserError(
-                f"프롬프트가 이미 {len(ids)}토큰이라 max_length({request.knobs.max_length}) 안에 이어 쓸 자리가 "
-                f"없습니다. max_length를 {len(ids) + 1} 이상 {self.limits.max_length} 이하로 지정하세요. "
-                f"(max_length counts the prompt's {len(ids)} tokens; use max_length between {len(ids) + 1} "
-                f"and {self.limits.max_length})"
-            )
-        return PreparedRequest(request, tuple(ids), continuing)
+        return PreparedRequest(request, tuple(check_prompt_ids(ids, request, self.limits, continuing)), continuing)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -257,7 +252,7 @@ class Engine:
 
     def _run(self) -> None:
         # OpenMP's thread count is per calling thread: set it where the model runs.
-        torch.set_num_threads(self.settings.model.threads or os.cpu_count() or 1)
+        torch.set_num_threads(self.settings.model.threads or usable_cpus())
         batch = _Batch(self.model)
         rows: list[_Row] = []
         while not (self._stopping.is_set() and not rows and self._queue.empty()):
@@ -420,13 +415,22 @@ async def start_engine(settings: Settings) -> Engine:
 
 
 class _Batch:
-    """The running batch's KV cache, left-padded to a common length, with each row's attention mask and position."""
+    """The running batch's KV cache, left-padded to a common length, with each row's attention mask and position.
+
+    Tensors live on the model's device; logits come back as float32 on the CPU, where every row's processors and
+    seeded generator run, so a seed gives the same choice of token whatever the device's batch looked like."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.device = _device_of(model)
+        self.cache_arg = _cache_argument(model)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.positions: list[int] = []
+
+    def _forward(self, cache: DynamicCache | None, **inputs: object) -> tuple[torch.Tensor, DynamicCache]:
+        out = self.model(**inputs, **({self.cache_arg: cache} if cache is not None else {}), use_cache=True)
+        return out.logits[:, -1], out[self.cache_arg]
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
@@ -437,20 +441,21 @@ class _Batch:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
-        out = self.model(
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits, cache = self._forward(
+            None,
             input_ids=ids,
             attention_mask=None if bool(mask.all()) else mask,
             position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-            use_cache=True,
             logits_to_keep=1,
         )
-        counts = torch.tensor(copies)
+        counts = torch.tensor(copies, device=self.device)
         self._append(
-            [(layer.keys.repeat_interleave(counts, 0), layer.values.repeat_interleave(counts, 0)) for layer in out.cache.layers],
+            [(k.repeat_interleave(counts, 0), v.repeat_interleave(counts, 0)) for k, v in _layers_of(cache)],
             mask.repeat_interleave(counts, 0),
         )
         self.positions.extend(len(prompt) for prompt, n in zip(prompts, copies) for _ in range(n))
-        return out.logits[:, -1].repeat_interleave(counts, 0)
+        return logits.repeat_interleave(counts, 0).float().cpu()
 
     def snapshot(self) -> tuple:
         """The state `step` replaces (its tensors are never changed in place), to undo a failed step."""
@@ -478,31 +483,48 @@ class _Batch:
     @torch.inference_mode()
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each."""
-        cache = DynamicCache(ddp_cache_data=self.layers, config=self.model.config)
-        self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long)], dim=1)
-        out = self.model(
-            input_ids=torch.tensor(last_tokens)[:, None],
-            cache=cache,
+        # A fresh cache over our tensors each step, filled through the public `update`: the cache never owns them.
+        cache = DynamicCache()
+        for index, (k, v) in enumerate(self.layers):
+            cache.update(k, v, index)
+        self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long, device=self.device)], dim=1)
+        logits, cache = self._forward(
+            cache,
+            input_ids=torch.tensor(last_tokens, device=self.device)[:, None],
             # Without padding no mask is needed, and attention takes its faster unmasked path.
             attention_mask=None if bool(self.mask.all()) else self.mask,
-            position_ids=torch.tensor(self.positions)[:, None],
-            use_cache=True,
+            position_ids=torch.tensor(self.positions, device=self.device)[:, None],
         )
-        self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self.layers = _layers_of(cache)
         self.positions = [p + 1 for p in self.positions]
-        return out.logits[:, -1]
+        return logits.float().cpu()
 
     def select(self, keep: list[int]) -> None:
         """Drop finished rows, then the left columns that are padding for every row still running."""
         if not keep:
             self.__init__(self.model)
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         self.mask = self.mask.index_select(0, index)
         self.positions = [self.positions[i] for i in keep]
         start = int(self.mask.any(dim=0).nonzero()[0])
         self.mask = self.mask[:, start:]
         self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers]
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's name in the model's forward and outputs: `past_key_values` up to transformers 5.2x, `cache` after
+    (where `past_key_values` still works, with a deprecation warning). Both are public API in their versions."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values, as the public `Cache.layers` (every 5.x release) holds them."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -35,3 +35,7 @@ class NotAllowed(UserError):
 
 class ModelLoadError(Exception):
     """The model or checkpoint cannot be loaded; the message is one sentence saying why and what to do."""
+
+
+class EngineUnavailable(UserError):
+    """The remote generation server could not be reached or answered with an error, after the retries."""

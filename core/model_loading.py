@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
 from core.hub import load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
@@ -192,9 +193,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model = fuse_gelu(model.eval())
-    if settings.quantize == "int8":
+    device = resolve_device(settings.device)
+    if resolve_quantize(settings.quantize, device) == "int8":
         model = quantize_int8(model)
         source += " (int8)"
+    elif device.type != "cpu":
+        dtype = model_dtype(device)
+        model = model.to(device=device, dtype=dtype)
+        source += f" ({device.type}, {str(dtype).removeprefix('torch.')})"
     sentiment = tutorial_checkpoint or bool(getattr(model.config, "sentiment_labels", None))
     if not sentiment:
         log.warning("%s carries no sentiment-label mark (core.train writes one): 긍정/부정 labels will not steer "

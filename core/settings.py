@@ -28,8 +28,9 @@ class ModelSettings(BaseModel):
     # The embedded sentiment model (in the repository); "skt/kogpt2-base-v2" or a local copy for the full KoGPT2.
     pretrained: str = "models/nsmc-small"
     checkpoint: str = ""
-    quantize: Literal["none", "int8"] = "none"
-    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = a GPU when torch sees one
+    quantize: Literal["auto", "none", "int8"] = "auto"  # auto = int8 on the CPU, none (bf16/fp16) on a GPU
+    threads: int = Field(0, ge=0, description="torch threads; 0 = the CPUs this process may use")
 
 
 class GenerationSettings(BaseModel):
@@ -65,6 +66,11 @@ class WebSettings(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    api_token: SecretStr | None = None  # bearer token for the engine-node API (/v1/...); None = open
+    api_token_file: str = ""
+
+    def api_secret(self) -> str | None:
+        return _read_secret(self.api_token, self.api_token_file, "api_token_file")
 
 
 class _TokenMixin(BaseModel):
@@ -73,15 +79,19 @@ class _TokenMixin(BaseModel):
 
     def secret(self) -> str | None:
         """The token from `token`, else from `token_file` (a mounted secret)."""
-        if self.token is not None and self.token.get_secret_value().strip():
-            return self.token.get_secret_value().strip()
-        if self.token_file:
-            try:
-                value = Path(self.token_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise SettingsError(f"token_file {self.token_file!r}을(를) 읽을 수 없습니다: {exc.strerror}") from None
-            return value or None
-        return None
+        return _read_secret(self.token, self.token_file, "token_file")
+
+
+def _read_secret(value: SecretStr | None, path: str, field_name: str) -> str | None:
+    if value is not None and value.get_secret_value().strip():
+        return value.get_secret_value().strip()
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"{field_name} {path!r}을(를) 읽을 수 없습니다: {exc.strerror}") from None
+        return text or None
+    return None
 
 
 class TelegramSettings(_TokenMixin):
@@ -104,6 +114,32 @@ class DiscordSettings(_TokenMixin):
     guild_id: int | None = None
 
 
+class EngineSettings(BaseModel):
+    """Where generation runs: in this process ("local"), or an OpenAI-compatible `/v1/completions` server ("openai":
+    vLLM, or another bot's engine node)."""
+
+    backend: Literal["local", "openai"] = "local"
+    url: str = ""  # the server's base URL, e.g. http://vllm:8000 (with or without /v1)
+    model: str = ""  # the served model's name; "" = the first of the server's GET /v1/models
+    api_key: SecretStr | None = None
+    api_key_file: str = ""
+    tokenizer: str = ""  # a directory or tokenizer.json counting prompt tokens; "" = model.pretrained's
+    timeout_s: float = Field(60.0, gt=0, description="per HTTP attempt")
+    retries: int = Field(2, ge=0, le=10, description="extra attempts after a connection error or a 5xx")
+
+    def secret(self) -> str | None:
+        """The API key from `api_key`, else from `api_key_file` (a mounted secret)."""
+        return _read_secret(self.api_key, self.api_key_file, "api_key_file")
+
+    @model_validator(mode="after")
+    def _url_for_remote(self) -> EngineSettings:
+        if self.backend == "openai" and not self.url.strip():
+            raise ValueError(
+                'backend = "openai"에는 url이 필요합니다 (예: http://vllm:8000). (backend "openai" needs engine.url)'
+            )
+        return self
+
+
 class StoreSettings(BaseModel):
     path: str = "data/bot.sqlite3"
 
@@ -123,6 +159,7 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     store: StoreSettings = StoreSettings()
+    engine: EngineSettings = EngineSettings()
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:

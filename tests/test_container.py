@@ -53,14 +53,27 @@ def torch_pin(text: str) -> str:
     return pins.pop()
 
 
-def test_torch_pin_is_the_same_everywhere_and_cpu_only():
+def test_torch_pin_is_the_same_everywhere_within_the_declared_range_and_cpu_only():
+    from packaging.requirements import Requirement
+
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    deps = " ".join(pyproject["project"]["dependencies"])
-    pin = torch_pin(deps)
-    assert torch_pin((ROOT / "Dockerfile").read_text()) == pin
+    torch_req = next(Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "torch")
+    pin = torch_pin((ROOT / "Dockerfile").read_text())
     assert torch_pin((ROOT / ".ci" / "run").read_text()) == pin
+    assert pin in torch_req.specifier  # the image and CI install a torch the package accepts
     torch_run = next(rest for word, rest in instructions() if word == "RUN" and "torch==" in rest)
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_run
+
+
+def test_ci_tests_the_lowest_transformers_pyproject_accepts():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    req = next(Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "transformers")
+    lower = next(Version(s.version) for s in req.specifier if s.operator == ">=")
+    tested = re.findall(r"transformers==([\w.]+)", (ROOT / ".ci" / "run").read_text())
+    assert [Version(v) for v in tested] == [lower]
 
 
 def test_layers_are_ordered_so_code_changes_do_not_reinstall_dependencies():

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from tiny_model import write_lightning_ckpt
 from transformers import GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from core.errors import ModelLoadError
 from core.model_loading import load_model, pick_checkpoint
@@ -31,7 +32,7 @@ def _same_weights(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> bool:
 
 
 def test_base_model_when_checkpoint_empty(tiny_dir: Path):
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="none"))
     assert _same_weights(loaded.model, GPT2LMHeadModel.from_pretrained(tiny_dir))
     assert loaded.tokenizer.eos_token == "</s>"
     assert loaded.tokenizer.decode(loaded.tokenizer("긍정 아 정말")["input_ids"]) == "긍정 아 정말"
@@ -39,7 +40,7 @@ def test_base_model_when_checkpoint_empty(tiny_dir: Path):
 
 def test_lightning_ckpt_with_optimizer_and_hparams(tiny_dir: Path, trained, tmp_path: Path):
     path = write_lightning_ckpt(trained, tmp_path / "epoch=2-val_loss=3.10.ckpt")
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path)))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path), quantize="none"))
     assert _same_weights(loaded.model, trained)
 
 
@@ -49,13 +50,13 @@ def test_directory_of_ckpts_picks_lowest_val_loss(tiny_dir: Path, trained, tmp_p
     write_lightning_ckpt(trained, tmp_path / "epoch=1-val_loss=3.05.ckpt")
     write_lightning_ckpt(other, tmp_path / "epoch=2-val_loss=3.50.ckpt")
     assert pick_checkpoint(tmp_path).name == "epoch=1-val_loss=3.05.ckpt"
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path)))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path), quantize="none"))
     assert _same_weights(loaded.model, trained)
 
 
 def test_hugging_face_directory(tiny_dir: Path, trained, tmp_path: Path):
     trained.save_pretrained(tmp_path / "hf")
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "hf")))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "hf"), quantize="none"))
     assert _same_weights(loaded.model, trained)
 
 
@@ -65,7 +66,7 @@ def test_bare_state_dicts(tiny_dir: Path, trained, tmp_path: Path, prefix: str):
     torch.save(state, tmp_path / "weights.bin")
     save_file(state, str(tmp_path / "weights.safetensors"))
     for name in ("weights.bin", "weights.safetensors"):
-        loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / name)))
+        loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / name), quantize="none"))
         assert _same_weights(loaded.model, trained)
 
 
@@ -129,3 +130,26 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
     with pytest.raises(ModelLoadError, match="model.pretrained") as info:
         load_model(ModelSettings(pretrained="skt/kogpt2-base-v2"))
     assert "BOT_MODEL__PRETRAINED" in str(info.value)
+
+
+def test_quantize_auto_is_int8_on_the_cpu_and_keeps_no_fp32_linear(tiny_dir: Path):
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))  # the defaults: device auto, quantize auto
+    assert loaded.source.endswith("(int8)")
+    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in loaded.model.modules())
+
+
+def test_int8_matches_torch_quantize_dynamic(tiny_dir: Path):
+    """Quantizing layer by layer in place gives the model torch's own `quantize_dynamic` gives."""
+    from core.speedups import conv1d_to_linear, fuse_gelu
+
+    reference = fuse_gelu(conv1d_to_linear(GPT2LMHeadModel.from_pretrained(tiny_dir).eval()))
+    reference = torch.ao.quantization.quantize_dynamic(reference, {torch.nn.Linear}, dtype=torch.qint8)
+    ours = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8")).model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_cuda_without_a_gpu_is_one_clear_sentence(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="model.device.*cuda"):
+        load_model(ModelSettings(pretrained=str(tiny_dir), device="cuda"))

@@ -8,12 +8,20 @@ import math
 
 import pytest
 import torch
+from conftest import make_settings, running_engine
 
 from core import rerank
 from core.engine import Engine
 from core.errors import UserError
 from core.grammar import parse_gen
 from core.types import Generation
+
+
+@pytest.fixture
+async def engine(tiny_dir, tmp_path):
+    # fp32: int8 quantizes activations with one scale per batch, so exact equality across batches needs fp32.
+    async with running_engine(make_settings(tiny_dir, tmp_path, model={"quantize": "none"})) as eng:
+        yield eng
 
 
 def req(engine: Engine, text: str):
