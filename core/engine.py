@@ -189,7 +189,7 @@ class Engine:
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
         except asyncio.TimeoutError:
-            job.cancelled = True
+            self._abandon(job)
             self.stats["timeouts"] += 1
             self._finished(job, "timeout")
             raise RequestTimeout(
@@ -197,7 +197,7 @@ class Engine:
                 f"시도해 주세요. (generation timed out)"
             ) from None
         except asyncio.CancelledError:
-            job.cancelled = True
+            self._abandon(job)
             self._finished(job, "cancelled")
             raise
         except Exception as exc:
@@ -205,6 +205,13 @@ class Engine:
             raise
         self._finished(job, "ok")
         return result
+
+    def _abandon(self, job: _Job) -> None:
+        """Nobody waits for `job` any more: the worker drops its rows, and it no longer counts as in flight (a drain
+        would wait for it, and an error set on its future later would be logged as never retrieved)."""
+        job.cancelled = True
+        job.future.cancel()
+        self._jobs.discard(job)
 
     def _finished(self, job: _Job, outcome: str) -> None:
         # Tokens of a timed-out or cancelled job were computed too; the worker only appends, so reading is safe.
