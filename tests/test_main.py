@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", BOT_ENV_FILE=os.devnull, **extra)
     return env
 
 
