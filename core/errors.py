@@ -19,3 +19,8 @@ class ShuttingDown(UserError):
 
 class ModelLoadError(Exception):
     """The model or checkpoint cannot be loaded; the message is one sentence saying why and what to do."""
+
+
+class StoreError(UserError):
+    """The per-chat settings store cannot be used (read-only, full disk, corrupt, a directory). Not the user's doing,
+    but the reply says what failed rather than a generic apology about generation."""
