@@ -491,7 +491,8 @@ def _readable(exc: BaseException) -> Exception:
             "Message Content intent가 꺼져 있습니다. Developer Portal → Bot → Privileged Gateway Intents에서 켜세요. "
             "(enable the Message Content intent)"
         )
-    if isinstance(exc, (OSError, aiohttp.ClientError, discord.GatewayNotFound, discord.ConnectionClosed, discord.DiscordServerError)):
+    unreachable = (OSError, aiohttp.ClientError, discord.GatewayNotFound, discord.ConnectionClosed, discord.DiscordServerError)
+    if isinstance(exc, unreachable):
         return DiscordUnreachable(f"Discord에 연결할 수 없습니다 (cannot reach Discord): {type(exc).__name__}: {exc}")
     return RuntimeError(f"Discord 연결 실패 (Discord connection failed): {type(exc).__name__}: {exc}")
 

@@ -116,7 +116,7 @@ def pick_checkpoint(directory: Path) -> Path:
         raise ModelLoadError(f"체크포인트 디렉터리 {directory}에 .ckpt 파일이 없습니다. (no .ckpt files in {directory})")
     scored = [(float(m.group(1)), p) for p in ckpts if (m := _VAL_LOSS_RE.search(p.name))]
     if scored:
-        loss, best = min(scored)
+        _, best = min(scored)
         log.info("picked %s (lowest val_loss of %d)", best.name, len(scored))
         return best
     # No val_loss in the names: the newest file is the best guess, and we say so.
@@ -206,9 +206,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     local = Path(pretrained).expanduser()
     if local.is_file():
         raise ModelLoadError(
-            f"model.pretrained {pretrained}은(는) 파일입니다: config.json과 tokenizer.json이 든 디렉터리(또는 허브 이름)를 "
-            f"지정하세요. 가중치 파일 하나는 model.checkpoint에 지정합니다. (model.pretrained must be a model directory "
-            f"or a hub name, not a file; a single weights file goes in model.checkpoint)"
+            f"model.pretrained {pretrained}은(는) 파일입니다: config.json과 tokenizer.json이 든 디렉터리"
+            f"(또는 허브 이름)를 지정하세요. 가중치 파일 하나는 model.checkpoint에 지정합니다. "
+            f"(model.pretrained must be a model directory or a hub name, not a file; a single weights file goes in "
+            f"model.checkpoint)"
         )
     check_readable(local, "model.pretrained")
     if checkpoint:

@@ -218,6 +218,8 @@ def check_variables(variables: Mapping[str, str | None], origin: str) -> None:
         parts = name[len(ENV_PREFIX):].lower().split("__")
         for depth, part in enumerate(parts):
             fields = _fields(model)
+            if fields is None and typing.get_origin(model) in (dict, Mapping):
+                break  # a free-form mapping setting: any key below it is data
             if fields is None or part not in fields:
                 known = sorted(fields or {})
                 close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)

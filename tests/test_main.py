@@ -111,8 +111,8 @@ def test_unusable_store_or_token_file_fails_before_the_model_loads(tiny_dir: Pat
     extra = ({"BOT_STORE__PATH": str(unusable)} if setting == "store"
              else {"BOT_TELEGRAM__TOKEN_FILE": str(unusable), "BOT_STORE__PATH": str(tmp_path / "s.sqlite3")})
     for args in (["--check"], []):
-        out = subprocess.run([sys.executable, "-m", "bot", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                             env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), **extra))
+        out = subprocess.run([sys.executable, "-m", "bot", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), **extra))
         assert out.returncode == 1, out.stderr
         assert str(unusable) in out.stderr and "Traceback" not in out.stderr
         assert "model loaded" not in out.stderr  # regression: found only after a load that may take minutes
@@ -120,8 +120,8 @@ def test_unusable_store_or_token_file_fails_before_the_model_loads(tiny_dir: Pat
 
 def test_check_proves_the_store_is_writable(tiny_dir: Path, tmp_path: Path):
     store = tmp_path / "s.sqlite3"
-    out = subprocess.run([sys.executable, "-m", "bot", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_STORE__PATH=str(store)))
+    out = subprocess.run([sys.executable, "-m", "bot", "--check"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_STORE__PATH=str(store)))
     assert out.returncode == 0, out.stderr
     assert f"store: {store} (writable)" in out.stdout and store.exists()
 

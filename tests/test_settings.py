@@ -131,7 +131,8 @@ def test_unknown_key_check_follows_the_models(monkeypatch):
 def test_env_file_in_the_working_directory_is_read(monkeypatch, tmp_path: Path):
     monkeypatch.delenv("BOT_ENV_FILE")  # conftest points it away from a developer's .env
     monkeypatch.chdir(tmp_path)
-    (tmp_path / ".env").write_text("COMPOSE_PROJECT_NAME=x\nBOT_WEB__PORT=9009\nBOT_TELEGRAM__TOKEN=1:abc\n", encoding="utf-8")
+    env = "COMPOSE_PROJECT_NAME=x\nBOT_WEB__PORT=9009\nBOT_TELEGRAM__TOKEN=1:abc\n"  # compose's own variables too
+    (tmp_path / ".env").write_text(env, encoding="utf-8")
     s = load_settings()
     assert s.web.port == 9009 and s.telegram.secret() == "1:abc"
     monkeypatch.setenv("BOT_WEB__PORT", "9010")  # the environment overrides the file
