@@ -154,8 +154,10 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     for name in ("httpx", "httpcore", "telegram", "discord"):
         caplog.set_level(logging.DEBUG, logger=name)
 
-    async def slow_refusal(request: web.Request) -> web.Response:  # a Discord that rejects the token after a while
-        await asyncio.sleep(2.0)
+    refuse_now = asyncio.Event()
+
+    async def slow_refusal(request: web.Request) -> web.Response:  # a Discord that rejects the token when told to
+        await refuse_now.wait()  # not a fixed delay: under load the web checks below could outlast it
         return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
 
     discord_app = web.Application()
@@ -188,6 +190,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
                 health = await resp.text()
             async with http.post(f"http://127.0.0.1:{port}/api", data=b"{bad") as resp:
                 web_error = await resp.text()
+        refuse_now.set()
         await asyncio.wait_for(runner, 30)  # Discord refuses the token: that front end fails, the runner stops all
     finally:
         if not runner.done():
