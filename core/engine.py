@@ -190,14 +190,14 @@ class Engine:
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
         except TimeoutError:
-            job.cancelled = True
+            self._abandon(job)
             self._finished(job, "timeout")
             raise RequestTimeout(
                 f"생성이 {self.limits.request_timeout_s:g}초 안에 끝나지 않았습니다. 더 짧게(max_length) 다시 "
                 f"시도해 주세요. (generation timed out)"
             ) from None
         except asyncio.CancelledError:
-            job.cancelled = True
+            self._abandon(job)
             self._finished(job, "cancelled")
             raise
         except Exception as exc:
@@ -205,6 +205,13 @@ class Engine:
             raise
         self._finished(job, "ok")
         return result
+
+    def _abandon(self, job: _Job) -> None:
+        """Nobody waits for `job` any more: the worker drops its rows, and it no longer counts as in flight (a drain
+        would wait for it, and an error set on its future later would be logged as never retrieved)."""
+        job.cancelled = True
+        job.future.cancel()
+        self._jobs.discard(job)
 
     def _finished(self, job: _Job, outcome: str) -> None:
         # Tokens of a timed-out or cancelled job were computed too; the worker only appends, so reading is safe.

@@ -39,3 +39,8 @@ class ModelLoadError(Exception):
 
 class EngineUnavailable(UserError):
     """The remote generation server could not be reached or answered with an error, after the retries."""
+
+
+class StoreError(UserError):
+    """The per-chat settings store cannot be used (read-only, full disk, corrupt, a directory). Not the user's doing,
+    but the reply says what failed rather than a generic apology about generation."""

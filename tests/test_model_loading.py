@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,8 @@ from transformers.pytorch_utils import Conv1D
 from core.errors import ModelLoadError
 from core.model_loading import load_model, pick_checkpoint
 from core.settings import ModelSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +161,58 @@ def test_cuda_without_a_gpu_is_one_clear_sentence(tiny_dir: Path, monkeypatch: p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelLoadError, match="model.device.*cuda"):
         load_model(ModelSettings(pretrained=str(tiny_dir), device="cuda"))
+
+
+# ---- start-up faults are one sentence, never a library's traceback (issue 12, item 8) ------------------------------
+def test_corrupt_model_safetensors_is_one_sentence(tiny_dir: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 1000)
+    with pytest.raises(ModelLoadError, match="손상") as info:
+        load_model(ModelSettings(pretrained=str(broken)))
+    assert str(broken) in str(info.value)
+
+
+def test_pretrained_pointing_at_a_file_says_which_setting_to_use(tiny_dir: Path):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelSettings(pretrained=str(tiny_dir / "model.safetensors")))
+    message = str(info.value)
+    assert "model.checkpoint" in message and "weights_only" not in message
+
+
+def test_picked_checkpoint_is_logged_with_how_many_were_compared(tiny_dir: Path, trained, tmp_path: Path, caplog):
+    for i, loss in enumerate(["4.20", "3.05", "3.50"]):
+        write_lightning_ckpt(trained, tmp_path / f"epoch={i}-val_loss={loss}.ckpt")
+    with caplog.at_level(logging.INFO, logger="core.model_loading"):
+        pick_checkpoint(tmp_path)
+    assert "picked epoch=1-val_loss=3.05.ckpt (lowest val_loss of 3)" in caplog.text
+
+
+def test_unreadable_model_file_is_a_permission_problem_naming_file_and_uid(tiny_dir: Path):
+    """As another user (root reads everything), the way a container's uid meets a host file of mode 600."""
+    shared = Path(tempfile.mkdtemp(prefix="perm-"))
+    try:
+        shared.chmod(0o755)
+        model = shared / "model"
+        shutil.copytree(tiny_dir, model)
+        for f in model.iterdir():
+            f.chmod(0o644)
+        (model / "model.safetensors").chmod(0o600)
+        uid = os.getuid() if os.getuid() != 0 else 65534
+        out = as_user(uid, "from core.model_loading import load_model; from core.settings import ModelSettings",
+                      f"load_model(ModelSettings(pretrained={str(model)!r}))")
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert "ModelLoadError" in last and "model.safetensors" in last and f"uid {uid}" in last, out.stderr
+        assert "No such file" not in out.stderr
+    finally:
+        shutil.rmtree(shared)
+
+
+def as_user(uid: int, imports: str, code: str) -> subprocess.CompletedProcess:
+    """Run `imports`, then become `uid` (when we are root; this Python's own files may be root's only), then `code`."""
+    if os.getuid() != 0 and uid != os.getuid():
+        pytest.skip("needs root to switch users")
+    script = f"import os\n{imports}\nif os.getuid() != {uid}:\n    os.setuid({uid})\n{code}\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
