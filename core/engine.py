@@ -66,6 +66,7 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
+        self.sentiment = loaded.sentiment  # whether the label words steer the model (/help warns when not)
         self.settings = settings
         self.limits = settings.limits
         self.defaults: Knobs = default_knobs(settings.generation)

@@ -96,6 +96,7 @@ class RemoteEngine:
         base = self.config.url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
         self.source = f"{urlsplit(self.base_url).netloc} (openai)"
+        self.sentiment = True  # the remote model is the operator's choice; nothing here can tell
         self.model_name = self.config.model
         self.extensions: bool | None = None  # known after the first GET /v1/models
         self._session: aiohttp.ClientSession | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,3 +105,35 @@ def test_best_of_asked_for_without_a_label_is_refused(engine: Engine):
     with pytest.raises(UserError, match="라벨"):
         parse_gen("아 정말 best_of=4", engine.defaults, engine.limits)
     assert parse_gen("아 정말 best_of=1", engine.defaults, engine.limits).rows == 1
+
+
+def test_the_reply_shows_the_picks_confidence_and_help_warns_when_labels_cannot_steer(engine: Engine):
+    from core.knobs import Knobs
+    from core.replies import UNSTEERED, help_text, render_generation
+    from core.types import GenRequest
+
+    knobs = Knobs(10, 20, 1.0, 50, 1.0, 0, 1.0, best_of=4)
+    gen = Generation(GenRequest("긍정", "아 정말", knobs), (" 재밌다",), (7,), 9, True, (0.934,))
+    assert render_generation(gen, 4096).endswith("seed=7 · 긍정 93%")
+    assert "긍정" not in render_generation(replace(gen, request=GenRequest(None, "아 정말", knobs), confidence=None),
+                                          4096).split("seed=")[1]
+    assert UNSTEERED in help_text(engine.defaults, engine.limits, steered=False)
+    assert UNSTEERED not in help_text(engine.defaults, engine.limits)
+    assert engine.sentiment is False  # the tiny test model carries no mark
+
+
+def test_a_trained_model_is_marked_and_a_bare_one_is_not(tiny_dir, tmp_path, caplog):
+    import json
+
+    from core.model_loading import load_model
+    from core.settings import ModelSettings
+
+    assert not load_model(ModelSettings(pretrained=str(tiny_dir))).sentiment
+    assert "will not steer" in caplog.text
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    for f in tiny_dir.iterdir():
+        (marked / f.name).write_bytes(f.read_bytes())
+    config = json.loads((marked / "config.json").read_text())
+    (marked / "config.json").write_text(json.dumps({**config, "sentiment_labels": {"positive": "긍정", "negative": "부정"}}))
+    assert load_model(ModelSettings(pretrained=str(marked))).sentiment
