@@ -63,7 +63,10 @@ def _error(status: int, message: str) -> web.Response:
 
 def _result(gen: Generation) -> dict:
     texts = gen.texts()
-    return {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
+    out = {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
+    if gen.confidence is not None:  # with a label: the model's own P(label | text) for each result
+        out["confidence"] = [round(c, 4) for c in gen.confidence]
+    return out
 
 
 def _check_text(value: object) -> None:
@@ -84,7 +87,7 @@ class _Refused(Exception):
         self.response = response
 
 
-async def _prepared(request: web.Request):  # noqa: ANN202
+async def _prepared(request: web.Request, base: str):  # noqa: ANN202
     """The body → a PreparedRequest through the typed-fields door; a refusal raises _Refused with its response."""
     conversation = request.app[CONVERSATION_KEY]
 
@@ -121,14 +124,14 @@ async def _prepared(request: web.Request):  # noqa: ANN202
     except UserError as exc:
         raise refuse(422, str(exc)) from None
     try:
-        return conversation.from_fields(payload, WHO, base="server")  # the door counts its own refusals
+        return conversation.from_fields(payload, WHO, base=base)  # the door counts its own refusals
     except UserError as exc:
         raise _Refused(_error(422, str(exc))) from None
 
 
 async def api(request: web.Request) -> web.Response:
     try:
-        prepared = await _prepared(request)
+        prepared = await _prepared(request, "tutorial")  # the tutorial's API: best_of 1 unless the JSON asks
     except _Refused as refused:
         return refused.response
     try:
@@ -171,7 +174,7 @@ class _LinesTarget:
 
 async def api_stream(request: web.Request) -> web.StreamResponse:
     try:
-        prepared = await _prepared(request)
+        prepared = await _prepared(request, "server")  # the page: the server's chat defaults, best_of included
     except _Refused as refused:
         return refused.response
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8",

@@ -139,7 +139,8 @@ class Conversation:
     def from_fields(self, fields: Mapping[str, object], who: Who, base: str = "chat") -> PreparedRequest:
         """Typed fields: `prompt` (text, taken literally; a leading label word counts as the label when `label` is
         not given), `label` ("긍정"/"부정"/aliases, or empty), and knobs by name or alias (None or "" = default).
-        `base`: "chat" starts from the chat's saved defaults, "server" from the server's (the web API)."""
+        `base`: "chat" starts from the chat's saved defaults, "server" from the server's (the web page), "tutorial"
+        from the server's with best_of 1 (POST /api, which keeps the tutorial's one-sample behaviour)."""
         self.check_access(who)
 
         def parse():  # noqa: ANN202
@@ -148,8 +149,8 @@ class Conversation:
             label = values.pop("label", None)
             if not isinstance(prompt, str):
                 raise UserError('"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)')
-            defaults = self.backend.defaults if base == "server" else self.core.chat_knobs(who.chat)
-            if base == "server":  # the tutorial's API samples once unless asked: best_of is the chats' default
+            defaults = self.core.chat_knobs(who.chat) if base == "chat" else self.backend.defaults
+            if base == "tutorial":  # the tutorial's API samples once unless asked: best_of is the chats' default
                 defaults = replace(defaults, best_of=1)
             knobs = validate_knobs(values, defaults, self.backend.limits)
             request = request_from_text(prompt, knobs, self.backend.limits, label=_label(label))
