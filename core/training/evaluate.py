@@ -94,14 +94,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     files = {} if args.train and args.test else nsmc_files(args.data_dir or None)
     train_path, test_path = Path(args.train or files["train"]), Path(args.test or files["test"])
     settings = load_settings(
-        model={"pretrained": args.model, "checkpoint": "", "quantize": "none"},
-        limits={"max_batch_size": 64, "queue_size": 100_000, "request_timeout_s": 3600, "max_length": 128,
+        model={"pretrained": args.model, "checkpoint": "", "quantize": args.quantize},
+        limits={"max_batch_size": 64, "queue_size": 10_000, "request_timeout_s": 600, "max_length": 128,
                 "max_rows_per_request": 16},
     )
     base = Knobs(**{**settings.generation.model_dump(), **{k: v for k, v in (
         ("min_length", args.min_length), ("max_length", args.max_length), ("top_k", args.top_k), ("top_p", args.top_p),
         ("temperature", args.temperature), ("repetition_penalty", args.repetition_penalty)) if v is not None}})
-    report: dict = {"model": args.model, "knobs": base.as_dict(), "samples_per_label": {}, "runs": {}, "fluency": {}}
+    report: dict = {"model": args.model, "quantize": args.quantize, "knobs": base.as_dict(), "samples_per_label": {}, "runs": {}, "fluency": {}}
     started = time.monotonic()
     predict, accuracy = train_judge(train_path, test_path)
     report["judge_test_accuracy"] = accuracy
@@ -130,7 +130,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     asyncio.run(run())
     reviews = encode(loaded.tokenizer, read_nsmc(test_path, args.nll_reviews), 128)
-    variants = {"fp32": loaded.model}
+    variants = {"fp32": load_model(settings.model.model_copy(update={"quantize": "none"})).model}
     if args.int8:
         variants["int8"] = load_model(settings.model.model_copy(update={"quantize": "int8"})).model
     for name, model in variants.items():
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from core.errors import ModelLoadError, UserError
+    from core.settings import SettingsError
 
     transformers.logging.set_verbosity_error()
     p = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__,
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--nll-reviews", type=int, default=500, help="ratings_test reviews for the fluency measure")
     p.add_argument("--int8", action="store_true", help="also measure NLL with int8 quantization (quality drift)")
+    p.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
+                   help="the engine's quantization while generating (default: as the bot serves, auto)")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     try:
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
 
             args.best_of = sorted({1, load_settings().generation.best_of})
         report = evaluate(args)
-    except (UserError, ModelLoadError) as exc:
+    except (UserError, ModelLoadError, SettingsError) as exc:
         raise SystemExit(f"core.evaluate: {exc}") from None
     print_table(report)
     if args.json:
