@@ -115,16 +115,19 @@ def evaluate(args: argparse.Namespace) -> dict:
         engine.start()
         try:
             for best_of in args.best_of:
-                for which in sets:
-                    t0 = time.monotonic()
-                    samples = await generate_samples(engine, OPENINGS[which], args.samples,
-                                                     replace(base, best_of=best_of))
-                    result = score_samples(samples, predict)
-                    result["seconds"] = time.monotonic() - t0
-                    report["runs"][f"best_of={best_of} {which}"] = result
-                    report["samples_per_label"][which] = len(OPENINGS[which]) * args.samples
-                    print(f"best_of={best_of} {which}: control {result['control']['mean']:.1%} "
-                          f"({result['seconds']:.0f} s)", flush=True)
+                for accept in (args.accept if best_of > 1 else [engine.accept]):
+                    engine.accept = accept
+                    for which in sets:
+                        t0 = time.monotonic()
+                        samples = await generate_samples(engine, OPENINGS[which], args.samples,
+                                                         replace(base, best_of=best_of))
+                        result = score_samples(samples, predict)
+                        result["seconds"] = time.monotonic() - t0
+                        name = f"best_of={best_of}" + (f" accept={accept or 'max'}" if len(args.accept) > 1 else "")
+                        report["runs"][f"{name} {which}"] = result
+                        report["samples_per_label"][which] = len(OPENINGS[which]) * args.samples
+                        print(f"{name} {which}: control {result['control']['mean']:.1%} distinct-2 "
+                              f"{result['distinct_2']:.3f} ({result['seconds']:.0f} s)", flush=True)
         finally:
             await engine.stop()
 
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--openings", choices=("dev", "holdout", "both"), default="both")
     p.add_argument("--best-of", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="comma-separated best_of values to compare (default: 1 and the chat default)")
+    p.add_argument("--accept", type=lambda s: [None if x == "max" else float(x) for x in s.split(",")], default=None,
+                   help="best_of acceptance thresholds to compare, 'max' = always the arg-max (default: the engine's)")
     p.add_argument("--min-length", type=int, default=None, help="default: settings.toml's [generation]")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -196,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     try:
+        if args.accept is None:
+            from core.rerank import ACCEPT
+
+            args.accept = [ACCEPT]
         if args.best_of is None:
             from core.settings import load_settings
 
