@@ -105,8 +105,10 @@ def channel(i: int = 0) -> discord.TextChannel:
 async def test_gen_replies_with_prompt_continuation_seed_and_buttons(dbot, sent):
     text = await answer("!gen 긍정 아 정말 top_p=0.9")
     assert text.startswith("**긍정 아 정말**")
-    body, seed = text.rsplit("\n\nseed=", 1)
+    body, footer = text.rsplit("\n\nseed=", 1)
+    seed, _, sure = footer.partition(" · ")
     assert len(body) > len("**긍정 아 정말**") and seed.isdigit()
+    assert sure.startswith("긍정 ") and sure.endswith("%")  # the model's own reading of the text
     view = sent[-1]["view"]
     assert [b.label for b in view.children] == [REGENERATE, CONTINUE]
     assert view.timeout == discord_bot.VIEW_TIMEOUT_S
@@ -299,7 +301,7 @@ async def test_slash_gen_defers_then_answers_with_buttons(dbot):
     await gen.callback(interaction, prompt="아 정말", label="긍정", top_p=0.9, seed="42")
     assert interaction.log[0] == ("defer", None, {"thinking": True})
     kind, content, extra = interaction.final()
-    assert kind == "edit" and content.startswith("**긍정 아 정말**") and content.endswith("seed=42")
+    assert kind == "edit" and content.startswith("**긍정 아 정말**") and "seed=42 · 긍정 " in content
     assert pings_nobody(extra["allowed_mentions"].to_dict())
     assert [b.label for b in extra["view"].children] == [REGENERATE, CONTINUE]
 

@@ -144,3 +144,17 @@ def test_a_trained_model_is_marked_and_a_bare_one_is_not(tiny_dir, tmp_path, cap
     config = json.loads((marked / "config.json").read_text())
     (marked / "config.json").write_text(json.dumps({**config, "sentiment_labels": {"positive": "긍정", "negative": "부정"}}))
     assert load_model(ModelSettings(pretrained=str(marked))).sentiment
+
+
+async def test_continue_keeps_the_label_so_best_of_still_aims_at_it(engine: Engine):
+    from core.followups import FollowUps
+
+    first = req(engine, "부정 이 영화는 best_of=3 seed=2 max_length=14")
+    gen = await engine.generate(first)
+    followups = FollowUps()
+    key = followups.remember(gen, len(first.prompt_ids))
+    nxt = followups.continuation(key, 0, engine.prepare, engine.limits.max_length)
+    assert nxt.request.label == "부정" and nxt.request.model_prompt == gen.texts()[0]
+    assert nxt.request.rows == 3
+    more = await engine.generate(nxt)
+    assert more.texts()[0].startswith(gen.texts()[0]) and more.confidence is not None
