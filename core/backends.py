@@ -8,7 +8,7 @@ from pathlib import Path
 from core.settings import Settings
 
 
-async def start_backend(settings: Settings):  # noqa: ANN201 (an Engine or a RemoteEngine: the same interface)
+async def start_backend(settings: Settings):
     """A started backend: `local` loads the model here; `openai` needs only the tokenizer, to count prompt tokens."""
     if settings.engine.backend == "local":
         from core.engine import start_engine
@@ -22,7 +22,7 @@ async def start_backend(settings: Settings):  # noqa: ANN201 (an Engine or a Rem
     return engine
 
 
-def load_counting_tokenizer(settings: Settings):  # noqa: ANN201
+def load_counting_tokenizer(settings: Settings):
     """`engine.tokenizer` (a tokenizer.json or its directory), else model.pretrained's tokenizer."""
     from transformers import PreTrainedTokenizerFast
 

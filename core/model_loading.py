@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
 from core.settings import ModelSettings
-from core.speedups import fuse_gelu, quantize_int8
+from core.speedups import fuse_gelu, load_int8_streaming, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +172,18 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, torch.Tensor], or
 def load_model(settings: ModelSettings) -> LoadedModel:
     """The model and tokenizer named by settings; every failure is a ModelLoadError with one clear sentence."""
     pretrained, checkpoint = settings.pretrained, settings.checkpoint.strip()
+    device = resolve_device(settings.device)
+    int8 = resolve_quantize(settings.quantize, device) == "int8"
     tokenizer_source = pretrained
     if not checkpoint:
-        model = _from_pretrained(pretrained)
+        model = _from_pretrained(pretrained, int8)
         source = pretrained
     else:
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise ModelLoadError(f"체크포인트 {path}이(가) 없습니다. (checkpoint not found: {path})")
         if path.is_dir() and (path / "config.json").exists():
-            model = _from_pretrained(str(path))
+            model = _from_pretrained(str(path), int8)
             if (path / "tokenizer.json").exists():
                 tokenizer_source = str(path)
             source = str(path)
@@ -197,9 +199,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model = fuse_gelu(model.eval())
-    device = resolve_device(settings.device)
-    if resolve_quantize(settings.quantize, device) == "int8":
-        model = quantize_int8(model)
+    if int8:
+        model = quantize_int8(model)  # a no-op for a model quantized while loading
         source += " (int8)"
     elif device.type != "cpu":
         dtype = model_dtype(device)
@@ -208,7 +209,22 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
-def _from_pretrained(source: str) -> GPT2LMHeadModel:
+def _hub_snapshot(name: str) -> Path | None:
+    """The local directory of a hub model's safetensors weights (downloaded to the cache if need be), if it has any."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "model.safetensors")).parent
+    except Exception:  # noqa: BLE001 (no such file, offline, no such repo: from_pretrained then reports it clearly)
+        return None
+
+
+def _from_pretrained(source: str, int8: bool = False) -> GPT2LMHeadModel:
+    if int8:
+        directory = Path(source) if Path(source).is_dir() else _hub_snapshot(source)
+        model = load_int8_streaming(directory, load_config(source)) if directory else None
+        if model is not None:
+            return model
     try:
         return GPT2LMHeadModel.from_pretrained(source)
     except (OSError, ValueError) as exc:

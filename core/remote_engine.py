@@ -26,7 +26,13 @@ from urllib.parse import urlsplit
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.errors import (
+    BusyError,
+    EngineUnavailable,
+    RequestTimeout,
+    ShuttingDown,
+    UserError,
+)
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.prompt_rules import check_prompt_ids
 from core.settings import Settings
@@ -144,7 +150,7 @@ class RemoteEngine:
         """Whether the remote answers `GET /v1/models` (for /healthz)."""
         try:
             await self._models(timeout=min(5.0, self.config.timeout_s))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             return {"backend": self.backend, "ok": False, "remote": "unreachable", "detail": type(exc).__name__}
         return {"backend": self.backend, "ok": True, "remote": "reachable", "queue_depth": self.queue_depth}
 
@@ -260,7 +266,7 @@ class RemoteEngine:
         if knobs.no_repeat_ngram_size and self.extensions is None:
             try:
                 await self._models(timeout=self.config.timeout_s)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 raise EngineUnavailable(UNREACHABLE) from None
         self._refuse_unsupported(knobs)
 
@@ -294,7 +300,7 @@ class RemoteEngine:
         if not self.model_name:
             try:
                 await self._models(timeout=self.config.timeout_s)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 self._attempts.labels(self.backend, "error").inc()
                 raise EngineUnavailable(UNREACHABLE) from None
         return list(await asyncio.gather(*(
@@ -313,8 +319,13 @@ class RemoteEngine:
                 await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
             started = time.monotonic()
             sent: list[str] = []
+
+            def shown(delta: str, sent: list[str] = sent) -> None:
+                sent.append(delta)
+                on_delta((index, delta, None))
+
             try:
-                text, tokens = await self._post(body, stream, lambda delta: (sent.append(delta), on_delta((index, delta, None))))
+                text, tokens = await self._post(body, stream, shown)
             except _Retryable as exc:
                 if sent:  # text already shown cannot be taken back: no retry mid-stream
                     self._attempts.labels(self.backend, "error").inc()
@@ -352,7 +363,7 @@ class RemoteEngine:
                     usage = payload.get("usage") or {}
                     return str(choice.get("text", "")), usage.get("completion_tokens")
                 return await _read_sse(resp, on_delta)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._attempts.labels(self.backend, "timeout").inc()
             raise RequestTimeout(
                 f"생성 서버가 {self.config.timeout_s:g}초 안에 답하지 않았습니다. 더 짧게(max_length) 다시 시도해 "

@@ -11,10 +11,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from conftest import make_settings, running_core
 from fake_bot_api import FakeBotAPI
 
 from bot.web import create_app
-from conftest import make_settings, running_core
 from core.backends import start_backend
 from core.grammar import parse_gen
 

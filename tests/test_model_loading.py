@@ -154,3 +154,15 @@ def test_cuda_without_a_gpu_is_one_clear_sentence(tiny_dir: Path, monkeypatch: p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelLoadError, match="model.device.*cuda"):
         load_model(ModelSettings(pretrained=str(tiny_dir), device="cuda"))
+
+
+def test_int8_from_safetensors_never_builds_the_fp32_model(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Quantized while loading: each layer is read and quantized alone (the peak-memory promise)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole fp32 model was loaded")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", refuse)
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8"))
+    assert not any(p.is_meta for p in loaded.model.parameters())
+    assert loaded.model.lm_head.weight().dtype == torch.qint8
+    assert torch.isfinite(loaded.model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

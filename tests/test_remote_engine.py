@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
+from conftest import make_settings
 from fake_vllm import FakeVLLM
 
-from conftest import make_settings
 from core.backends import start_backend
 from core.errors import BusyError, EngineUnavailable, RequestTimeout, UserError
 from core.grammar import parse_gen
