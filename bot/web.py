@@ -9,6 +9,7 @@ from importlib import resources
 
 from aiohttp import web
 
+from bot import openai_api
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.grammar import GenRequest, normalise_label, request_from_text
 from core.knobs import knob_specs, validate_knobs
@@ -119,7 +120,7 @@ def create_app(core: BotCore) -> web.Application:
     app[CORE_KEY] = core
     app.add_routes([web.get("/", page), web.post("/api", api), web.get("/healthz", healthz),
                     web.get("/metrics", metrics)])
-    __import__("bot.openai_api").openai_api.add_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
+    openai_api.add_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app
 
 
