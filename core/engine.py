@@ -25,10 +25,10 @@ from core.devices import usable_cpus
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
+from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
-from core.prompt_rules import check_prompt_ids
 from core.types import Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)
