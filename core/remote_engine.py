@@ -229,6 +229,9 @@ class RemoteEngine:
         except BusyError:
             outcome = "busy"
             raise
+        except EngineUnavailable:
+            outcome = "error"
+            raise
         except UserError:
             outcome = "user_error"
             raise

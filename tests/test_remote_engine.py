@@ -164,3 +164,16 @@ async def test_a_tokenizer_json_file_can_count_the_prompt(tiny_dir, tmp_path, vl
     finally:
         await engine.stop()
     assert result.continuations == (" 재밌다 seed2",)
+
+
+async def test_outcomes_are_counted_per_front_end(remote, vllm):
+    await remote.generate(req(remote, "긍정 아 정말"))
+    vllm.failures = [429]
+    with pytest.raises(BusyError):
+        await remote.generate(req(remote, "긍정 아 정말"))
+    vllm.failures = [500, 500, 500]
+    with pytest.raises(EngineUnavailable):
+        await remote.generate(req(remote, "긍정 아 정말"))
+    metrics = remote.telemetry.metrics.render()[0].decode()
+    for outcome in ("ok", "busy", "error"):
+        assert f'bot_requests_total{{frontend="internal",outcome="{outcome}"}} 1.0' in metrics
