@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -225,7 +224,9 @@ def child(row: str, model_dir: Path) -> None:
         result = run_ctranslate2(model_dir)
     else:
         result = run_bot(model_dir, "none" if row == "bot-fp32" else "auto", contended=row == "bot-contended")
-    result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report this parent's peak.
+    status = Path("/proc/self/status").read_text()
+    result.setdefault("peak_rss_mb", int(status.split("VmHWM:")[1].split()[0]) / 1024)
     print(json.dumps(result))
 
 

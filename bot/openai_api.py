@@ -20,7 +20,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.errors import (
+    BusyError,
+    EngineUnavailable,
+    RequestTimeout,
+    ShuttingDown,
+    UserError,
+)
 from core.knobs import VOCAB_TOP_K_MAX, validate_knobs
 from core.remote_engine import ENGINE_NODE_OWNER
 from core.service import BotCore

@@ -16,7 +16,7 @@ from importlib import resources
 from aiohttp import web, web_protocol, web_server
 from aiohttp.web_protocol import RequestPayloadError
 
-from bot.openai_api import add_routes as add_openai_routes
+from bot import openai_api
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.grammar import reject_broken_text
@@ -299,7 +299,7 @@ def create_app(core: BotCore) -> web.Application:
     app[CONVERSATION_KEY] = Conversation(core)
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
-    add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
+    openai_api.add_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
-async def start_backend(settings: Settings):  # noqa: ANN201 (an Engine or a RemoteEngine: the same interface)
+    from core.engine import Engine
+    from core.remote_engine import RemoteEngine
+
+
+async def start_backend(settings: Settings) -> Engine | RemoteEngine:
     """A started backend: `local` loads the model here; `openai` needs only the tokenizer, to count prompt tokens."""
     if settings.engine.backend == "local":
         from core.engine import start_engine
@@ -22,7 +29,7 @@ async def start_backend(settings: Settings):  # noqa: ANN201 (an Engine or a Rem
     return engine
 
 
-def load_counting_tokenizer(settings: Settings):  # noqa: ANN201
+def load_counting_tokenizer(settings: Settings) -> PreTrainedTokenizerFast:
     """`engine.tokenizer` (a tokenizer.json or its directory), else model.pretrained's tokenizer."""
     from transformers import PreTrainedTokenizerFast
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GPT2LMHeadModel
 
 from core import rerank
 from core.devices import usable_cpus
@@ -432,7 +432,7 @@ class _Batch:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.device = _device_of(model)
-        self.cache_arg = _cache_argument(model)
+        self.cache_arg = _cache_argument()
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.positions: list[int] = []
@@ -525,10 +525,11 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The KV cache's name in the model's forward and outputs: `past_key_values` up to transformers 5.2x, `cache` after
-    (where `past_key_values` still works, with a deprecation warning). Both are public API in their versions."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _cache_argument() -> str:
+    """The KV cache's name in GPT-2's forward and outputs: `past_key_values` up to transformers 5.2x, `cache` after
+    (where `past_key_values` still works, with a deprecation warning). Both are public API in their versions. Read
+    from the installed transformers' GPT-2 class, so a model wrapped in another module gets the same answer."""
+    return "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
 def _layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

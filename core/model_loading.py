@@ -16,7 +16,7 @@ from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
 from core.hub import load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
-from core.speedups import fuse_gelu, quantize_int8
+from core.speedups import fuse_gelu, load_int8_streaming, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +209,19 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     check_readable(local, "model.pretrained")
     if checkpoint:
         check_readable(Path(checkpoint).expanduser(), "model.checkpoint")
+    device = resolve_device(settings.device)
+    int8 = resolve_quantize(settings.quantize, device) == "int8"
     tokenizer_source = pretrained
     tutorial_checkpoint = False
     if not checkpoint:
-        model = _from_pretrained(pretrained)
+        model = _from_pretrained(pretrained, int8)
         source = pretrained
     else:
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise ModelLoadError(f"체크포인트 {path}이(가) 없습니다. (checkpoint not found: {path})")
         if path.is_dir() and (path / "config.json").exists():
-            model = _from_pretrained(str(path))
+            model = _from_pretrained(str(path), int8)
             if (path / "tokenizer.json").exists():
                 tokenizer_source = str(path)
             source = str(path)
@@ -236,9 +238,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model = fuse_gelu(model.eval())
-    device = resolve_device(settings.device)
-    if resolve_quantize(settings.quantize, device) == "int8":
-        model = quantize_int8(model)
+    if int8:
+        model = quantize_int8(model)  # a no-op for a model quantized while loading
         source += " (int8)"
     elif device.type != "cpu":
         dtype = model_dtype(device)
@@ -251,10 +252,30 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, sentiment=sentiment)
 
 
-def _from_pretrained(source: str) -> GPT2LMHeadModel:
+def _hub_snapshot(name: str) -> Path | None:
+    """The local directory of a hub model's safetensors weights (the cache first, then one quick probe before a
+    download, as every hub name is loaded), if it has any."""
+    from huggingface_hub import hf_hub_download
+
     try:
+        return load_named(lambda repo, **kw: Path(hf_hub_download(repo, "model.safetensors", **kw)).parent, name)
+    except ModelLoadError:
+        raise
+    except Exception:  # noqa: BLE001 (no safetensors in the repo: from_pretrained then loads what it has)
+        return None
+
+
+def _from_pretrained(source: str, int8: bool = False) -> GPT2LMHeadModel:
+    try:
+        if int8:
+            directory = local_dir(source) or _hub_snapshot(source)
+            model = load_int8_streaming(directory, load_config(source)) if directory else None
+            if model is not None:
+                return model
         # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
         return load_named(lambda name, **kw: GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32, **kw), source)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # a corrupt weights file raises the safetensors or torch library's own error types
         if local_dir(source) is not None:
             raise ModelLoadError(

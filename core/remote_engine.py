@@ -26,7 +26,13 @@ from urllib.parse import urlsplit
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.errors import (
+    BusyError,
+    EngineUnavailable,
+    RequestTimeout,
+    ShuttingDown,
+    UserError,
+)
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.prompt_rules import check_prompt_ids
 from core.settings import Settings
@@ -163,8 +169,8 @@ class RemoteEngine:
 
     async def generate(self, request: GenRequest | PreparedRequest, continuing: bool = False) -> Generation:
         final = None
-        async for final in self.stream(request, continuing, _updates=False):
-            pass
+        async for update in self.stream(request, continuing, _updates=False):
+            final = update
         assert final is not None
         return final
 
@@ -223,6 +229,9 @@ class RemoteEngine:
             raise
         except BusyError:
             outcome = "busy"
+            raise
+        except EngineUnavailable:
+            outcome = "error"
             raise
         except UserError:
             outcome = "user_error"
@@ -314,8 +323,13 @@ class RemoteEngine:
                 await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
             started = time.monotonic()
             sent: list[str] = []
+
+            def shown(delta: str, sent: list[str] = sent) -> None:
+                sent.append(delta)
+                on_delta((index, delta, None))
+
             try:
-                text, tokens = await self._post(body, stream, lambda delta: (sent.append(delta), on_delta((index, delta, None))))
+                text, tokens = await self._post(body, stream, shown)
             except _Retryable as exc:
                 if sent:  # text already shown cannot be taken back: no retry mid-stream
                     self._attempts.labels(self.backend, "error").inc()

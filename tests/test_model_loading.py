@@ -216,3 +216,15 @@ def as_user(uid: int, imports: str, code: str) -> subprocess.CompletedProcess:
     script = f"import os\n{imports}\nif os.getuid() != {uid}:\n    os.setuid({uid})\n{code}\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_int8_from_safetensors_never_builds_the_fp32_model(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Quantized while loading: each layer is read and quantized alone (the peak-memory promise)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole fp32 model was loaded")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", refuse)
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8"))
+    assert not any(p.is_meta for p in loaded.model.parameters())
+    assert loaded.model.lm_head.weight().dtype == torch.qint8
+    assert torch.isfinite(loaded.model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

@@ -164,3 +164,33 @@ async def test_a_tokenizer_json_file_can_count_the_prompt(tiny_dir, tmp_path, vl
     finally:
         await engine.stop()
     assert result.continuations == (" 재밌다 seed2",)
+
+
+async def test_outcomes_are_counted_per_front_end(remote, vllm):
+    await remote.generate(req(remote, "긍정 아 정말"))
+    vllm.failures = [429]
+    with pytest.raises(BusyError):
+        await remote.generate(req(remote, "긍정 아 정말"))
+    vllm.failures = [500, 500, 500]
+    with pytest.raises(EngineUnavailable):
+        await remote.generate(req(remote, "긍정 아 정말"))
+    metrics = remote.telemetry.metrics.render()[0].decode()
+    for outcome in ("ok", "busy", "error"):
+        assert f'bot_requests_total{{frontend="internal",outcome="{outcome}"}} 1.0' in metrics
+
+
+async def test_check_runs_through_the_remote_backend(tiny_dir, tmp_path, vllm):
+    import asyncio
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
+    env.update(HF_HUB_OFFLINE="1", BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_ENGINE__BACKEND="openai",
+               BOT_ENGINE__URL=vllm.url, BOT_ENGINE__API_KEY="sk-test-key", BOT_STORE__PATH=str(tmp_path / "s.db"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--check", cwd=Path(__file__).resolve().parents[1], env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert "check: ok" in out.decode() and "seed0" in out.decode() and "sk-test-key" not in out.decode() + err.decode()

@@ -80,11 +80,28 @@ async def test_healthz_and_page(client: TestClient):
     assert "<form" in html and "temperature" in html and "__CONFIG__" not in html
 
 
-async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient):
+async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient, monkeypatch):
+    import threading
+
+    from bot import web as web_module
+    from core.engine import _Batch
+
+    # No timing in the test: the worker is held at its first decoding step until the page has read a partial line,
+    # and partial lines are not throttled. (A fast machine may otherwise finish before the first edit is due.)
+    monkeypatch.setattr(web_module._LinesTarget, "edit_interval", 0.0)
+    gate, real_step = threading.Event(), _Batch.step
+
+    def held_step(self, last_tokens):
+        gate.wait(60)
+        return real_step(self, last_tokens)
+
+    monkeypatch.setattr(_Batch, "step", held_step)
     body = {"prompt": "아 정말", "label": "긍정", "min_length": 40, "max_length": 40, "seed": 4, "n": 2}
     resp = await client.post("/api/stream", json=body)
     assert resp.status == 200 and resp.content_type == "application/x-ndjson"
-    lines = [json.loads(line) for line in (await resp.text()).splitlines()]
+    first = json.loads(await resp.content.readline())
+    gate.set()
+    lines = [first] + [json.loads(line) for line in (await resp.text()).splitlines()]
     *partials, final = lines
     assert partials and all(len(p["partial"]) == 2 and p["prompt"] == "긍정 아 정말" for p in partials)
     assert final["seeds"] == [4, 5] and final["result"] == final["results"][0]
@@ -138,14 +155,13 @@ async def test_api_keeps_one_sample_unless_asked_while_the_page_gets_the_chat_de
     from conftest import make_settings, running_core
 
     settings = make_settings(tiny_dir, tmp_path, generation={"best_of": 4}, model={"quantize": "none"})
-    async with running_core(settings) as bot_core:
-        async with TestClient(TestServer(create_app(bot_core), host="127.0.0.1")) as c:
-            seed = {"prompt": "긍정 아 정말", "seed": 11, "max_length": 16}
-            tutorial = await (await c.post("/api", json=seed)).json()
-            assert tutorial["seeds"] == [11] and len(tutorial["confidence"]) == 1  # best_of 1: seed 11 itself
-            asked = await (await c.post("/api", json={**seed, "best_of": 4})).json()
-            assert asked["seeds"][0] in range(11, 15)
-            lines = [json.loads(line) for line in (await (await c.post("/api/stream", json=seed)).text()).splitlines()]
-            assert lines[-1]["seeds"] == asked["seeds"] and lines[-1]["results"] == asked["results"]
-            no_label = await c.post("/api", json={"prompt": "아 정말", "best_of": 4})
-            assert no_label.status == 422 and "라벨" in (await no_label.json())["error"]
+    async with running_core(settings) as bot_core, TestClient(TestServer(create_app(bot_core), host="127.0.0.1")) as c:
+        seed = {"prompt": "긍정 아 정말", "seed": 11, "max_length": 16}
+        tutorial = await (await c.post("/api", json=seed)).json()
+        assert tutorial["seeds"] == [11] and len(tutorial["confidence"]) == 1  # best_of 1: seed 11 itself
+        asked = await (await c.post("/api", json={**seed, "best_of": 4})).json()
+        assert asked["seeds"][0] in range(11, 15)
+        lines = [json.loads(line) for line in (await (await c.post("/api/stream", json=seed)).text()).splitlines()]
+        assert lines[-1]["seeds"] == asked["seeds"] and lines[-1]["results"] == asked["results"]
+        no_label = await c.post("/api", json={"prompt": "아 정말", "best_of": 4})
+        assert no_label.status == 422 and "라벨" in (await no_label.json())["error"]
