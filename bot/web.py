@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from bot import openai_api
 from core.conversation import Conversation, Reply, Style, Who, error_text
-from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
+from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
 from core.grammar import reject_broken_text
 from core.knobs import knob_specs
 from core.service import BotCore
@@ -138,7 +138,7 @@ async def api(request: web.Request) -> web.Response:
         result = await request.app[CONVERSATION_KEY].backend.generate(prepared)  # counted from here on by the engine
     except BusyError as exc:
         return _error(429, str(exc))
-    except (RequestTimeout, ShuttingDown) as exc:
+    except (RequestTimeout, ShuttingDown, EngineUnavailable) as exc:
         return _error(503, str(exc))
     except UserError as exc:
         return _error(422, str(exc))
@@ -186,7 +186,14 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "queue_depth": request.app[CONVERSATION_KEY].backend.queue_depth})
+    """200 while the generation backend can answer (the local worker is alive, or the remote server is reachable);
+    503 otherwise, so a load balancer or orchestrator stops sending chats here."""
+    backend = request.app[CONVERSATION_KEY].backend
+    engine = await backend.health()
+    body = {"status": "ok" if engine["ok"] else "degraded", "queue_depth": backend.queue_depth, "engine": engine}
+    if not engine["ok"]:
+        body["error"] = "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
+    return _json(body, 200 if engine["ok"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

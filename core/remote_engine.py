@@ -21,6 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -96,7 +97,12 @@ class RemoteEngine:
     def __init__(self, settings: Settings, tokenizer: object):
         self.settings = settings
         self.limits = settings.limits
-        self.defaults: Knobs = default_knobs(settings.generation)
+        # best_of's rerank reads the model's own probabilities, which only the local engine has: a chat default
+        # best_of does not apply here, and one asked for is refused (prepare).
+        self.defaults: Knobs = replace(default_knobs(settings.generation), best_of=1)
+        if settings.generation.best_of > 1:
+            log.info("generation.best_of=%d applies to the local engine only; the remote backend samples once",
+                     settings.generation.best_of)
         self.tokenizer = tokenizer
         self.config = settings.engine
         base = self.config.url.rstrip("/")
@@ -162,6 +168,11 @@ class RemoteEngine:
 
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
         """The request checked against the limits and tokenized once (UserError when it does not fit)."""
+        if request.best_of > 1:
+            raise UserError(
+                "best_of는 이 봇이 모델을 직접 돌릴 때만 쓸 수 있습니다 (지금은 원격 생성 서버를 씁니다). best_of 없이 다시 "
+                "시도해 주세요. (best_of needs the local engine: its rerank reads the model's own probabilities)"
+            )
         prepared = PreparedRequest(request, tuple(self.encode_prompt(request, continuing)), continuing)
         if self.extensions is not None:  # unknown until the remote is asked; checked again before sending
             self._refuse_unsupported(request.knobs)

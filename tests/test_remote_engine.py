@@ -194,3 +194,41 @@ async def test_check_runs_through_the_remote_backend(tiny_dir, tmp_path, vllm):
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     assert "check: ok" in out.decode() and "seed0" in out.decode() and "sk-test-key" not in out.decode() + err.decode()
+
+
+async def test_best_of_is_refused_by_name_and_a_chat_default_does_not_apply(tiny_dir, tmp_path, vllm):
+    settings = make_settings(tiny_dir, tmp_path, generation={"best_of": 4},
+                             engine={"backend": "openai", "url": vllm.url, "api_key": "sk-test-key", "retries": 0})
+    engine = await start_backend(settings)
+    try:
+        assert engine.defaults.best_of == 1
+        with pytest.raises(UserError, match="best_of"):
+            engine.prepare(req(engine, "긍정 아 정말 best_of=4"))
+        result = await engine.generate(engine.prepare(req(engine, "긍정 아 정말 seed=3")))
+        assert len(result.continuations) == 1 and len(vllm.bodies) == 1
+    finally:
+        await engine.stop()
+
+
+async def test_healthz_and_api_say_when_the_remote_is_down(tiny_dir, tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bot.web import create_app
+    from core.service import BotCore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    settings = remote_settings(tiny_dir, tmp_path, closed, retries=0, model="kogpt2")
+    engine = await start_backend(settings)
+    bot_core = BotCore.create(settings, engine)
+    try:
+        async with TestClient(TestServer(create_app(bot_core), host="127.0.0.1")) as client:
+            health = await client.get("/healthz")
+            body = await health.json()
+            assert health.status == 503 and body["engine"]["remote"] == "unreachable" and "error" in body
+            api = await client.post("/api", json={"prompt": "긍정 아 정말"})
+            assert api.status == 503 and "연결할 수 없습니다" in (await api.json())["error"]
+    finally:
+        bot_core.store.close()
+        await engine.stop()
