@@ -93,8 +93,11 @@ async def running_core(settings):
 
 
 async def answer(content: str, **kwargs) -> str:
+    """The reply as it stands once the command is done: on a slow machine its first send may be a partial, edited
+    later (issue 11.7), so read the message back instead of the first payload."""
     await dpytest.message(content, **kwargs)
-    return dpytest.get_message().content
+    sent = dpytest.get_message()
+    return (await sent.channel.fetch_message(sent.id)).content
 
 
 def channel(i: int = 0) -> discord.TextChannel:
