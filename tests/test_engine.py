@@ -121,3 +121,16 @@ def test_padded_batch_prefill_and_steps_match_each_prompt_alone(engine: Engine):
         assert torch.allclose(alone.prefill([prompt], [1])[0], logits[row], atol=1e-4)
         assert torch.allclose(alone.step([[5, 6, 7][i]])[0], nxt[row], atol=1e-4)
     assert torch.isfinite(nxt).all() and torch.equal(logits[1], logits[2])
+
+
+async def test_partials_are_decoded_only_when_read(engine: Engine, monkeypatch):
+    """Issue 11.4: the worker decoded every candidate's whole text at every step, and the throttle dropped most."""
+    calls = []
+    real = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepared = engine.prepare(req(engine, "긍정 아 정말 seed=3 min_length=30 max_length=30"))
+    parts = [p async for p in engine.stream(prepared)]
+    before = len(calls)
+    assert len(parts) > 3 and before <= 3  # the final result only (prompt + the text, decoded once)
+    read = parts[len(parts) // 2].continuations[0]  # reading a partial decodes that one
+    assert len(calls) > before and parts[-1].continuations[0].startswith(read.rstrip("�"))
