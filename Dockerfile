@@ -1,4 +1,4 @@
-# KoGPT2 sentiment bot: CPU-only image. Build: docker build -t kogpt2-bot .   Run: see README "Run in a container".
+# KoGPT2 sentiment bot: CPU-only image. Build: docker build -t kogpt2-sentiment-bot .   Run: see README "Run in a container".
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -7,8 +7,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A non-root user owning the one writable place, /data: the model cache and the SQLite store live there. Created
+# before anything is copied in, so a code change does not redo it.
+RUN groupadd --gid 10001 bot \
+    && useradd --create-home --uid 10001 --gid 10001 bot \
+    && mkdir -p /data/hf \
+    && chown -R 10001:10001 /data
+
 # torch first and alone: the largest layer, rebuilt only when this pin changes. The CPU index has the CPU-only
-# wheel; PyPI's torch for Linux pulls gigabytes of CUDA libraries. Same pin as pyproject.toml and .ci/run.
+# wheel; PyPI's torch for Linux pulls gigabytes of CUDA libraries. Same pin as .ci/run, within pyproject.toml's range.
 RUN python -m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 # The other dependencies depend on pyproject.toml only: install the project (editable, as the README's
@@ -21,11 +28,6 @@ RUN mkdir core bot \
 # The code last; the editable install above already points at /app. Root owns it: the bot cannot change itself.
 COPY . .
 
-# A non-root user owning the one writable place, /data: the model cache and the SQLite store live there.
-RUN groupadd --gid 10001 bot \
-    && useradd --create-home --uid 10001 --gid 10001 bot \
-    && mkdir -p /data/hf \
-    && chown -R 10001:10001 /data
 VOLUME ["/data"]
 
 # Settings through BOT_* variables (see settings.toml). The web page must listen on all interfaces in a container.

@@ -5,34 +5,60 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 
+# OpenMP threads that spin while they wait starve when another process wants the same cores (a shared box): one
+# request's ms/token was 7-12x worse with 2 spinning threads than with 2 passive ones under load here. It must be set
+# before torch loads OpenMP; an OMP_WAIT_POLICY from the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from core.errors import ModelLoadError, UserError
-from core.settings import SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("bot")
 
 
+def _not_voice(record: logging.LogRecord) -> bool:
+    # A text-only bot: discord.py's "PyNaCl/davey is not installed, voice will NOT be supported" is noise.
+    return "voice will NOT be supported" not in record.getMessage()
+
+
 def _quiet_libraries() -> None:
+    import huggingface_hub.utils
     import transformers
 
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar at every start …
+    huggingface_hub.utils.enable_progress_bars()  # … but a first start's hub download shows its progress
     # httpx logs every request URL at INFO, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("discord.client").addFilter(_not_voice)
+
+
+def preflight(settings: Settings) -> list[str]:
+    """Everything that can be checked without the model, checked before the minutes its load may take: secrets
+    (token files are read here) and the store (opened, and a write tried). Returns the enabled front ends' names."""
+    from bot.runner import enabled_front_ends
+    from core.chat_store import ChatStore
+
+    fronts = [fe.name for fe in enabled_front_ends(settings)]
+    ChatStore(settings.store.path).close()
+    return fronts
 
 
 async def _main(check: bool) -> int:
-    from bot.runner import enabled_front_ends, install_signal_handlers, run_front_ends
-    from core.engine import start_engine
+    from bot.runner import install_signal_handlers, run_front_ends
+    from core.backends import start_backend
     from core.grammar import parse_gen
     from core.service import BotCore
 
     settings = load_settings()
+    fronts = preflight(settings)
     started = time.monotonic()
-    engine = await start_engine(settings)
+    engine = await start_backend(settings)
     log.info("model loaded from %s in %.1f s", engine.source, time.monotonic() - started)
     try:
         if check:
@@ -40,10 +66,11 @@ async def _main(check: bool) -> int:
             started = time.monotonic()
             result = await engine.generate(engine.prepare(request))
             print(f"model: {engine.source}")
-            if settings.model.quantize == "none":  # int8 weights are packed and not counted as parameters
+            if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
             print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
-            print(f"front ends enabled: {', '.join(fe.name for fe in enabled_front_ends(settings)) or 'none'}")
+            print(f"store: {settings.store.path} (writable)")
+            print(f"front ends enabled: {', '.join(fronts) or 'none'}")
             print("check: ok")
             return 0
         core = BotCore.create(settings, engine)

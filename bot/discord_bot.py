@@ -12,6 +12,7 @@ import asyncio
 import difflib
 import logging
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -155,7 +156,14 @@ def _readable(exc: BaseException) -> Exception:
             "Message Content intent가 꺼져 있습니다. Developer Portal → Bot → Privileged Gateway Intents에서 켜세요. "
             "(enable the Message Content intent)"
         )
+    unreachable = (OSError, aiohttp.ClientError, discord.GatewayNotFound, discord.ConnectionClosed, discord.DiscordServerError)
+    if isinstance(exc, unreachable):
+        return DiscordUnreachable(f"Discord에 연결할 수 없습니다 (cannot reach Discord): {type(exc).__name__}: {exc}")
     return RuntimeError(f"Discord 연결 실패 (Discord connection failed): {type(exc).__name__}: {exc}")
+
+
+class DiscordUnreachable(RuntimeError):
+    """Discord could not be reached (network, gateway, a 5xx): bot.runner retries it, unlike a rejected token."""
 
 
 async def serve(core: BotCore, stop: asyncio.Event) -> None:

@@ -15,18 +15,50 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
+
+Serve = Callable[[BotCore, asyncio.Event], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class FrontEnd:
     name: str
     module: str  # imported only when enabled; it provides `async def serve(core, stop)`
     enabled: Callable[[Settings], bool]
+    retry_on: str = ""  # the module's exception for "unreachable, try again later"; serve is retried with backoff
 
 
 FRONT_ENDS = (
     FrontEnd("web", "bot.web", lambda s: s.web.enabled),
+    # Telegram retries inside its serve (PTB's initialize loop).
     FrontEnd("telegram", "bot.telegram_app", lambda s: s.telegram.secret() is not None),
-    FrontEnd("discord", "bot.discord_bot", lambda s: s.discord.secret() is not None),
+    FrontEnd("discord", "bot.discord_bot", lambda s: s.discord.secret() is not None, retry_on="DiscordUnreachable"),
 )
+
+
+def retrying(name: str, serve: Serve, transient: type[BaseException]) -> Serve:
+    """`serve`, run again with exponential backoff (up to RETRY_MAX_S) while it fails with `transient`: a platform
+    that is unreachable at start (or later) must not stop the other front ends."""
+
+    async def run(core: BotCore, stop: asyncio.Event) -> None:
+        delay = RETRY_FIRST_S
+        while not stop.is_set():
+            try:
+                await serve(core, stop)
+                return
+            except transient as exc:
+                log.warning("%s: %s; retrying in %.0f s", name, exc, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    return run
+
+
+def load_serve(fe: FrontEnd) -> Serve:
+    module = importlib.import_module(fe.module)
+    return retrying(fe.name, module.serve, getattr(module, fe.retry_on)) if fe.retry_on else module.serve
 
 
 def enabled_front_ends(settings: Settings) -> list[FrontEnd]:
@@ -55,8 +87,7 @@ async def run_front_ends(core: BotCore, stop: asyncio.Event) -> bool:
     tasks: dict[asyncio.Task, str] = {}
     front_stop = asyncio.Event()  # set after the drain, so replies of in-flight work can still be sent
     for fe in fronts:
-        serve: Callable[[BotCore, asyncio.Event], Awaitable[None]] = importlib.import_module(fe.module).serve
-        tasks[asyncio.create_task(serve(core, front_stop), name=fe.name)] = fe.name
+        tasks[asyncio.create_task(load_serve(fe)(core, front_stop), name=fe.name)] = fe.name
     log.info("started: %s", ", ".join(fe.name for fe in fronts))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)

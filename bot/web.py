@@ -16,6 +16,7 @@ from importlib import resources
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from bot.openai_api import add_routes as add_openai_routes
 from bot.web_server import GuardedRunner, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
@@ -33,7 +34,7 @@ STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
 WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
-    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics 를 쓰세요. (not found)",
+    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
     405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
     408: "요청 본문이 제때 도착하지 않았습니다. (request body too slow)",
     413: f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)",
@@ -51,7 +52,10 @@ def _error(status: int, message: str) -> web.Response:
 
 def _result(gen: Generation) -> dict:
     texts = gen.texts()
-    return {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
+    out = {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
+    if gen.confidence is not None:  # with a label: the model's own P(label | text) for each result
+        out["confidence"] = [round(c, 4) for c in gen.confidence]
+    return out
 
 
 def _check_text(value: object) -> None:
@@ -72,7 +76,7 @@ class _Refused(Exception):
         self.response = response
 
 
-async def _prepared(request: web.Request):  # noqa: ANN202
+async def _prepared(request: web.Request, base: str):  # noqa: ANN202
     """The body → a PreparedRequest through the typed-fields door; a refusal raises _Refused with its response."""
     conversation = request.app[CONVERSATION_KEY]
 
@@ -109,14 +113,14 @@ async def _prepared(request: web.Request):  # noqa: ANN202
     except UserError as exc:
         raise refuse(422, str(exc)) from None
     try:
-        return conversation.from_fields(payload, WHO, base="server")  # the door counts its own refusals
+        return conversation.from_fields(payload, WHO, base=base)  # the door counts its own refusals
     except UserError as exc:
         raise _Refused(_error(422, str(exc))) from None
 
 
 async def api(request: web.Request) -> web.Response:
     try:
-        prepared = await _prepared(request)
+        prepared = await _prepared(request, "tutorial")  # the tutorial's API: best_of 1 unless the JSON asks
     except _Refused as refused:
         return refused.response
     try:
@@ -159,7 +163,7 @@ class _LinesTarget:
 
 async def api_stream(request: web.Request) -> web.StreamResponse:
     try:
-        prepared = await _prepared(request)
+        prepared = await _prepared(request, "server")  # the page: the server's chat defaults, best_of included
     except _Refused as refused:
         return refused.response
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8",
@@ -215,6 +219,7 @@ def create_app(core: BotCore) -> web.Application:
     app[CONVERSATION_KEY] = Conversation(core)
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
+    add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app
 
 

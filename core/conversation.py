@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 from core.access import REFUSAL, Access, Verdict
 from core.errors import NotAllowed, RateLimited, ShuttingDown, UserError
 from core.followups import parse_button
-from core.grammar import normalise_label, parse_gen, request_from_text
-from core.knobs import validate_knobs
+from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
+from core.knobs import knob_specs, resolve_key, validate_knobs
 from core.replies import APOLOGY, render_generation
 from core.types import Generation, PreparedRequest
 
@@ -139,7 +139,8 @@ class Conversation:
     def from_fields(self, fields: Mapping[str, object], who: Who, base: str = "chat") -> PreparedRequest:
         """Typed fields: `prompt` (text, taken literally; a leading label word counts as the label when `label` is
         not given), `label` ("긍정"/"부정"/aliases, or empty), and knobs by name or alias (None or "" = default).
-        `base`: "chat" starts from the chat's saved defaults, "server" from the server's (the web API)."""
+        `base`: "chat" starts from the chat's saved defaults, "server" from the server's (the web page), "tutorial"
+        from the server's with best_of 1 (POST /api, which keeps the tutorial's one-sample behaviour)."""
         self.check_access(who)
 
         def parse():  # noqa: ANN202
@@ -148,9 +149,14 @@ class Conversation:
             label = values.pop("label", None)
             if not isinstance(prompt, str):
                 raise UserError('"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)')
-            defaults = self.backend.defaults if base == "server" else self.core.chat_knobs(who.chat)
+            defaults = self.core.chat_knobs(who.chat) if base == "chat" else self.backend.defaults
+            if base == "tutorial":  # the tutorial's API samples once unless asked: best_of is the chats' default
+                defaults = replace(defaults, best_of=1)
             knobs = validate_knobs(values, defaults, self.backend.limits)
-            return request_from_text(prompt, knobs, self.backend.limits, label=_label(label))
+            request = request_from_text(prompt, knobs, self.backend.limits, label=_label(label))
+            specs = knob_specs(self.backend.limits)
+            check_best_of(request, {resolve_key(k, specs) for k, v in values.items() if v not in (None, "")})
+            return request
 
         return self._admit(who, parse)
 

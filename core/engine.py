@@ -9,25 +9,28 @@ is answered at once and leaves the batch. The event loop never runs model code.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-import os
 import queue
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
 
+from core import rerank
+from core.devices import usable_cpus
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
+from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, build_processors, sample
 from core.settings import Settings
 from core.telemetry import Telemetry
-from core.types import Generation, GenRequest, PreparedRequest
+from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class _Job:
     started: float = field(default_factory=time.monotonic)  # for the latency metric
     generated: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
+    stopped: list[bool] = field(default_factory=list)  # ended with the end-of-text token (scored with it)
     prompt_text: str | None = None  # the prompt decoded, cached for cutting it off each continuation
 
 
@@ -62,6 +66,7 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
+        self.sentiment = loaded.sentiment  # whether the label words steer the model (/help warns when not)
         self.settings = settings
         self.limits = settings.limits
         self.defaults: Knobs = default_knobs(settings.generation)
@@ -110,6 +115,13 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    backend = "local"
+
+    async def health(self) -> dict:
+        """For /healthz: whether the worker thread that owns the model is alive."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(_device_of(self.model))}
+
     # ---- public API ------------------------------------------------------------------------------------------
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
         """Check `request` against the limits and tokenize it (once); a UserError says what does not fit.
@@ -117,21 +129,7 @@ class Engine:
         `continuing`: the prompt is the bot's own earlier output, held to max_length only, not the prompt cap.
         """
         ids = self.tokenizer(request.model_prompt, add_special_tokens=False)["input_ids"] if request.model_prompt else []
-        if not ids:
-            raise UserError("프롬프트가 비어 있습니다. (the prompt is empty)")
-        if len(ids) > self.limits.max_prompt_tokens and not continuing:
-            raise UserError(
-                f"프롬프트가 너무 깁니다: {len(ids)}토큰. 최대 {self.limits.max_prompt_tokens}토큰까지 가능합니다. "
-                f"(prompt too long: {len(ids)} tokens, at most {self.limits.max_prompt_tokens})"
-            )
-        if len(ids) >= request.knobs.max_length:
-            raise UserError(
-                f"프롬프트가 이미 {len(ids)}토큰이라 max_length({request.knobs.max_length}) 안에 이어 쓸 자리가 "
-                f"없습니다. max_length를 {len(ids) + 1} 이상 {self.limits.max_length} 이하로 지정하세요. "
-                f"(max_length counts the prompt's {len(ids)} tokens; use max_length between {len(ids) + 1} "
-                f"and {self.limits.max_length})"
-            )
-        return PreparedRequest(request, tuple(ids), continuing)
+        return PreparedRequest(request, tuple(check_prompt_ids(ids, request, self.limits, continuing)), continuing)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -169,7 +167,7 @@ class Engine:
     def _submit(self, prepared: PreparedRequest, streaming: bool) -> _Job:
         request = prepared.request
         base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
-        seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.knobs.n)]
+        seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.rows)]
         loop = asyncio.get_running_loop()
         job = _Job(request, list(prepared.prompt_ids), seeds, loop, loop.create_future(),
                    asyncio.Event() if streaming else None)
@@ -193,14 +191,14 @@ class Engine:
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
         except TimeoutError:
-            job.cancelled = True
+            self._abandon(job)
             self._finished(job, "timeout")
             raise RequestTimeout(
                 f"생성이 {self.limits.request_timeout_s:g}초 안에 끝나지 않았습니다. 더 짧게(max_length) 다시 "
                 f"시도해 주세요. (generation timed out)"
             ) from None
         except asyncio.CancelledError:
-            job.cancelled = True
+            self._abandon(job)
             self._finished(job, "cancelled")
             raise
         except Exception as exc:
@@ -209,6 +207,13 @@ class Engine:
         self._finished(job, "ok")
         return result
 
+    def _abandon(self, job: _Job) -> None:
+        """Nobody waits for `job` any more: the worker drops its rows, and it no longer counts as in flight (a drain
+        would wait for it, and an error set on its future later would be logged as never retrieved)."""
+        job.cancelled = True
+        job.future.cancel()
+        self._jobs.discard(job)
+
     def _finished(self, job: _Job, outcome: str) -> None:
         # Tokens of a timed-out or cancelled job were computed too; the worker only appends, so reading is safe.
         tokens = sum(map(len, job.generated))
@@ -216,12 +221,26 @@ class Engine:
 
     # ---- worker thread ---------------------------------------------------------------------------------------
     def _result(self, job: _Job, done: bool) -> Generation:
-        generated = [list(ids) for ids in job.generated]  # a snapshot: the worker may be appending
+        chosen, confidence = list(range(len(job.generated))), None
+        if done and job.request.label:
+            chosen, confidence = self._rerank(job)  # the worker's final call: the model is its own
+        generated = [list(job.generated[i]) for i in chosen]  # a snapshot: the worker may be appending
         if done:
             texts: Sequence[str] = tuple(self._continuation(job, ids) for ids in generated)
         else:  # a partial: most are dropped by the reader's throttle, so decode only the ones it reads
             texts = _Decoded(lambda: tuple(self._continuation(job, ids) for ids in generated), len(generated))
-        return Generation(job.request, texts, tuple(job.seeds), sum(map(len, generated)), done)
+        seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
+        return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
+
+    def _rerank(self, job: _Job) -> tuple[list[int], tuple[float, ...]]:
+        """The best of each group of `best_of` rows by the label score, and each pick's confidence."""
+        request = job.request
+        other = replace(request, label=NEGATIVE if request.label == POSITIVE else POSITIVE).model_prompt
+        other_ids = self.tokenizer(other, add_special_tokens=False)["input_ids"]
+        continuations = [ids + [self.eos_id] * stop for ids, stop in zip(job.generated, job.stopped)]
+        scores = rerank.label_scores(self.model, job.prompt_ids, other_ids, continuations)
+        chosen = rerank.pick_best(scores, request.knobs.n)
+        return chosen, tuple(rerank.confidence(scores[i]) for i in chosen)
 
     def _continuation(self, job: _Job, new_ids: list[int]) -> str:
         # Decode with the prompt so subword joins and spaces come out right, then cut the prompt off.
@@ -244,7 +263,7 @@ class Engine:
 
     def _run(self) -> None:
         # OpenMP's thread count is per calling thread: set it where the model runs.
-        torch.set_num_threads(self.settings.model.threads or os.cpu_count() or 1)
+        torch.set_num_threads(self.settings.model.threads or usable_cpus())
         batch = _Batch(self.model)
         rows: list[_Row] = []
         while not (self._stopping.is_set() and not rows and self._queue.empty()):
@@ -276,7 +295,7 @@ class Engine:
         """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""
         if len(jobs) > 1:
             try:
-                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.knobs.n for job in jobs])
+                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.rows for job in jobs])
             except Exception:  # noqa: BLE001 (retried one by one below, where the error is reported)
                 log.warning("batched prefill of %d requests failed; prefilling one by one", len(jobs))
             else:
@@ -325,32 +344,33 @@ class Engine:
         try:
             if active == 0:
                 jobs.append(self._queue.get(timeout=0.1))
-                capacity -= jobs[0].request.knobs.n
+                capacity -= jobs[0].request.rows
                 deadline = time.monotonic() + self.limits.batch_window_ms / 1000
                 while capacity > 0 and (left := deadline - time.monotonic()) > 0:
                     job = self._queue.get(timeout=left)
                     jobs.append(job)
-                    capacity -= job.request.knobs.n
+                    capacity -= job.request.rows
             while capacity > 0:
                 head = self._queue.queue[0] if self._queue.queue else None
-                if head is None or head.request.knobs.n > capacity:
+                if head is None or head.request.rows > capacity:
                     break
                 jobs.append(self._queue.get_nowait())
-                capacity -= head.request.knobs.n
+                capacity -= head.request.rows
         except queue.Empty:
             pass
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
-        return self._start([job], batch.prefill([job.prompt_ids], [job.request.knobs.n]))
+        return self._start([job], batch.prefill([job.prompt_ids], [job.request.rows]))
 
     def _start(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Row]:
         """One row per candidate, each with its own seeded generator, and their first tokens from `logits`."""
         rows = []
         for job in jobs:
-            n = job.request.knobs.n
+            n = job.request.rows
             job.generated = [[] for _ in range(n)]
             job.finished = [False] * n
+            job.stopped = [False] * n
             for candidate, seed in enumerate(job.seeds):
                 rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
         self._advance(rows, logits)
@@ -371,14 +391,17 @@ class Engine:
             touched.add(job)
             if token == self.eos_id:
                 job.finished[row.candidate] = True
+                job.stopped[row.candidate] = True
                 continue
             row.tokens.append(token)
             job.generated[row.candidate].append(token)
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
         for job in touched:
-            if not job.cancelled:
-                self._publish(job, all(job.finished))
+            done = all(job.finished)
+            # A rerank's pick is known only at the end, so best_of > 1 publishes no partial text.
+            if not job.cancelled and (done or job.request.best_of == 1):
+                self._publish(job, done)
 
     def _retire(self, rows: list[_Row], batch: _Batch) -> list[_Row]:
         keep = [i for i, row in enumerate(rows) if not row.job.finished[row.candidate] and not row.job.cancelled]
@@ -403,13 +426,22 @@ async def start_engine(settings: Settings) -> Engine:
 
 
 class _Batch:
-    """The running batch's KV cache, left-padded to a common length, with each row's attention mask and position."""
+    """The running batch's KV cache, left-padded to a common length, with each row's attention mask and position.
+
+    Tensors live on the model's device; logits come back as float32 on the CPU, where every row's processors and
+    seeded generator run, so a seed gives the same choice of token whatever the device's batch looked like."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.device = _device_of(model)
+        self.cache_arg = _cache_argument(model)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.positions: list[int] = []
+
+    def _forward(self, cache: DynamicCache | None, **inputs: object) -> tuple[torch.Tensor, DynamicCache]:
+        out = self.model(**inputs, **({self.cache_arg: cache} if cache is not None else {}), use_cache=True)
+        return out.logits[:, -1], out[self.cache_arg]
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
@@ -420,20 +452,21 @@ class _Batch:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
-        out = self.model(
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits, cache = self._forward(
+            None,
             input_ids=ids,
             attention_mask=None if bool(mask.all()) else mask,
             position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-            use_cache=True,
             logits_to_keep=1,
         )
-        counts = torch.tensor(copies)
+        counts = torch.tensor(copies, device=self.device)
         self._append(
-            [(layer.keys.repeat_interleave(counts, 0), layer.values.repeat_interleave(counts, 0)) for layer in out.cache.layers],
+            [(k.repeat_interleave(counts, 0), v.repeat_interleave(counts, 0)) for k, v in _layers_of(cache)],
             mask.repeat_interleave(counts, 0),
         )
         self.positions.extend(len(prompt) for prompt, n in zip(prompts, copies) for _ in range(n))
-        return out.logits[:, -1].repeat_interleave(counts, 0)
+        return logits.repeat_interleave(counts, 0).float().cpu()
 
     def snapshot(self) -> tuple:
         """The state `step` replaces (its tensors are never changed in place), to undo a failed step."""
@@ -461,31 +494,48 @@ class _Batch:
     @torch.inference_mode()
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each."""
-        cache = DynamicCache(ddp_cache_data=self.layers, config=self.model.config)
-        self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long)], dim=1)
-        out = self.model(
-            input_ids=torch.tensor(last_tokens)[:, None],
-            cache=cache,
+        # A fresh cache over our tensors each step, filled through the public `update`: the cache never owns them.
+        cache = DynamicCache()
+        for index, (k, v) in enumerate(self.layers):
+            cache.update(k, v, index)
+        self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long, device=self.device)], dim=1)
+        logits, cache = self._forward(
+            cache,
+            input_ids=torch.tensor(last_tokens, device=self.device)[:, None],
             # Without padding no mask is needed, and attention takes its faster unmasked path.
             attention_mask=None if bool(self.mask.all()) else self.mask,
-            position_ids=torch.tensor(self.positions)[:, None],
-            use_cache=True,
+            position_ids=torch.tensor(self.positions, device=self.device)[:, None],
         )
-        self.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self.layers = _layers_of(cache)
         self.positions = [p + 1 for p in self.positions]
-        return out.logits[:, -1]
+        return logits.float().cpu()
 
     def select(self, keep: list[int]) -> None:
         """Drop finished rows, then the left columns that are padding for every row still running."""
         if not keep:
             self.__init__(self.model)
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         self.mask = self.mask.index_select(0, index)
         self.positions = [self.positions[i] for i in keep]
         start = int(self.mask.any(dim=0).nonzero()[0])
         self.mask = self.mask[:, start:]
         self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers]
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's name in the model's forward and outputs: `past_key_values` up to transformers 5.2x, `cache` after
+    (where `past_key_values` still works, with a deprecation warning). Both are public API in their versions."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values, as the public `Cache.layers` (every 5.x release) holds them."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -35,3 +35,12 @@ class NotAllowed(UserError):
 
 class ModelLoadError(Exception):
     """The model or checkpoint cannot be loaded; the message is one sentence saying why and what to do."""
+
+
+class EngineUnavailable(UserError):
+    """The remote generation server could not be reached or answered with an error, after the retries."""
+
+
+class StoreError(UserError):
+    """The per-chat settings store cannot be used (read-only, full disk, corrupt, a directory). Not the user's doing,
+    but the reply says what failed rather than a generic apology about generation."""

@@ -111,7 +111,18 @@ def parse_gen(text: str, defaults: Knobs, limits: LimitsSettings) -> GenRequest:
     """Parse the arguments of `/gen` (the text after the command)."""
     reject_broken_text(text)
     prose, raw = extract_knobs(text, limits)
-    return request_from_text(prose, validate_knobs(raw, defaults, limits), limits)
+    request = request_from_text(prose, validate_knobs(raw, defaults, limits), limits)
+    check_best_of(request, {resolve_key(key, knob_specs(limits)) for key, _ in raw})
+    return request
+
+
+def check_best_of(request: GenRequest, given: set[str]) -> None:
+    """best_of reranks toward the label: asked for without one, it is refused (a chat default just doesn't apply)."""
+    if "best_of" in given and request.knobs.best_of > 1 and not request.label:
+        raise UserError(
+            "best_of는 라벨(긍정/부정)이 있을 때만 쓸 수 있습니다: 후보 중 라벨에 가장 맞는 것을 고르기 때문입니다. "
+            "예: /gen 긍정 아 정말 best_of=4 (best_of needs a label: it picks the candidate that fits the label best)"
+        )
 
 
 def parse_settings_args(text: str, defaults: Knobs, limits: LimitsSettings) -> dict[str, object]:

@@ -19,6 +19,9 @@ class KnobLimits(Protocol):
 
     max_length: int
     max_candidates: int
+    max_best_of: int
+    max_rows_per_request: int
+    max_batch_size: int
 
 
 class KnobDefaults(Protocol):
@@ -41,6 +44,7 @@ class Knobs:
     temperature: float
     seed: int | None = None
     n: int = 1
+    best_of: int = 1
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -96,6 +100,8 @@ def knob_specs(limits: KnobLimits) -> dict[str, KnobSpec]:
                  help_ko="난수 시드 (같은 시드 = 같은 결과)"),
         KnobSpec("n", int, 1, limits.max_candidates, aliases=("num", "count", "candidates", "num_return_sequences", "개수"),
                  help_ko="후보 개수"),
+        KnobSpec("best_of", int, 1, limits.max_best_of, aliases=("best", "bo", "rerank", "최선"),
+                 help_ko="후보 k개를 만들어 라벨에 가장 맞는 것을 고름 (라벨이 있을 때만)"),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -182,6 +188,12 @@ def validate_knobs(raw: Mapping[str, object] | Iterable[tuple[str, object]], bas
         raise UserError(
             f"max_length({knobs.max_length})는 min_length({knobs.min_length}) 이상이어야 합니다. "
             f"(max_length must be ≥ min_length)"
+        )
+    rows, cap = knobs.n * knobs.best_of, min(limits.max_rows_per_request, limits.max_batch_size)
+    if rows > cap:  # a request's rows are decoded in one batch
+        raise UserError(
+            f"n×best_of({knobs.n}×{knobs.best_of}={rows})가 너무 큽니다. 최대 {cap}까지 가능합니다. "
+            f"(n × best_of must be at most {cap})"
         )
     # Saved per-chat defaults may predate a lowered cap: hold them to today's ranges too.
     for spec in specs.values():

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 OUTCOMES = ("ok", "user_error", "rate_limited", "not_allowed", "busy", "timeout", "error", "cancelled", "shutdown")
-FRONT_ENDS = ("web", "telegram", "discord", "internal")
+FRONT_ENDS = ("web", "telegram", "discord", "openai", "internal")  # openai: the engine-node API (/v1)
 # CPU generation of up to 128 tokens: tens of milliseconds to about a minute (the default request timeout).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)

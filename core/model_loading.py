@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
+from core.hub import load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
 from core.speedups import fuse_gelu, quantize_int8
 
@@ -46,37 +49,58 @@ class LoadedModel:
     model: GPT2LMHeadModel
     tokenizer: PreTrainedTokenizerFast
     source: str  # what was loaded, for logs and --check
+    # Whether the label words steer it: core.train marks its models; a Lightning/state-dict checkpoint is the
+    # tutorial's label-prefixed fine-tune. A bare pretrained model never learned the labels.
+    sentiment: bool = True
 
 
-def _hub_hint(name: str) -> str:
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return f"model.pretrained 디렉터리 '{name}'이(가) 없습니다. (directory not found: {name})"
-    return (
-        f"'{name}'을(를) 불러올 수 없습니다: 로컬 디렉터리가 아니고 Hugging Face 허브에도 연결할 수 없습니다. "
-        f"모델을 미리 내려받아 model.pretrained(BOT_MODEL__PRETRAINED)를 그 디렉터리로 지정하세요. "
-        f"(cannot load '{name}': not a local directory and the hub is unreachable; "
-        f"point model.pretrained at a local copy)"
-    )
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_readable(path: Path, setting: str) -> None:
+    """Fail naming the file and our uid when `path` (or a file directly in it) cannot be read: transformers and
+    torch report an unreadable file as a missing or broken one."""
+    def refuse(target: Path) -> ModelLoadError:
+        uid = os.getuid() if hasattr(os, "getuid") else "?"
+        return ModelLoadError(
+            f"{setting}의 {target}을(를) 읽을 권한이 없습니다. 봇은 uid {uid}(으)로 실행됩니다: 그 사용자가 읽을 수 "
+            f"있게 권한을 바꾸세요 (예: chmod a+rX). (permission denied: the bot runs as uid {uid} and cannot read "
+            f"{target})"
+        )
+
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise refuse(path)
+        for child in sorted(path.iterdir()):
+            if child.is_file() and not os.access(child, os.R_OK):
+                raise refuse(child)
+    elif path.exists() and not os.access(path, os.R_OK):
+        raise refuse(path)
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
     try:
-        return PreTrainedTokenizerFast.from_pretrained(source, **SPECIAL_TOKENS)
-    except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
+        return load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw), source)
+    except Exception as exc:
+        if local_dir(source) is not None:
             raise ModelLoadError(
-                f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다): {exc}"
+                f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다). "
+                f"(cannot load the tokenizer from {source}: {_first_line(exc)})"
             ) from None
-        raise ModelLoadError(_hub_hint(source)) from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
+        raise ModelLoadError(unreachable_hint(source)) from None
 
 
 def load_config(source: str) -> GPT2Config:
     try:
-        return GPT2Config.from_pretrained(source)
+        return load_named(GPT2Config.from_pretrained, source)
     except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
+        if local_dir(source) is not None:
             raise ModelLoadError(f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다: {exc}") from None
-        raise ModelLoadError(_hub_hint(source)) from None
+        raise ModelLoadError(unreachable_hint(source)) from None
 
 
 def pick_checkpoint(directory: Path) -> Path:
@@ -86,7 +110,9 @@ def pick_checkpoint(directory: Path) -> Path:
         raise ModelLoadError(f"체크포인트 디렉터리 {directory}에 .ckpt 파일이 없습니다. (no .ckpt files in {directory})")
     scored = [(float(m.group(1)), p) for p in ckpts if (m := _VAL_LOSS_RE.search(p.name))]
     if scored:
-        return min(scored)[1]
+        _, best = min(scored)
+        log.info("picked %s (lowest val_loss of %d)", best.name, len(scored))
+        return best
     # No val_loss in the names: the newest file is the best guess, and we say so.
     newest = max(ckpts, key=lambda p: p.stat().st_mtime)
     log.warning("no val_loss in checkpoint names under %s; using the newest, %s", directory, newest.name)
@@ -171,7 +197,20 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, torch.Tensor], or
 def load_model(settings: ModelSettings) -> LoadedModel:
     """The model and tokenizer named by settings; every failure is a ModelLoadError with one clear sentence."""
     pretrained, checkpoint = settings.pretrained, settings.checkpoint.strip()
+    log.info("loading %s …", " + ".join(part for part in (pretrained, checkpoint) if part))
+    local = local_dir(pretrained) or Path(pretrained).expanduser()
+    if local.is_file():
+        raise ModelLoadError(
+            f"model.pretrained {pretrained}은(는) 파일입니다: config.json과 tokenizer.json이 든 디렉터리"
+            f"(또는 허브 이름)를 지정하세요. 가중치 파일 하나는 model.checkpoint에 지정합니다. "
+            f"(model.pretrained must be a model directory or a hub name, not a file; a single weights file goes in "
+            f"model.checkpoint)"
+        )
+    check_readable(local, "model.pretrained")
+    if checkpoint:
+        check_readable(Path(checkpoint).expanduser(), "model.checkpoint")
     tokenizer_source = pretrained
+    tutorial_checkpoint = False
     if not checkpoint:
         model = _from_pretrained(pretrained)
         source = pretrained
@@ -189,6 +228,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
                 path = pick_checkpoint(path)
             model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path))
             source = f"{pretrained} + {path}"
+            tutorial_checkpoint = True
     tokenizer = load_tokenizer(tokenizer_source)
     if len(tokenizer) > model.config.vocab_size:
         raise ModelLoadError(
@@ -196,16 +236,31 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model = fuse_gelu(model.eval())
-    if settings.quantize == "int8":
+    device = resolve_device(settings.device)
+    if resolve_quantize(settings.quantize, device) == "int8":
         model = quantize_int8(model)
         source += " (int8)"
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    elif device.type != "cpu":
+        dtype = model_dtype(device)
+        model = model.to(device=device, dtype=dtype)
+        source += f" ({device.type}, {str(dtype).removeprefix('torch.')})"
+    sentiment = tutorial_checkpoint or bool(getattr(model.config, "sentiment_labels", None))
+    if not sentiment:
+        log.warning("%s carries no sentiment-label mark (core.train writes one): 긍정/부정 labels will not steer "
+                    "it unless it was fine-tuned with label-prefixed reviews", source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, sentiment=sentiment)
 
 
 def _from_pretrained(source: str) -> GPT2LMHeadModel:
     try:
-        return GPT2LMHeadModel.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
-            raise ModelLoadError(f"{source}에서 모델을 불러올 수 없습니다: {exc}") from None
-        raise ModelLoadError(_hub_hint(source)) from None
+        # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
+        return load_named(lambda name, **kw: GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32, **kw), source)
+    except Exception as exc:  # a corrupt weights file raises the safetensors or torch library's own error types
+        if local_dir(source) is not None:
+            raise ModelLoadError(
+                f"{source}에서 모델을 불러올 수 없습니다: 가중치 파일이 손상되었거나 형식이 맞지 않습니다. "
+                f"(cannot load the model from {source}: {_first_line(exc)})"
+            ) from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
+        raise ModelLoadError(unreachable_hint(source)) from None

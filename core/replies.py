@@ -30,7 +30,10 @@ def render_generation(
     cursor = "" if gen.done else CURSOR
     many = len(gen.continuations) > 1
     seeds = ", ".join(str(s) for s in gen.seeds)
-    footer = f"\n\nseed={seeds}" if gen.done else ""
+    sure = ""
+    if gen.confidence is not None and gen.request.label:  # the model's own reading of its pick: "긍정 93%"
+        sure = f" · {gen.request.label} " + ", ".join(f"{c:.0%}" for c in gen.confidence)
+    footer = f"\n\nseed={seeds}{sure}" if gen.done else ""
     lines = []
     budget = max(0, limit - len(head) * len(gen.continuations) - len(footer) - 16 * len(gen.continuations))
     share = budget // max(1, len(gen.continuations))
@@ -51,9 +54,17 @@ def render_knobs(knobs: Knobs, escape: Callable[[str], str] = _plain) -> str:
     return "\n".join(escape(f"{name} = {'(무작위)' if value is None else value}") for name, value in values.items())
 
 
-def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", escape: Callable[[str], str] = _plain) -> str:
-    """The grammar, every knob with its range and default, and examples for both labels."""
-    lines = [
+UNSTEERED = ("⚠️ 지금 모델은 감정 라벨로 학습되지 않아 긍정/부정이 내용의 감정을 바꾸지 않습니다 (관리자: core.train으로 "
+             "학습한 모델이나 내장 모델을 쓰세요). (this model was not trained with the label words: they will not "
+             "steer it)")
+
+
+def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", escape: Callable[[str], str] = _plain,
+              steered: bool = True) -> str:
+    """The grammar, every knob with its range and default, and examples for both labels; a warning first when the
+    served model never learned the label words (`steered` False)."""
+    lines = [UNSTEERED, ""] if not steered else []
+    lines += [
         f"{command} [긍정|부정] 프롬프트 [key=value …]",
         "라벨: 긍정(pos, positive, 👍) / 부정(neg, negative, 👎) — 생략하면 프롬프트 그대로 이어 씁니다.",
         "길이는 프롬프트를 포함한 토큰 수입니다.",
@@ -72,5 +83,8 @@ def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", es
         f"{command} 긍정 아 정말 top_p=0.9",
         f"{command} 부정 이 영화는 temperature=0.8 max_length=40",
         f"{command} pos 배우들 연기가 n=3 seed=42",
+        f"{command} 부정 배우들 연기가 best_of=8",
+        "",
+        "best_of=k: 후보 k개 중 모델 스스로 라벨에 가장 맞다고 읽는 것을 고르고, 그 확신도(예: 긍정 93%)를 보여 줍니다.",
     ]
     return escape("\n".join(lines))

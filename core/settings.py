@@ -1,23 +1,37 @@
-"""Settings: `settings.toml` (or the file named by BOT_SETTINGS), overridden by BOT_* environment variables.
+"""Settings: `settings.toml` (or the file named by BOT_SETTINGS), overridden by BOT_* variables from a `.env` file
+in the working directory, overridden in turn by the environment.
 
 Nested values use `__`: BOT_MODEL__CHECKPOINT, BOT_TELEGRAM__TOKEN, BOT_WEB__PORT, ...
+Unknown keys, in the file or as BOT_* variables, are errors that name the key and the nearest known one.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from dotenv import dotenv_values
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 DEFAULT_SETTINGS_FILE = Path(__file__).resolve().parent.parent / "settings.toml"
+ENV_PREFIX = "BOT_"
+NOT_SETTINGS = {"BOT_SETTINGS", "BOT_ENV_FILE"}  # BOT_* variables that are not settings keys
+
+
+def env_file() -> str:
+    """The .env file read: the working directory's (as docker compose reads it), or BOT_ENV_FILE's."""
+    return os.environ.get("BOT_ENV_FILE", ".env")
 
 
 class SettingsError(Exception):
@@ -25,10 +39,12 @@ class SettingsError(Exception):
 
 
 class ModelSettings(BaseModel):
-    pretrained: str = "skt/kogpt2-base-v2"
+    # The embedded sentiment model (in the repository); "skt/kogpt2-base-v2" or a local copy for the full KoGPT2.
+    pretrained: str = "models/nsmc-small"
     checkpoint: str = ""
-    quantize: Literal["none", "int8"] = "none"
-    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = a GPU when torch sees one
+    quantize: Literal["auto", "none", "int8"] = "auto"  # auto = int8 on the CPU, none (bf16/fp16) on a GPU
+    threads: int = Field(0, ge=0, description="torch threads; 0 = the CPUs this process may use")
 
 
 class GenerationSettings(BaseModel):
@@ -41,25 +57,38 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     temperature: float = 1.0
+    # Candidates per result, reranked by how clearly the model itself reads them as the requested label.
+    best_of: int = 1
 
 
 class LimitsSettings(BaseModel):
     max_length: int = Field(128, ge=2, le=1024)
-    max_prompt_chars: int = Field(500, ge=1)
-    max_prompt_tokens: int = Field(64, ge=1)
+    # Upper bounds: past them a value stalls every request (a batch window, a timeout holding a batch slot) or the
+    # shutdown, or holds more memory than any CPU host has; none of them is a useful setting.
+    max_prompt_chars: int = Field(500, ge=1, le=20_000)
+    max_prompt_tokens: int = Field(64, ge=1, le=1024)
     max_candidates: int = Field(3, ge=1, le=16)
-    max_batch_size: int = Field(16, ge=1)
-    batch_window_ms: int = Field(10, ge=0)
-    queue_size: int = Field(64, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
-    user_interval_s: float = Field(2.0, ge=0, description="per-user minimum seconds between generations")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight generations may finish")
+    max_best_of: int = Field(8, ge=1, le=16)
+    max_rows_per_request: int = Field(16, ge=1, le=64, description="cap on n × best_of (rows sampled for one request)")
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_window_ms: int = Field(10, ge=0, le=1000)
+    queue_size: int = Field(64, ge=1, le=10_000)
+    request_timeout_s: float = Field(60.0, gt=0, le=600)
+    user_interval_s: float = Field(2.0, ge=0, le=3600, description="per-user minimum seconds between generations")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=600, description="on SIGTERM, how long in-flight generations may finish"
+    )
 
 
 class WebSettings(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    api_token: SecretStr | None = None  # bearer token for the engine-node API (/v1/...); None = open
+    api_token_file: str = ""
+
+    def api_secret(self) -> str | None:
+        return _read_secret(self.api_token, self.api_token_file, "api_token_file")
 
 
 class _TokenMixin(BaseModel):
@@ -68,15 +97,19 @@ class _TokenMixin(BaseModel):
 
     def secret(self) -> str | None:
         """The token from `token`, else from `token_file` (a mounted secret)."""
-        if self.token is not None and self.token.get_secret_value().strip():
-            return self.token.get_secret_value().strip()
-        if self.token_file:
-            try:
-                value = Path(self.token_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise SettingsError(f"token_file {self.token_file!r}을(를) 읽을 수 없습니다: {exc.strerror}") from None
-            return value or None
-        return None
+        return _read_secret(self.token, self.token_file, "token_file")
+
+
+def _read_secret(value: SecretStr | None, path: str, field_name: str) -> str | None:
+    if value is not None and value.get_secret_value().strip():
+        return value.get_secret_value().strip()
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"{field_name} {path!r}을(를) 읽을 수 없습니다: {exc.strerror}") from None
+        return text or None
+    return None
 
 
 class TelegramSettings(_TokenMixin):
@@ -99,8 +132,42 @@ class DiscordSettings(_TokenMixin):
     guild_id: int | None = None
 
 
+class EngineSettings(BaseModel):
+    """Where generation runs: in this process ("local"), or an OpenAI-compatible `/v1/completions` server ("openai":
+    vLLM, or another bot's engine node)."""
+
+    backend: Literal["local", "openai"] = "local"
+    url: str = ""  # the server's base URL, e.g. http://vllm:8000 (with or without /v1)
+    model: str = ""  # the served model's name; "" = the first of the server's GET /v1/models
+    api_key: SecretStr | None = None
+    api_key_file: str = ""
+    tokenizer: str = ""  # a directory or tokenizer.json counting prompt tokens; "" = model.pretrained's
+    timeout_s: float = Field(60.0, gt=0, description="per HTTP attempt")
+    retries: int = Field(2, ge=0, le=10, description="extra attempts after a connection error or a 5xx")
+
+    def secret(self) -> str | None:
+        """The API key from `api_key`, else from `api_key_file` (a mounted secret)."""
+        return _read_secret(self.api_key, self.api_key_file, "api_key_file")
+
+    @model_validator(mode="after")
+    def _url_for_remote(self) -> EngineSettings:
+        if self.backend == "openai" and not self.url.strip():
+            raise ValueError(
+                'backend = "openai"에는 url이 필요합니다 (예: http://vllm:8000). (backend "openai" needs engine.url)'
+            )
+        return self
+
+
 class StoreSettings(BaseModel):
     path: str = "data/bot.sqlite3"
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        # SQLite opens "" as a private temporary database: every saved setting would vanish at restart.
+        if not value.strip():
+            raise ValueError("저장소 경로가 비어 있습니다. SQLite 파일 경로를 지정하세요. (store.path is empty)")
+        return value
 
 
 class Settings(BaseSettings):
@@ -118,6 +185,16 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     store: StoreSettings = StoreSettings()
+    engine: EngineSettings = EngineSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, data: object) -> object:
+        # pydantic ignores unknown keys inside a section; a misspelt allowlist must not leave the bot open.
+        if isinstance(data, Mapping):
+            for path, known in unknown_keys(data, cls):
+                raise ValueError(f"[{'.'.join(path[:-1]) or 'settings'}] {path[-1]}: {_unknown(path[-1], known)}")
+        return data
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:
@@ -141,8 +218,58 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = os.environ.get("BOT_SETTINGS") or DEFAULT_SETTINGS_FILE
-        # Environment before TOML: the TOML file is the default, variables override it.
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        # Environment, then .env, then TOML: the TOML file is the default, variables override it.
+        # Only settings from .env: compose's own variables may share the file (BOT_* typos are caught in load_settings).
+        dotenv = DotEnvSettingsSource(settings_cls, env_file=env_file(), dotenv_filtering="only_existing")
+        return (init_settings, env_settings, dotenv, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+
+
+def _fields(model: object) -> dict[str, object] | None:
+    """A settings model's fields ({name: annotation}), or None for a leaf value."""
+    for candidate in (model, *typing.get_args(model)):  # `Section | None` and the like
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return {name: info.annotation for name, info in candidate.model_fields.items()}
+    return None
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6)
+    hint = f" 혹시 {close[0]}? (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+    return f"알 수 없는 설정입니다 (unknown setting).{hint}"
+
+
+def unknown_keys(data: Mapping, model: object, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(path, known keys there) for each key of `data` that `model` does not have, at any depth. Derived from the
+    models, so a new field or section is known as soon as it is declared."""
+    fields = _fields(model) or {}
+    found = []
+    for key, value in data.items():
+        if key not in fields:
+            found.append(((*path, str(key)), sorted(fields)))
+        elif isinstance(value, Mapping) and _fields(fields[key]) is not None:
+            found.extend(unknown_keys(value, fields[key], (*path, key)))
+    return found
+
+
+def check_variables(variables: Mapping[str, str | None], origin: str) -> None:
+    """Every BOT_* variable must name a setting (BOT_SECTION__KEY); a typo fails instead of being ignored."""
+    for name in variables:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in NOT_SETTINGS:
+            continue
+        model: object = Settings
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        for depth, part in enumerate(parts):
+            fields = _fields(model)
+            if fields is None and typing.get_origin(model) in (dict, Mapping):
+                break  # a free-form mapping setting: any key below it is data
+            if fields is None or part not in fields:
+                known = sorted(fields or {})
+                close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+                suggestion = "__".join([*parts[:depth], close[0], *parts[depth + 1:]]).upper() if close else ""
+                hint = (f" 혹시 {ENV_PREFIX}{suggestion}? (did you mean {ENV_PREFIX}{suggestion}?)" if suggestion
+                        else f" ({'.'.join(parts[:depth]) or 'settings'} has: {', '.join(known) or 'no keys'})")
+                raise SettingsError(f"{origin}의 변수 {name}은(는) 알 수 없는 설정입니다 (unknown setting).{hint}")
+            model = fields[part]
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -150,13 +277,16 @@ def load_settings(**overrides: object) -> Settings:
     path = os.environ.get("BOT_SETTINGS")
     if path and not Path(path).is_file():
         raise SettingsError(f"BOT_SETTINGS가 가리키는 설정 파일 {path!r}이(가) 없습니다.")
+    check_variables(os.environ, "환경 변수 (environment)")
+    if Path(env_file()).is_file():
+        check_variables(dotenv_values(env_file()), f"{env_file()} 파일")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(part) for part in err["loc"]) or "settings"
-            problems.append(f"{field}: {err['msg']}")
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{'.'.join(map(str, err['loc']))}: {message}" if err["loc"] else message)
         raise SettingsError("설정 오류 (settings error) — " + "; ".join(problems)) from None
     except Exception as exc:  # noqa: BLE001 (malformed TOML)
         raise SettingsError(f"설정 파일을 읽을 수 없습니다 (cannot read settings): {exc}") from None

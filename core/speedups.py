@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import nn
 from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
@@ -21,24 +20,41 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
+def _as_linear(conv: Conv1D) -> nn.Linear:
+    """GPT-2's Conv1D is a linear layer with a transposed weight; nn.Linear is what quantization knows."""
+    linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], device="meta")  # no throw-away random weights
+    linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
+    linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return linear
+
+
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """Replace GPT-2's Conv1D (a linear layer with transposed weight) by nn.Linear, which quantization knows."""
+    """Replace GPT-2's Conv1D layers by nn.Linear, in place."""
     for name, child in list(model.named_children()):
         if isinstance(child, Conv1D):
-            linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
-            with torch.no_grad():
-                linear.weight.copy_(child.weight.t())
-                linear.bias.copy_(child.bias)
-            setattr(model, name, linear)
+            setattr(model, name, _as_linear(child))
         else:
             conv1d_to_linear(child)
     return model
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """int8 weights, activations quantized on the fly (torch's dynamic quantization); inference only."""
-    model = conv1d_to_linear(model.eval())
+    """int8 weights, activations quantized on the fly (torch's dynamic quantization); inference only.
+
+    Layer by layer and in place: each fp32 layer is dropped as soon as its int8 copy exists, so the peak is the fp32
+    model plus one layer (`quantize_dynamic` copies the whole model first, holding both)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    model.eval()
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, which would be one more dependency.
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    child = _as_linear(child)
+                if type(child) is nn.Linear:
+                    child.qconfig = default_dynamic_qconfig
+                    setattr(parent, name, DynamicLinear.from_float(child))
+    return model

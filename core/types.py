@@ -22,6 +22,16 @@ class GenRequest:
         """What the model sees: `label + " " + prompt`, as in training."""
         return " ".join(part for part in (self.label, self.prompt) if part)
 
+    @property
+    def best_of(self) -> int:
+        """Candidates sampled per result: a rerank needs a label to aim at, so without one it is 1."""
+        return self.knobs.best_of if self.label else 1
+
+    @property
+    def rows(self) -> int:
+        """Sequences sampled for this request: n results, each the best of `best_of`."""
+        return self.knobs.n * self.best_of
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -32,6 +42,8 @@ class Generation:
     seeds: tuple[int, ...]
     new_tokens: int
     done: bool = True
+    # With a label: per result, how surely the model reads it as that label, P(label | text) from the rerank score.
+    confidence: tuple[float, ...] | None = None
 
     def texts(self) -> tuple[str, ...]:
         """The model prompt followed by each continuation (the tutorial's `result`)."""

@@ -41,6 +41,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("BOT_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("BOT_ENV_FILE", os.devnull)  # nor a developer's .env in the working directory
 
 
 def make_settings(tiny_dir: Path, tmp_path: Path, **sections: dict) -> Settings:

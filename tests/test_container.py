@@ -53,14 +53,27 @@ def torch_pin(text: str) -> str:
     return pins.pop()
 
 
-def test_torch_pin_is_the_same_everywhere_and_cpu_only():
+def test_torch_pin_is_the_same_everywhere_within_the_declared_range_and_cpu_only():
+    from packaging.requirements import Requirement
+
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    deps = " ".join(pyproject["project"]["dependencies"])
-    pin = torch_pin(deps)
-    assert torch_pin((ROOT / "Dockerfile").read_text()) == pin
+    torch_req = next(Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "torch")
+    pin = torch_pin((ROOT / "Dockerfile").read_text())
     assert torch_pin((ROOT / ".ci" / "run").read_text()) == pin
+    assert pin in torch_req.specifier  # the image and CI install a torch the package accepts
     torch_run = next(rest for word, rest in instructions() if word == "RUN" and "torch==" in rest)
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_run
+
+
+def test_ci_tests_the_lowest_transformers_pyproject_accepts():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    req = next(Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "transformers")
+    lower = next(Version(s.version) for s in req.specifier if s.operator == ">=")
+    tested = re.findall(r"transformers==([\w.]+)", (ROOT / ".ci" / "run").read_text())
+    assert [Version(v) for v in tested] == [lower]
 
 
 def test_layers_are_ordered_so_code_changes_do_not_reinstall_dependencies():
@@ -102,11 +115,70 @@ def test_healthcheck_and_cmd_are_exec_form():
     assert instructions()[0][1].startswith("python:3.11-slim")
 
 
-def test_build_context_leaves_out_secrets_and_state():
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".env", ".git", "data", "runs"):
-        assert entry in ignored
+def _docker_pattern(pattern: str) -> re.Pattern:
+    """A .dockerignore line as Docker (moby/patternmatcher) compiles it: `*` and `?` stay within one path segment,
+    `**/` spans any number of them, and a pattern is anchored at the context's root."""
+    pattern, out, i = pattern.strip("/"), "^", 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out += ".*" if i >= len(pattern) else "(.*/)?"
+            continue
+        ch = pattern[i]
+        out += "[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch)
+        i += 1
+    return re.compile(out + "$")
+
+
+def in_build_context(path: str) -> bool:
+    """Whether Docker sends `path` to the build: the last matching line wins; a line matches a path or its parents."""
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    excluded = False
+    parts = path.split("/")
+    for rule in (r for r in rules if r and not r.startswith("#")):
+        negated = rule.startswith("!")
+        regex = _docker_pattern(rule.lstrip("!"))
+        if any(regex.match("/".join(parts[: n + 1])) for n in range(len(parts))):
+            excluded = not negated
+    return not excluded
+
+
+@pytest.mark.parametrize("path", [
+    ".env", "deploy/.env", ".git/config", "data/bot.sqlite3", "runs/nsmc-small/model.safetensors",
+    # regression: `secrets/` (compose and the README create it) and weights in subfolders went into the image
+    "secrets/telegram_token", "deploy/secrets/discord", "experiments/run3/epoch=1-val_loss=2.10.ckpt",
+    "some/folder/model.safetensors", "old/pytorch_model.bin", "models/other/model.safetensors", "notes/best.pt",
+])
+def test_build_context_leaves_out_secrets_state_and_weights(path):
+    assert not in_build_context(path)
+
+
+@pytest.mark.parametrize("path", [
+    "models/nsmc-small/model.safetensors", "models/nsmc-small/tokenizer.json", "models/nsmc-small/config.json",
+    "models/nsmc-small/MODEL_CARD.md", "core/engine.py", "bot/web_page.html", "settings.toml", "README.md",
+])
+def test_build_context_keeps_the_code_and_the_embedded_default_model(path):
+    assert in_build_context(path)
+
+
+def test_env_file_is_not_committed():
     assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_user_is_created_before_the_code_is_copied():
+    """So a code change does not redo it (the layers before `COPY . .` stay cached)."""
+    user = index(lambda w, r: w == "RUN" and "useradd" in r)
+    assert user < index(lambda w, r: w == "COPY" and r.split()[0] == ".")
+
+
+def test_one_image_name_in_dockerfile_readme_and_compose():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    name = compose["services"]["bot"]["image"]
+    readme = (ROOT / "README.md").read_text()
+    assert set(re.findall(r"docker build -t (\S+)", readme + (ROOT / "Dockerfile").read_text())) == {name}
+    assert "not been run" not in readme and "not built" not in readme
 
 
 def test_compose_example_wires_tokens_checkpoint_and_volume(monkeypatch: pytest.MonkeyPatch):

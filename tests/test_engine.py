@@ -18,7 +18,15 @@ def req(engine: Engine, text: str) -> GenRequest:
     return parse_gen(text, engine.defaults, engine.limits)
 
 
-async def test_seeded_output_is_identical_alone_and_in_any_batch(engine: Engine):
+@pytest.fixture
+async def fp32_engine(tiny_dir, tmp_path):
+    async with running_engine(make_settings(tiny_dir, tmp_path, model={"quantize": "none"})) as eng:
+        yield eng
+
+
+async def test_seeded_output_is_identical_alone_and_in_any_batch(fp32_engine: Engine):
+    # fp32 only: int8 quantizes activations with one scale per batch, so neighbours can shift a row's logits.
+    engine = fp32_engine
     texts = [
         "긍정 아 정말 seed=1 top_k=5",
         "부정 별로 seed=2 top_p=0.8 temperature=0.7 max_length=30",
@@ -54,8 +62,9 @@ async def test_lengths_count_the_prompt(engine: Engine):
     assert result.texts()[0].startswith("긍정 아 정말")
 
 
-async def test_candidates_get_distinct_reported_seeds(engine: Engine):
-    result = await engine.generate(engine.prepare(req(engine, "긍정 아 정말 n=3 seed=10 min_length=15 max_length=15")))
+async def test_candidates_get_distinct_reported_seeds(fp32_engine: Engine):
+    engine = fp32_engine
+    result = await engine.generate(req(engine, "긍정 아 정말 n=3 seed=10 min_length=15 max_length=15"))
     assert result.seeds == (10, 11, 12) and len(result.continuations) == 3
     again = await engine.generate(engine.prepare(req(engine, f"긍정 아 정말 seed={result.seeds[1]} min_length=15 max_length=15")))
     assert again.continuations[0] == result.continuations[1]
@@ -109,7 +118,8 @@ async def test_int8_engine_generates_and_keeps_seeds(tiny_dir, tmp_path):
         assert first.continuations == second.continuations and first.new_tokens > 0
 
 
-def test_padded_batch_prefill_and_steps_match_each_prompt_alone(engine: Engine):
+def test_padded_batch_prefill_and_steps_match_each_prompt_alone(fp32_engine: Engine):
+    engine = fp32_engine
     from core.engine import _Batch
 
     prompts = [list(engine.prepare(req(engine, t)).prompt_ids) for t in ("긍정 아 정말 재밌다", "부정", "긍정 배우들의 연기가 너무 좋았다")]
@@ -134,3 +144,24 @@ async def test_partials_are_decoded_only_when_read(engine: Engine, monkeypatch):
     assert len(parts) > 3 and before <= 3  # the final result only (prompt + the text, decoded once)
     read = parts[len(parts) // 2].continuations[0]  # reading a partial decodes that one
     assert len(calls) > before and parts[-1].continuations[0].startswith(read.rstrip("�"))
+
+
+def test_bf16_model_gives_float32_logits_on_the_cpu(fp32_engine: Engine):
+    """The GPU path's dtype (bf16) runs through the same batch code; logits come back fp32 on the CPU for sampling."""
+    import copy
+
+    from core.engine import _Batch
+
+    model = copy.deepcopy(fp32_engine.model).to(torch.bfloat16)
+    prompts = [list(fp32_engine.prepare(req(fp32_engine, t)).prompt_ids) for t in ("긍정 아 정말 재밌다", "부정")]
+    batch = _Batch(model)
+    first, nxt = batch.prefill(prompts, [1, 1]), batch.step([5, 6])
+    for logits in (first, nxt):
+        assert logits.dtype == torch.float32 and logits.device.type == "cpu" and torch.isfinite(logits).all()
+    reference = _Batch(fp32_engine.model).prefill(prompts, [1, 1])
+    assert torch.allclose(first, reference, atol=0.1)
+
+
+async def test_health_reports_the_local_backend(engine: Engine):
+    health = await engine.health()
+    assert health == {"backend": "local", "ok": True, "queue_depth": 0, "device": "cpu"}

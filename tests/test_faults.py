@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import threading
 import time
 
 import pytest
@@ -13,7 +15,7 @@ from conftest import make_settings, running_core, shared_steps, telegram_running
 from fake_bot_api import FakeBotAPI
 
 from core.engine import RESTARTING, Engine
-from core.errors import ShuttingDown
+from core.errors import RequestTimeout, ShuttingDown
 from core.grammar import parse_gen
 from core.model_loading import load_model
 
@@ -188,3 +190,33 @@ async def test_unanswered_update_fetches_are_retried(bot):
     bot.fail_next("getUpdates", drop=True)
     reply = await one_final_reply(bot, "/gen 부정 스토리가 seed=3")
     assert reply["text"].startswith("부정 스토리가")
+
+
+# ---- timed-out and cancelled requests leave the engine -----------------------------------------------------------
+async def test_timed_out_and_cancelled_requests_are_not_left_in_flight(tiny_dir, tmp_path):
+    """Regression: they stayed in the engine's books, so a drain waited its whole grace for them, counted them as
+    unfinished, and the error it set on their futures was logged as "Future exception was never retrieved"."""
+    gate = threading.Event()  # the model stalls until the test lets it go: no timing involved
+    settings = make_settings(tiny_dir, tmp_path, limits={"request_timeout_s": 0.05})
+    engine = engine_over(settings, lambda ids, pos: gate.wait())
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    engine.start()
+    try:
+        with pytest.raises(RequestTimeout):
+            await engine.generate(request(engine, "긍정 아 정말"))
+        waiting = asyncio.ensure_future(engine.generate(request(engine, "부정 별로")))
+        await asyncio.sleep(0)  # let it submit
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await engine.drain(grace=0) == 0
+    finally:
+        gate.set()
+        await asyncio.wait_for(engine.stop(), 10)
+        loop.set_exception_handler(None)
+    del waiting
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not unhandled, unhandled

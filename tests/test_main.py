@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", BOT_ENV_FILE=os.devnull, **extra)
     return env
 
 
@@ -100,3 +101,39 @@ def test_a_front_end_that_cannot_start_makes_the_process_exit_1(tiny_dir: Path, 
                                       BOT_STORE__PATH=str(tmp_path / "store.sqlite3")))
     assert out.returncode == 1, out.stderr
     assert "front end web failed" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---- start-up order: everything but the model is checked before the model loads (issue 12, items 8 and 10) --------
+@pytest.mark.parametrize("setting", ["store", "token_file"])
+def test_unusable_store_or_token_file_fails_before_the_model_loads(tiny_dir: Path, tmp_path: Path, setting):
+    unusable = tmp_path / "a-directory"
+    unusable.mkdir()
+    extra = ({"BOT_STORE__PATH": str(unusable)} if setting == "store"
+             else {"BOT_TELEGRAM__TOKEN_FILE": str(unusable), "BOT_STORE__PATH": str(tmp_path / "s.sqlite3")})
+    for args in (["--check"], []):
+        out = subprocess.run([sys.executable, "-m", "bot", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), **extra))
+        assert out.returncode == 1, out.stderr
+        assert str(unusable) in out.stderr and "Traceback" not in out.stderr
+        assert "model loaded" not in out.stderr  # regression: found only after a load that may take minutes
+
+
+def test_check_proves_the_store_is_writable(tiny_dir: Path, tmp_path: Path):
+    store = tmp_path / "s.sqlite3"
+    out = subprocess.run([sys.executable, "-m", "bot", "--check"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_STORE__PATH=str(store)))
+    assert out.returncode == 0, out.stderr
+    assert f"store: {store} (writable)" in out.stdout and store.exists()
+
+
+def test_discord_voice_warnings_are_silenced(monkeypatch, caplog):
+    import discord
+
+    from bot.__main__ import _quiet_libraries
+
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True, raising=False)
+    _quiet_libraries()
+    with caplog.at_level(logging.WARNING):
+        discord.Client(intents=discord.Intents.none())
+    assert "voice" not in caplog.text

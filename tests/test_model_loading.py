@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,10 +15,13 @@ import torch
 from safetensors.torch import save_file
 from tiny_model import write_lightning_ckpt
 from transformers import GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from core.errors import ModelLoadError
 from core.model_loading import load_model, pick_checkpoint
 from core.settings import ModelSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def _same_weights(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> bool:
 
 
 def test_base_model_when_checkpoint_empty(tiny_dir: Path):
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="none"))
     assert _same_weights(loaded.model, GPT2LMHeadModel.from_pretrained(tiny_dir))
     assert loaded.tokenizer.eos_token == "</s>"
     assert loaded.tokenizer.decode(loaded.tokenizer("긍정 아 정말")["input_ids"]) == "긍정 아 정말"
@@ -39,7 +48,7 @@ def test_base_model_when_checkpoint_empty(tiny_dir: Path):
 
 def test_lightning_ckpt_with_optimizer_and_hparams(tiny_dir: Path, trained, tmp_path: Path):
     path = write_lightning_ckpt(trained, tmp_path / "epoch=2-val_loss=3.10.ckpt")
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path)))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path), quantize="none"))
     assert _same_weights(loaded.model, trained)
 
 
@@ -49,13 +58,13 @@ def test_directory_of_ckpts_picks_lowest_val_loss(tiny_dir: Path, trained, tmp_p
     write_lightning_ckpt(trained, tmp_path / "epoch=1-val_loss=3.05.ckpt")
     write_lightning_ckpt(other, tmp_path / "epoch=2-val_loss=3.50.ckpt")
     assert pick_checkpoint(tmp_path).name == "epoch=1-val_loss=3.05.ckpt"
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path)))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path), quantize="none"))
     assert _same_weights(loaded.model, trained)
 
 
 def test_hugging_face_directory(tiny_dir: Path, trained, tmp_path: Path):
     trained.save_pretrained(tmp_path / "hf")
-    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "hf")))
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "hf"), quantize="none"))
     assert _same_weights(loaded.model, trained)
 
 
@@ -65,7 +74,7 @@ def test_bare_state_dicts(tiny_dir: Path, trained, tmp_path: Path, prefix: str):
     torch.save(state, tmp_path / "weights.bin")
     save_file(state, str(tmp_path / "weights.safetensors"))
     for name in ("weights.bin", "weights.safetensors"):
-        loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / name)))
+        loaded = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / name), quantize="none"))
         assert _same_weights(loaded.model, trained)
 
 
@@ -129,3 +138,81 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
     with pytest.raises(ModelLoadError, match="model.pretrained") as info:
         load_model(ModelSettings(pretrained="skt/kogpt2-base-v2"))
     assert "BOT_MODEL__PRETRAINED" in str(info.value)
+
+
+def test_quantize_auto_is_int8_on_the_cpu_and_keeps_no_fp32_linear(tiny_dir: Path):
+    loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))  # the defaults: device auto, quantize auto
+    assert loaded.source.endswith("(int8)")
+    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in loaded.model.modules())
+
+
+def test_int8_matches_torch_quantize_dynamic(tiny_dir: Path):
+    """Quantizing layer by layer in place gives the model torch's own `quantize_dynamic` gives."""
+    from core.speedups import conv1d_to_linear, fuse_gelu
+
+    reference = fuse_gelu(conv1d_to_linear(GPT2LMHeadModel.from_pretrained(tiny_dir).eval()))
+    reference = torch.ao.quantization.quantize_dynamic(reference, {torch.nn.Linear}, dtype=torch.qint8)
+    ours = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8")).model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_cuda_without_a_gpu_is_one_clear_sentence(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="model.device.*cuda"):
+        load_model(ModelSettings(pretrained=str(tiny_dir), device="cuda"))
+
+
+# ---- start-up faults are one sentence, never a library's traceback (issue 12, item 8) ------------------------------
+def test_corrupt_model_safetensors_is_one_sentence(tiny_dir: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 1000)
+    with pytest.raises(ModelLoadError, match="손상") as info:
+        load_model(ModelSettings(pretrained=str(broken)))
+    assert str(broken) in str(info.value)
+
+
+def test_pretrained_pointing_at_a_file_says_which_setting_to_use(tiny_dir: Path):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelSettings(pretrained=str(tiny_dir / "model.safetensors")))
+    message = str(info.value)
+    assert "model.checkpoint" in message and "weights_only" not in message
+
+
+def test_picked_checkpoint_is_logged_with_how_many_were_compared(tiny_dir: Path, trained, tmp_path: Path, caplog):
+    for i, loss in enumerate(["4.20", "3.05", "3.50"]):
+        write_lightning_ckpt(trained, tmp_path / f"epoch={i}-val_loss={loss}.ckpt")
+    with caplog.at_level(logging.INFO, logger="core.model_loading"):
+        pick_checkpoint(tmp_path)
+    assert "picked epoch=1-val_loss=3.05.ckpt (lowest val_loss of 3)" in caplog.text
+
+
+def test_unreadable_model_file_is_a_permission_problem_naming_file_and_uid(tiny_dir: Path):
+    """As another user (root reads everything), the way a container's uid meets a host file of mode 600."""
+    shared = Path(tempfile.mkdtemp(prefix="perm-"))
+    try:
+        shared.chmod(0o755)
+        model = shared / "model"
+        shutil.copytree(tiny_dir, model)
+        for f in model.iterdir():
+            f.chmod(0o644)
+        (model / "model.safetensors").chmod(0o600)
+        uid = os.getuid() if os.getuid() != 0 else 65534
+        out = as_user(uid, "from core.model_loading import load_model; from core.settings import ModelSettings",
+                      f"load_model(ModelSettings(pretrained={str(model)!r}))")
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert "ModelLoadError" in last and "model.safetensors" in last and f"uid {uid}" in last, out.stderr
+        assert "No such file" not in out.stderr
+    finally:
+        shutil.rmtree(shared)
+
+
+def as_user(uid: int, imports: str, code: str) -> subprocess.CompletedProcess:
+    """Run `imports`, then become `uid` (when we are root; this Python's own files may be root's only), then `code`."""
+    if os.getuid() != 0 and uid != os.getuid():
+        pytest.skip("needs root to switch users")
+    script = f"import os\n{imports}\nif os.getuid() != {uid}:\n    os.setuid({uid})\n{code}\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)

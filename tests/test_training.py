@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from tiny_model import NSMC_DIR
 
-from core import evaluate, train
 from core.engine import Engine
 from core.grammar import parse_gen
 from core.model_loading import load_model
 from core.settings import load_settings
+from core.training import evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,13 @@ def test_evaluate_prints_and_writes_the_report(trained_dir: Path, sample_files, 
     train_file, test_file = sample_files
     out = tmp_path / "eval.json"
     evaluate.main(["--model", str(trained_dir), "--train", str(train_file), "--test", str(test_file),
-                   "--samples", "2", "--nll-reviews", "30", "--int8", "--json", str(out)])
+                   "--samples", "2", "--best-of", "1,2", "--nll-reviews", "30", "--int8", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "sentiment control, mean" in printed and "perplexity, int8" in printed
+    assert "control, mean" in printed and "distinct-2" in printed and "NLL, int8" in printed
     report = json.loads(out.read_text(encoding="utf-8"))
-    assert set(report["sentiment_control"]) == {"긍정", "부정", "mean"}
-    assert 0.5 <= report["classifier_test_accuracy"] <= 1.0
+    assert set(report["runs"]) == {"best_of=1 dev", "best_of=1 holdout", "best_of=2 dev", "best_of=2 holdout"}
+    for run in report["runs"].values():
+        assert set(run["control"]) == {"긍정", "부정", "mean"}
+        assert 0 <= run["distinct_2"] <= 1 and 0 <= run["repetition_rate"] <= 1 and run["mean_chars"] >= 0
+    assert 0.5 <= report["judge_test_accuracy"] <= 1.0
     assert report["fluency"]["fp32"]["mean_nll"] > 0 and report["fluency"]["int8"]["reviews"] == 30

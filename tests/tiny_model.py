@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core.tokenizer_training import read_nsmc, train_tokenizer
+from core.training.data import read_nsmc
+from core.training.tokenizer import train_tokenizer
 
 NSMC_DIR = Path(os.environ.get("NSMC_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "nsmc"))
 

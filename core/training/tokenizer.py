@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -29,18 +28,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-
-
-def read_nsmc(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
-    """(document, label) pairs from an NSMC-format TSV (`id<TAB>document<TAB>label`, 1 = positive)."""
-    rows: list[tuple[str, int]] = []
-    with open(path, encoding="utf-8") as fh:
-        next(fh, None)  # header
-        for line in fh:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 3 or parts[2] not in ("0", "1") or not parts[1].strip():
-                continue
-            rows.append((parts[1].strip(), int(parts[2])))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows

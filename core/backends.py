@@ -1,0 +1,34 @@
+"""Pick the generation backend named by `[engine] backend`: the model in this process, or a remote server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from core.settings import Settings
+
+
+async def start_backend(settings: Settings):  # noqa: ANN201 (an Engine or a RemoteEngine: the same interface)
+    """A started backend: `local` loads the model here; `openai` needs only the tokenizer, to count prompt tokens."""
+    if settings.engine.backend == "local":
+        from core.engine import start_engine
+
+        return await start_engine(settings)
+    from core.remote_engine import RemoteEngine
+
+    tokenizer = await asyncio.to_thread(load_counting_tokenizer, settings)
+    engine = RemoteEngine(settings, tokenizer)
+    engine.start()
+    return engine
+
+
+def load_counting_tokenizer(settings: Settings):  # noqa: ANN201
+    """`engine.tokenizer` (a tokenizer.json or its directory), else model.pretrained's tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from core.model_loading import SPECIAL_TOKENS, load_tokenizer
+
+    source = settings.engine.tokenizer.strip() or settings.model.pretrained
+    if Path(source).is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=source, **SPECIAL_TOKENS)
+    return load_tokenizer(source)

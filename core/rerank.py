@@ -1,0 +1,53 @@
+"""best_of: pick, among k sampled continuations, the one the language model itself reads most surely as the label.
+
+score(c) = log p(c | "긍정 " + prompt) − log p(c | "부정 " + prompt), sign flipped for 부정: the same model, one
+batched forward pass over both contexts, no second model. With equal priors on the two labels, Bayes' rule turns
+the score into the model's own P(label | text) = sigmoid(score), which the bot shows as the pick's confidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]], pad_id: int = 0) -> list[float]:
+    """log p(continuation | context) for each pair, summed over the continuation's tokens, in one forward pass."""
+    seqs = [list(ctx) + list(cont) for ctx, cont in zip(contexts, continuations)]
+    width = max(map(len, seqs))
+    device = next(model.parameters()).device
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):  # right padding: every row's positions start at 0, as in training
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+    out = []
+    for row, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        start = len(ctx) - 1  # logits at position t predict token t + 1
+        out.append(float(logp[row, start:start + len(cont)].sum()))
+    return out
+
+
+def label_scores(model: torch.nn.Module, own: Sequence[int], other: Sequence[int],
+                 continuations: Sequence[Sequence[int]], pad_id: int = 0) -> list[float]:
+    """Per continuation: log p(c | own label's context) − log p(c | the other label's context)."""
+    k = len(continuations)
+    logps = continuation_logprobs(model, [own] * k + [other] * k, list(continuations) * 2, pad_id)
+    return [a - b for a, b in zip(logps[:k], logps[k:])]
+
+
+def pick_best(scores: Sequence[float], groups: int) -> list[int]:
+    """Index of the highest score within each of `groups` equal consecutive groups (ties: the first, i.e. lowest seed)."""
+    k = len(scores) // groups
+    return [max(range(g * k, (g + 1) * k), key=lambda i: (scores[i], -i)) for g in range(groups)]
+
+
+def confidence(score: float) -> float:
+    """P(label | text) under equal label priors."""
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, score))))
