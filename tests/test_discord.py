@@ -111,7 +111,8 @@ def channel(i: int = 0) -> discord.TextChannel:
 async def test_gen_replies_with_prompt_continuation_seed_and_buttons(dbot, sent):
     text = await answer("!gen 긍정 아 정말 top_p=0.9")
     assert text.startswith("**긍정 아 정말**")
-    body, seed = text.rsplit("\n\nseed=", 1)
+    body, footer = text.rsplit("\n\nseed=", 1)
+    seed = footer.split(" · ")[0]  # then the model's confidence in the label ("· 긍정 93%")
     assert len(body) > len("**긍정 아 정말**") and seed.isdigit()
     view = sent[-1]["view"]
     assert [b.label for b in view.children] == [REGENERATE, CONTINUE]
@@ -305,7 +306,7 @@ async def test_slash_gen_defers_then_answers_with_buttons(dbot):
     await gen.callback(interaction, prompt="아 정말", label="긍정", top_p=0.9, seed="42")
     assert interaction.log[0] == ("defer", None, {"thinking": True})
     kind, content, extra = interaction.final()
-    assert kind == "edit" and content.startswith("**긍정 아 정말**") and content.endswith("seed=42")
+    assert kind == "edit" and content.startswith("**긍정 아 정말**") and "\n\nseed=42" in content
     assert pings_nobody(extra["allowed_mentions"].to_dict())
     assert [b.label for b in extra["view"].children] == [REGENERATE, CONTINUE]
 
