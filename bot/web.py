@@ -138,10 +138,10 @@ class _LinesTarget:
     """/api/stream's ReplyTarget: one JSON line per state of the reply."""
 
     style = Style(limit=1 << 20)
-    edit_interval = STREAM_INTERVAL_S
 
     def __init__(self, response: web.StreamResponse):
         self.response = response
+        self.edit_interval = STREAM_INTERVAL_S
 
     async def send(self, reply: Reply) -> None:
         if reply.error:

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from browser import CHROMIUM, chromium_page
 from conftest import gen_request
 
+import bot.web as web_module
 from bot.web import create_app
 from core.service import BotCore
 
@@ -80,7 +81,8 @@ async def test_healthz_and_page(client: TestClient):
     assert "<form" in html and "temperature" in html and "__CONFIG__" not in html
 
 
-async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient):
+async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient, monkeypatch):
+    monkeypatch.setattr(web_module, "STREAM_INTERVAL_S", 0.0)  # a line per step, however fast the machine
     body = {"prompt": "아 정말", "label": "긍정", "min_length": 40, "max_length": 40, "seed": 4, "n": 2}
     resp = await client.post("/api/stream", json=body)
     assert resp.status == 200 and resp.content_type == "application/x-ndjson"
