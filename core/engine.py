@@ -67,6 +67,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
         self.sentiment = loaded.sentiment  # whether the label words steer the model (/help warns when not)
+        self.accept: float | None = rerank.ACCEPT  # best_of's acceptance threshold (None: always the arg-max)
         self.settings = settings
         self.limits = settings.limits
         self.defaults: Knobs = default_knobs(settings.generation)
@@ -239,7 +240,7 @@ class Engine:
         other_ids = self.tokenizer(other, add_special_tokens=False)["input_ids"]
         continuations = [ids + [self.eos_id] * stop for ids, stop in zip(job.generated, job.stopped)]
         scores = rerank.label_scores(self.model, job.prompt_ids, other_ids, continuations)
-        chosen = rerank.pick_best(scores, request.knobs.n)
+        chosen = rerank.pick_best(scores, request.knobs.n, self.accept)
         return chosen, tuple(rerank.confidence(scores[i]) for i in chosen)
 
     def _continuation(self, job: _Job, new_ids: list[int]) -> str:

@@ -79,9 +79,12 @@ class FollowUps:
         if not 0 <= candidate < len(gen.continuations):
             raise UserError(EXPIRED)
         old = gen.request
-        # The text already carries the label, so it goes to the model as written. Tokenized with room to spare,
-        # so the "reached the limit" message below is the one a user sees.
-        draft = GenRequest(label=None, prompt=gen.texts()[candidate], knobs=replace(old.knobs, max_length=cap + 1),
+        # The label stays the label (so best_of still reranks toward it) and the text so far becomes the prompt:
+        # the model sees exactly the text shown. Tokenized with room to spare, so the "reached the limit" message
+        # below is the one a user sees.
+        written = gen.continuations[candidate]
+        prompt = old.prompt + written if old.prompt else written.lstrip()
+        draft = GenRequest(label=old.label, prompt=prompt, knobs=replace(old.knobs, max_length=cap + 1),
                            origin=old.origin)
         prepared = prepare(draft, continuing=True)
         used = len(prepared.prompt_ids)

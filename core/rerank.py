@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
+# A candidate the model reads as at least this surely on-label is taken as it comes (see pick_best); measured
+# against the arg-max and lower thresholds with `python -m core.evaluate --accept …` (models/nsmc-small/MODEL_CARD.md).
+ACCEPT = 0.9
+
 
 @torch.inference_mode()
 def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
@@ -42,10 +46,22 @@ def label_scores(model: torch.nn.Module, own: Sequence[int], other: Sequence[int
     return [a - b for a, b in zip(logps[:k], logps[k:])]
 
 
-def pick_best(scores: Sequence[float], groups: int) -> list[int]:
-    """Index of the highest score within each of `groups` equal consecutive groups (ties: the first, i.e. lowest seed)."""
+def pick_best(scores: Sequence[float], groups: int, accept: float | None = None) -> list[int]:
+    """Per each of `groups` equal consecutive groups: with `accept`, the first candidate (lowest seed) whose
+    confidence reaches it, else the highest score; without, the highest score (ties: the lowest seed).
+
+    Why a threshold: the arg-max pick is the most prototypical review for the label, so over many requests the picks
+    converge on the same few phrases (distinct-2 fell from 0.88 to 0.60 at best_of 4 in our measurement). Taking the
+    first candidate the model itself reads as on-label keeps the ordinary samples' variety and still replaces the
+    off-label ones, which is what the label promise needs.
+    """
     k = len(scores) // groups
-    return [max(range(g * k, (g + 1) * k), key=lambda i: (scores[i], -i)) for g in range(groups)]
+    picks = []
+    for g in range(groups):
+        group = range(g * k, (g + 1) * k)
+        sure = [i for i in group if accept is not None and confidence(scores[i]) >= accept]
+        picks.append(sure[0] if sure else max(group, key=lambda i: (scores[i], -i)))
+    return picks
 
 
 def confidence(score: float) -> float:

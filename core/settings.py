@@ -73,7 +73,7 @@ class LimitsSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_window_ms: int = Field(10, ge=0, le=1000)
     queue_size: int = Field(64, ge=1, le=10_000)
-    request_timeout_s: float = Field(60.0, gt=0, le=600)
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)  # an hour: offline evaluation runs long batches
     user_interval_s: float = Field(2.0, ge=0, le=3600, description="per-user minimum seconds between generations")
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=600, description="on SIGTERM, how long in-flight generations may finish"

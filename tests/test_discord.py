@@ -112,8 +112,9 @@ async def test_gen_replies_with_prompt_continuation_seed_and_buttons(dbot, sent)
     text = await answer("!gen 긍정 아 정말 top_p=0.9")
     assert text.startswith("**긍정 아 정말**")
     body, footer = text.rsplit("\n\nseed=", 1)
-    seed = footer.split(" · ")[0]  # then the model's confidence in the label ("· 긍정 93%")
+    seed, _, sure = footer.partition(" · ")
     assert len(body) > len("**긍정 아 정말**") and seed.isdigit()
+    assert sure.startswith("긍정 ") and sure.endswith("%")  # the model's own reading of the text
     view = sent[-1]["view"]
     assert [b.label for b in view.children] == [REGENERATE, CONTINUE]
     assert view.timeout == discord_ui.VIEW_TIMEOUT_S
@@ -306,7 +307,7 @@ async def test_slash_gen_defers_then_answers_with_buttons(dbot):
     await gen.callback(interaction, prompt="아 정말", label="긍정", top_p=0.9, seed="42")
     assert interaction.log[0] == ("defer", None, {"thinking": True})
     kind, content, extra = interaction.final()
-    assert kind == "edit" and content.startswith("**긍정 아 정말**") and "\n\nseed=42" in content
+    assert kind == "edit" and content.startswith("**긍정 아 정말**") and "seed=42 · 긍정 " in content
     assert pings_nobody(extra["allowed_mentions"].to_dict())
     assert [b.label for b in extra["view"].children] == [REGENERATE, CONTINUE]
 

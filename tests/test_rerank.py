@@ -48,6 +48,9 @@ def test_label_scores_are_the_log_likelihood_ratio_computed_one_sequence_at_a_ti
 def test_pick_best_and_confidence():
     assert rerank.pick_best([0.1, 2.0, -1.0, 0.5, 0.5, 3.0], groups=2) == [1, 5]
     assert rerank.pick_best([1.0, 1.0], groups=1) == [0]  # a tie goes to the lowest seed
+    # With a threshold: the first candidate read as surely on-label, else the arg-max of its group.
+    sure = math.log(0.9 / 0.1) + 1e-9
+    assert rerank.pick_best([0.1, sure, 5.0, 0.5, 0.2, 0.3], groups=2, accept=0.9) == [1, 3]
     assert rerank.confidence(0.0) == 0.5 and rerank.confidence(math.log(9)) == pytest.approx(0.9)
     assert 0.0 < rerank.confidence(-1e9) < 1e-20 and rerank.confidence(1e9) == 1.0
 
@@ -62,14 +65,18 @@ async def test_best_of_returns_n_picks_each_reproducible_from_its_seed(engine: E
         assert alone.continuations[0] == text
 
 
-async def test_the_pick_is_the_best_scored_candidate(engine: Engine):
+@pytest.mark.parametrize("accept", [None, 0.5])
+async def test_the_pick_is_the_best_scored_or_first_sure_candidate(engine: Engine, accept):
+    engine.accept = accept
     request = req(engine, "부정 스토리가 best_of=4 seed=7 min_length=10 max_length=14")
     picked = await engine.generate(request)
     singles = [await engine.generate(req(engine, f"부정 스토리가 seed={s} min_length=10 max_length=14"))
                for s in range(7, 11)]
     best = max(singles, key=lambda g: (g.confidence[0], -g.seeds[0]))
+    if accept is not None:
+        best = next((g for g in singles if g.confidence[0] >= accept), best)
     assert picked.seeds == best.seeds and picked.continuations == best.continuations
-    assert picked.confidence[0] == pytest.approx(max(g.confidence[0] for g in singles), abs=1e-4)
+    assert picked.confidence[0] == pytest.approx(best.confidence[0], abs=1e-4)
 
 
 async def test_same_seed_same_pick_alone_or_batched(engine: Engine):
@@ -137,3 +144,17 @@ def test_a_trained_model_is_marked_and_a_bare_one_is_not(tiny_dir, tmp_path, cap
     config = json.loads((marked / "config.json").read_text())
     (marked / "config.json").write_text(json.dumps({**config, "sentiment_labels": {"positive": "긍정", "negative": "부정"}}))
     assert load_model(ModelSettings(pretrained=str(marked))).sentiment
+
+
+async def test_continue_keeps_the_label_so_best_of_still_aims_at_it(engine: Engine):
+    from core.followups import FollowUps
+
+    first = req(engine, "부정 이 영화는 best_of=3 seed=2 max_length=14")
+    gen = await engine.generate(first)
+    followups = FollowUps()
+    key = followups.remember(gen, len(first.prompt_ids))
+    nxt = followups.continuation(key, 0, engine.prepare, engine.limits.max_length)
+    assert nxt.request.label == "부정" and nxt.request.model_prompt == gen.texts()[0]
+    assert nxt.request.rows == 3
+    more = await engine.generate(nxt)
+    assert more.texts()[0].startswith(gen.texts()[0]) and more.confidence is not None

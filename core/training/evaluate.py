@@ -94,14 +94,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     files = {} if args.train and args.test else nsmc_files(args.data_dir or None)
     train_path, test_path = Path(args.train or files["train"]), Path(args.test or files["test"])
     settings = load_settings(
-        model={"pretrained": args.model, "checkpoint": "", "quantize": "none"},
-        limits={"max_batch_size": 64, "queue_size": 100_000, "request_timeout_s": 3600, "max_length": 128,
+        model={"pretrained": args.model, "checkpoint": "", "quantize": args.quantize},
+        limits={"max_batch_size": 64, "queue_size": 10_000, "request_timeout_s": 600, "max_length": 128,
                 "max_rows_per_request": 16},
     )
     base = Knobs(**{**settings.generation.model_dump(), **{k: v for k, v in (
         ("min_length", args.min_length), ("max_length", args.max_length), ("top_k", args.top_k), ("top_p", args.top_p),
         ("temperature", args.temperature), ("repetition_penalty", args.repetition_penalty)) if v is not None}})
-    report: dict = {"model": args.model, "knobs": base.as_dict(), "samples_per_label": {}, "runs": {}, "fluency": {}}
+    report: dict = {"model": args.model, "quantize": args.quantize, "knobs": base.as_dict(), "samples_per_label": {}, "runs": {}, "fluency": {}}
     started = time.monotonic()
     predict, accuracy = train_judge(train_path, test_path)
     report["judge_test_accuracy"] = accuracy
@@ -115,22 +115,25 @@ def evaluate(args: argparse.Namespace) -> dict:
         engine.start()
         try:
             for best_of in args.best_of:
-                for which in sets:
-                    t0 = time.monotonic()
-                    samples = await generate_samples(engine, OPENINGS[which], args.samples,
-                                                     replace(base, best_of=best_of))
-                    result = score_samples(samples, predict)
-                    result["seconds"] = time.monotonic() - t0
-                    report["runs"][f"best_of={best_of} {which}"] = result
-                    report["samples_per_label"][which] = len(OPENINGS[which]) * args.samples
-                    print(f"best_of={best_of} {which}: control {result['control']['mean']:.1%} "
-                          f"({result['seconds']:.0f} s)", flush=True)
+                for accept in (args.accept if best_of > 1 else [engine.accept]):
+                    engine.accept = accept
+                    for which in sets:
+                        t0 = time.monotonic()
+                        samples = await generate_samples(engine, OPENINGS[which], args.samples,
+                                                         replace(base, best_of=best_of))
+                        result = score_samples(samples, predict)
+                        result["seconds"] = time.monotonic() - t0
+                        name = f"best_of={best_of}" + (f" accept={accept or 'max'}" if len(args.accept) > 1 else "")
+                        report["runs"][f"{name} {which}"] = result
+                        report["samples_per_label"][which] = len(OPENINGS[which]) * args.samples
+                        print(f"{name} {which}: control {result['control']['mean']:.1%} distinct-2 "
+                              f"{result['distinct_2']:.3f} ({result['seconds']:.0f} s)", flush=True)
         finally:
             await engine.stop()
 
     asyncio.run(run())
     reviews = encode(loaded.tokenizer, read_nsmc(test_path, args.nll_reviews), 128)
-    variants = {"fp32": loaded.model}
+    variants = {"fp32": load_model(settings.model.model_copy(update={"quantize": "none"})).model}
     if args.int8:
         variants["int8"] = load_model(settings.model.model_copy(update={"quantize": "int8"})).model
     for name, model in variants.items():
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from core.errors import ModelLoadError, UserError
+    from core.settings import SettingsError
 
     transformers.logging.set_verbosity_error()
     p = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__,
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--openings", choices=("dev", "holdout", "both"), default="both")
     p.add_argument("--best-of", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="comma-separated best_of values to compare (default: 1 and the chat default)")
+    p.add_argument("--accept", type=lambda s: [None if x == "max" else float(x) for x in s.split(",")], default=None,
+                   help="best_of acceptance thresholds to compare, 'max' = always the arg-max (default: the engine's)")
     p.add_argument("--min-length", type=int, default=None, help="default: settings.toml's [generation]")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -190,15 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--nll-reviews", type=int, default=500, help="ratings_test reviews for the fluency measure")
     p.add_argument("--int8", action="store_true", help="also measure NLL with int8 quantization (quality drift)")
+    p.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
+                   help="the engine's quantization while generating (default: as the bot serves, auto)")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     try:
+        if args.accept is None:
+            from core.rerank import ACCEPT
+
+            args.accept = [ACCEPT]
         if args.best_of is None:
             from core.settings import load_settings
 
             args.best_of = sorted({1, load_settings().generation.best_of})
         report = evaluate(args)
-    except (UserError, ModelLoadError) as exc:
+    except (UserError, ModelLoadError, SettingsError) as exc:
         raise SystemExit(f"core.evaluate: {exc}") from None
     print_table(report)
     if args.json:
