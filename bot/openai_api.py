@@ -180,7 +180,7 @@ def _engine_error(exc: Exception) -> web.Response:
 async def _stream(request: web.Request, core: BotCore, gen_request: GenRequest, prompt_tokens: int,
                   ident: str, created: int, name: str) -> web.StreamResponse:
     """Server-sent events as vLLM sends them: one `data: {chunk}` per text delta, then `data: [DONE]`."""
-    updates = core.engine.stream(gen_request)
+    updates = core.engine.stream(core.engine.prepare(gen_request))  # stream takes a PreparedRequest
     try:
         first = await anext(updates)  # errors before any text still get a proper status code
     except Exception as exc:  # noqa: BLE001

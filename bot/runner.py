@@ -31,7 +31,7 @@ class FrontEnd:
 FRONT_ENDS = (
     FrontEnd("web", "bot.web", lambda s: s.web.enabled),
     # Telegram retries inside its serve (PTB's initialize loop).
-    FrontEnd("telegram", "bot.telegram_bot", lambda s: s.telegram.secret() is not None),
+    FrontEnd("telegram", "bot.telegram_app", lambda s: s.telegram.secret() is not None),
     FrontEnd("discord", "bot.discord_bot", lambda s: s.discord.secret() is not None, retry_on="DiscordUnreachable"),
 )
 

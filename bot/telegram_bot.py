@@ -1,16 +1,15 @@
-"""The Telegram front end: python-telegram-bot v22 over the shared core (engine, grammar, store, limiter)."""
+"""The Telegram front end's translation: PTB updates → core.conversation, and its replies → Bot API calls.
+
+The application around these handlers (building, polling or webhook, stopping) is in bot/telegram_app.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import html
 import logging
 from dataclasses import dataclass, field
 
-from aiohttp import web
 from telegram import (
-    BotCommand,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     LinkPreviewOptions,
@@ -18,10 +17,9 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType, MessageLimit, ParseMode
-from telegram.error import BadRequest, InvalidToken, NetworkError, TelegramError
+from telegram.error import BadRequest
 from telegram.ext import (
     Application,
-    ApplicationBuilder,
     ApplicationHandlerStop,
     CallbackQueryHandler,
     CommandHandler,
@@ -31,58 +29,22 @@ from telegram.ext import (
     filters,
 )
 
-from bot.log_redaction import redact_token_in_logs
 from bot.telegram_delivery import PerChatRateLimiter
-from bot.telegram_webhook import start_webhook
-from core.access import telegram_access
+from bot.telegram_texts import COMMANDS, EDITED_TEXT, GENERATING, HELP_EXTRA, HINT_TEXT, START_TEXT
 from core.conversation import Buttons, Conversation, Reply, Style, Who, error_text
 from core.errors import NotAllowed, UserError
 from core.followups import EXPIRED, button_data
 from core.grammar import split_command
 from core.replies import help_text, render_knobs, shorten
-from core.service import BotCore
 from core.types import Generation, PreparedRequest
 
 log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = "conversation"  # where the Conversation lives in application.bot_data
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
-GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group
-REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long queued replies may take to go out
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity parsing
 CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
 EDIT_INTERVAL_S = 1.0  # Telegram tolerates about one edit per second per message
-ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
-
-COMMANDS = (
-    ("gen", "문장 생성 — 예: /gen 긍정 아 정말 top_p=0.9"),
-    ("help", "사용법, 모든 설정의 범위와 기본값"),
-    ("set", "이 채팅의 기본 설정 바꾸기 — 예: /set top_p=0.9"),
-    ("settings", "이 채팅의 현재 설정 보기"),
-    ("reset", "이 채팅의 설정을 기본값으로 되돌리기"),
-    ("start", "봇 소개"),
-)
-
-START_TEXT = (
-    "안녕하세요! 한국어 문장을 원하는 감성(긍정/부정)으로 이어 쓰는 봇입니다.\n"
-    "예: /gen 긍정 아 정말 top_p=0.9\n"
-    "모든 설정과 예시는 /help 에 있습니다.\n\n"
-    "(I continue Korean text in the sentiment you ask for. Try /gen 긍정 아 정말)"
-)
-HELP_EXTRA = (
-    "\n\n이 채팅의 기본값 바꾸기: /set top_p=0.9 temperature=0.8\n"
-    "현재 설정 보기: /settings · 기본값으로 되돌리기: /reset\n"
-    "결과 아래 버튼: 🔄 다시 생성(새 시드) · ➡️ 이어 쓰기"
-)
-HINT_TEXT = (
-    "명령으로 보내 주세요. 예: /gen 긍정 아 정말 — 도움말은 /help "
-    "(send a command, e.g. /gen 긍정 아 정말)"
-)
-EDITED_TEXT = (
-    "수정한 메시지로는 다시 실행하지 않습니다. 명령을 새 메시지로 보내 주세요. "
-    "(edited commands are not re-run; send the command again)"
-)
-GENERATING = "생성 중… (generating)"
 
 
 # ---- translation -----------------------------------------------------------------------------------------------
@@ -307,95 +269,3 @@ def add_handlers(application: Application) -> None:
     application.add_handler(MessageHandler(new & filters.ChatType.PRIVATE & ~filters.COMMAND, private_text))
     application.add_handler(CallbackQueryHandler(button_pressed))
     application.add_error_handler(on_error)
-
-
-async def _post_init(application: Application) -> None:
-    commands = [BotCommand(name, description) for name, description in COMMANDS]
-    try:
-        await application.bot.set_my_commands(commands)
-    except TelegramError as exc:  # the menu is a nicety; the bot works without it
-        log.warning("setMyCommands failed: %s", exc)
-
-
-def build_application(core: BotCore, token: str | None = None) -> Application:
-    """The PTB Application with every handler, the per-chat rate limiter and concurrent updates."""
-    settings = core.settings.telegram
-    token = token or settings.secret()
-    if not token:
-        raise ValueError("텔레그램 토큰이 없습니다. BOT_TELEGRAM__TOKEN을 설정하세요. (no Telegram token)")
-    redact_token_in_logs(token)  # before build(): PTB logs the base URL, token included, at DEBUG
-    application = (
-        ApplicationBuilder()
-        .token(token)
-        .base_url(settings.base_url)
-        .base_file_url(settings.base_file_url)
-        .rate_limiter(PerChatRateLimiter(group_max_rate=GROUP_MESSAGES_PER_MINUTE))
-        .concurrent_updates(True)  # a slow generation in one chat must not delay /help in another
-        .post_init(_post_init)
-        .build()
-    )
-    application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings))
-    add_handlers(application)
-    return application
-
-
-# ---- running ---------------------------------------------------------------------------------------------------
-async def _initialize(application: Application, stop: asyncio.Event) -> bool:
-    """getMe until it works; a network outage at start waits, a rejected token fails at once."""
-    delay = 1.0
-    while not stop.is_set():
-        try:
-            await application.initialize()
-            return True
-        except InvalidToken:
-            raise InvalidToken("텔레그램이 토큰을 거부했습니다. BOT_TELEGRAM__TOKEN을 확인하세요. (token rejected)") from None
-        except NetworkError as exc:
-            log.warning("cannot reach the Telegram Bot API (%s); retrying in %.0f s", exc, delay)
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-        except TimeoutError:
-            delay = min(delay * 2, 60.0)
-    return False
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-async def serve(core: BotCore, stop: asyncio.Event) -> None:
-    """Run the bot (webhook if `telegram.webhook_url` is set, long polling otherwise) until `stop` is set."""
-    application = build_application(core)
-    webhook: web.AppRunner | None = None
-    try:
-        if not await _initialize(application, stop):
-            return
-        await application.post_init(application)  # run_polling would call it; we drive the lifecycle ourselves
-        await application.start()
-        if core.settings.telegram.webhook_url:
-            webhook = await start_webhook(application, core.settings.telegram, ALLOWED_UPDATES)
-        else:
-            await application.updater.start_polling(allowed_updates=ALLOWED_UPDATES)
-        mode = "webhook" if webhook else "long polling"
-        log.info("telegram bot @%s running (%s)", application.bot.username, mode)
-        await _first(core.draining, stop)
-        if application.updater and application.updater.running:
-            # Stop fetching; PTB confirms the offset of every fetched update, so a restart goes on from the next one.
-            # Handlers already running keep going and send their replies until `stop` (after the drain).
-            await application.updater.stop()
-        await stop.wait()
-        # Replies stuck behind a group's flood limit must not hold the shutdown for minutes.
-        await application.bot.rate_limiter.close(REPLY_GRACE_S)
-    finally:
-        if webhook is not None:
-            await webhook.cleanup()
-        if application.updater and application.updater.running:
-            await application.updater.stop()
-        if application.running:
-            await application.stop()
-        await application.shutdown()
-        await application.bot.shutdown()  # closes the HTTP clients even when getMe never succeeded

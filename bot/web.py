@@ -2,7 +2,7 @@
 
 `POST /api` answers the tutorial's JSON at once; `POST /api/stream` takes the same body and answers JSON lines as the
 text grows (`{"partial": …}` … then the final object, or `{"error": …}`). Every error, aiohttp's own included, is
-JSON `{"error": …}`. Slow clients are bounded: headers and body must arrive in time, and open connections are capped.
+JSON `{"error": …}`. A body must arrive in time; the connection-level bounds are in bot/web_server.py.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
-from aiohttp import web, web_protocol, web_server
+from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from bot import openai_api
+from bot.openai_api import add_routes as add_openai_routes
+from bot.web_server import GuardedRunner, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
 from core.grammar import reject_broken_text
@@ -28,10 +29,7 @@ log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = web.AppKey("conversation", Conversation)
 MAX_BODY = 64 * 1024
-HEADER_TIMEOUT_S = 10.0  # a request's headers must be complete this long after the connection opens
 BODY_TIMEOUT_S = 10.0  # and its body this long after the headers
-KEEPALIVE_TIMEOUT_S = 15.0  # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 512  # beyond this, the oldest connection still sending its headers is closed
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
 WHO = Who(chat="web")
 STATUS_TEXT = {
@@ -44,17 +42,8 @@ STATUS_TEXT = {
 }
 
 
-def _dumps(payload: object) -> str:
-    text = json.dumps(payload, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate quoted back: escape it rather than fail
-        text = json.dumps(payload)
-    return text
-
-
 def _json(payload: object, status: int = 200) -> web.Response:
-    return web.json_response(payload, status=status, dumps=_dumps)
+    return web.json_response(payload, status=status, dumps=dumps)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -149,10 +138,10 @@ class _LinesTarget:
     """/api/stream's ReplyTarget: one JSON line per state of the reply."""
 
     style = Style(limit=1 << 20)
-    edit_interval = STREAM_INTERVAL_S
 
     def __init__(self, response: web.StreamResponse):
         self.response = response
+        self.edit_interval = STREAM_INTERVAL_S
 
     async def send(self, reply: Reply) -> None:
         if reply.error:
@@ -161,7 +150,7 @@ class _LinesTarget:
             line = {**_result(reply.generation), "prompt": reply.generation.request.model_prompt}
         else:
             line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt}
-        await self.response.write((_dumps(line) + "\n").encode("utf-8"))
+        await self.response.write((dumps(line) + "\n").encode("utf-8"))
 
     edit = send
 
@@ -232,81 +221,12 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
         return _error(500, error_text(exc, f"web {request.method} {request.path}"))
 
 
-class _GuardedHandler(web_protocol.RequestHandler):
-    """aiohttp's connection handler with a deadline for the request's headers and JSON for its own errors."""
-
-    def connection_made(self, transport) -> None:  # noqa: ANN001
-        super().connection_made(transport)
-        self.headers_due = self._loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
-        self._manager.opened(self)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.headers_due is not None and (self._messages or self._current_request is not None):
-            self.headers_due.cancel()
-            self.headers_due = None
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.headers_due is not None:
-            self.headers_due.cancel()
-            self.headers_due = None
-        manager = self._manager
-        super().connection_lost(exc)
-        if isinstance(manager, _GuardedServer):
-            manager.closed(self)
-
-    def _too_slow(self) -> None:
-        self.headers_due = None
-        if self.transport is not None:
-            self.transport.close()
-
-    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,  # noqa: ANN001
-                     message: str | None = None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs, and refuses when a response was already sent
-        text = STATUS_TEXT.get(status, error_text(exc or RuntimeError(message), "web connection") if status >= 500 else
-                               f"{status}")
-        response = web.Response(status=status, text=_dumps({"error": text}), content_type="application/json")
-        response.force_close()
-        return response
-
-
-class _GuardedServer(web_server.Server):
-    """Hands out _GuardedHandler and caps open connections by closing the oldest one still sending headers."""
-
-    def __init__(self, *args: object, **kwargs: object):
-        super().__init__(*args, **kwargs)
-        self._waiting: dict[_GuardedHandler, None] = {}  # insertion-ordered: oldest first
-        self._open = 0
-
-    def __call__(self) -> _GuardedHandler:
-        return _GuardedHandler(self, loop=self._loop, **self._kwargs)
-
-    def opened(self, handler: _GuardedHandler) -> None:
-        self._open += 1
-        self._waiting[handler] = None
-        if self._open > MAX_CONNECTIONS:
-            stale = next((h for h in self._waiting if h is not handler and h.headers_due is not None), None)
-            if stale is not None and stale.transport is not None:
-                stale.transport.close()
-
-    def closed(self, handler: _GuardedHandler) -> None:
-        self._open -= 1
-        self._waiting.pop(handler, None)
-
-
-class GuardedRunner(web.AppRunner):
-    async def _make_server(self) -> web_server.Server:
-        server = await super()._make_server()
-        kwargs = {**server._kwargs, "keepalive_timeout": KEEPALIVE_TIMEOUT_S}  # noqa: SLF001
-        return _GuardedServer(server.request_handler, request_factory=server.request_factory, loop=server._loop, **kwargs)  # noqa: SLF001
-
-
 def create_app(core: BotCore) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app[CONVERSATION_KEY] = Conversation(core)
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
-    openai_api.add_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
+    add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app
 
 

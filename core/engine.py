@@ -15,7 +15,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -226,7 +226,10 @@ class Engine:
         if done and job.request.label:
             chosen, confidence = self._rerank(job)  # the worker's final call: the model is its own
         generated = [list(job.generated[i]) for i in chosen]  # a snapshot: the worker may be appending
-        texts = tuple(self._continuation(job, ids) for ids in generated)
+        if done:
+            texts: Sequence[str] = tuple(self._continuation(job, ids) for ids in generated)
+        else:  # a partial: most are dropped by the reader's throttle, so decode only the ones it reads
+            texts = _Decoded(lambda: tuple(self._continuation(job, ids) for ids in generated), len(generated))
         seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
         return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
 
@@ -546,6 +549,29 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[axis] = missing
     return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+class _Decoded(Sequence[str]):
+    """A partial Generation's continuations, decoded when first read (by the reply that shows it)."""
+
+    def __init__(self, decode: Callable[[], tuple[str, ...]], count: int):
+        self._decode, self._count, self._texts = decode, count, None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._texts is None:
+            self._texts = self._decode()
+        return self._texts
+
+    def __getitem__(self, index):  # noqa: ANN001
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, Sequence) else other)
+
+    __hash__ = None
 
 
 def _set_result(future: asyncio.Future, value: object) -> None:

@@ -82,7 +82,7 @@ async def running_core(settings: Settings) -> AsyncIterator[BotCore]:
 @contextlib.asynccontextmanager
 async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:
     """The Telegram front end's `serve()` as bot/runner.py runs it, polling `fake`; it must stop promptly after."""
-    import bot.telegram_bot as tg
+    import bot.telegram_app as tg
 
     stop = asyncio.Event()
     task = asyncio.create_task(tg.serve(bot_core, stop))

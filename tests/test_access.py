@@ -108,7 +108,8 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
     try:
         bot.access = Access({"guild": [], "channel": [allowed.id]}, "reply")
         await dpytest.message("!gen 긍정 아 정말 seed=1", channel=allowed)
-        assert "seed=1" in dpytest.get_message().content
+        sent = dpytest.get_message()  # its first send may be a partial on a slow machine: read the final text
+        assert "seed=1" in (await allowed.fetch_message(sent.id)).content
         # dpytest re-raises command errors after the bot's own handler has answered them.
         with pytest.raises(NotAllowed):
             await dpytest.message("!gen 긍정 아 정말", channel=other)

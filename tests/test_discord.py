@@ -19,7 +19,10 @@ from discord.ext import commands
 from pydantic import SecretStr
 
 import bot.discord_bot as discord_bot
-from bot.discord_bot import CONTINUE, REGENERATE, GenerationView, create_bot
+import bot.discord_cog as discord_cog
+import bot.discord_ui as discord_ui
+from bot.discord_bot import create_bot
+from bot.discord_ui import CONTINUE, REGENERATE, GenerationView
 from core.chat_store import ChatStore
 from core.engine import Engine
 from core.followups import EXPIRED
@@ -75,7 +78,7 @@ async def start_bot(core: BotCore, **kwargs) -> commands.Bot:
 
 @pytest.fixture
 async def dbot(core, sent):
-    bot = await start_bot(core, edit_interval=discord_bot.EDIT_INTERVAL_S)
+    bot = await start_bot(core, edit_interval=discord_ui.EDIT_INTERVAL_S)
     yield bot
     await dpytest.empty_queue()
 
@@ -93,8 +96,11 @@ async def running_core(settings):
 
 
 async def answer(content: str, **kwargs) -> str:
+    """The reply as it stands once the command is done: on a slow machine its first send may be a partial, edited
+    later (issue 11.7), so read the message back instead of the first payload."""
     await dpytest.message(content, **kwargs)
-    return dpytest.get_message().content
+    sent = dpytest.get_message()
+    return (await sent.channel.fetch_message(sent.id)).content
 
 
 def channel(i: int = 0) -> discord.TextChannel:
@@ -111,7 +117,7 @@ async def test_gen_replies_with_prompt_continuation_seed_and_buttons(dbot, sent)
     assert sure.startswith("긍정 ") and sure.endswith("%")  # the model's own reading of the text
     view = sent[-1]["view"]
     assert [b.label for b in view.children] == [REGENERATE, CONTINUE]
-    assert view.timeout == discord_bot.VIEW_TIMEOUT_S
+    assert view.timeout == discord_ui.VIEW_TIMEOUT_S
     # The same seed gives the same text: the knobs reach the engine.
     assert await answer(f"!gen 긍정 아 정말 top_p=0.9 seed={seed}") == text
 
@@ -142,7 +148,7 @@ async def test_long_output_fits_discord_limit(tiny_dir, tmp_path, sent):
         await dpytest.empty_queue()
     contents = [record["payload"]["content"] for record in sent]
     assert len(contents) >= 2  # streamed edits and the final result
-    assert all(0 < len(text) <= discord_bot.MESSAGE_LIMIT for text in contents)
+    assert all(0 < len(text) <= discord_ui.MESSAGE_LIMIT for text in contents)
     assert contents[-1].startswith("1. **긍정 정말 재밌다") and contents[-1].endswith("…")
     assert len(sent[-1]["view"].children) == 1 + 4  # regenerate + continue per candidate
 
@@ -221,7 +227,7 @@ async def test_unexpected_failure_gets_apology_not_traceback(dbot, core, monkeyp
 
 async def test_help_and_near_miss_commands(dbot):
     text = await answer("!help")
-    assert "!gen [긍정|부정]" in text and "top_p" in text and len(text) <= discord_bot.MESSAGE_LIMIT
+    assert "!gen [긍정|부정]" in text and "top_p" in text and len(text) <= discord_ui.MESSAGE_LIMIT
     with pytest.raises(commands.CommandNotFound):
         await dpytest.message("!gne 긍정 아")
     assert "!gen" in dpytest.get_message().content
@@ -290,7 +296,7 @@ async def test_slash_ranges_follow_the_configured_limits(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, limits={"max_length": 64, "max_candidates": 5})
     async with running_core(settings) as small:
         bot = create_bot(small, sync_commands=False)
-        await bot.add_cog(discord_bot.GenCog(bot, small))
+        await bot.add_cog(discord_cog.GenCog(bot, small))
         options = {p.name: p for p in bot.tree.get_command("gen").parameters}
     assert options["max_length"].max_value == 64 and options["n"].max_value == 5
 
@@ -360,7 +366,7 @@ async def test_expired_button_is_explained(dbot):
     view = GenerationView(dbot.get_cog("GenCog"), "no-such-key", 1)
     interaction = FakeInteraction()
     await view.children[0].callback(interaction)
-    assert interaction.log == [("send", EXPIRED, {"ephemeral": True, "allowed_mentions": discord_bot.NO_MENTIONS})]
+    assert interaction.log == [("send", EXPIRED, {"ephemeral": True, "allowed_mentions": discord_ui.NO_MENTIONS})]
     view.stop()
 
 

@@ -133,6 +133,19 @@ def test_padded_batch_prefill_and_steps_match_each_prompt_alone(fp32_engine: Eng
     assert torch.isfinite(nxt).all() and torch.equal(logits[1], logits[2])
 
 
+async def test_partials_are_decoded_only_when_read(engine: Engine, monkeypatch):
+    """Issue 11.4: the worker decoded every candidate's whole text at every step, and the throttle dropped most."""
+    calls = []
+    real = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepared = engine.prepare(req(engine, "긍정 아 정말 seed=3 min_length=30 max_length=30"))
+    parts = [p async for p in engine.stream(prepared)]
+    before = len(calls)
+    assert len(parts) > 3 and before <= 3  # the final result only (prompt + the text, decoded once)
+    read = parts[len(parts) // 2].continuations[0]  # reading a partial decodes that one
+    assert len(calls) > before and parts[-1].continuations[0].startswith(read.rstrip("�"))
+
+
 def test_bf16_model_gives_float32_logits_on_the_cpu(fp32_engine: Engine):
     """The GPU path's dtype (bf16) runs through the same batch code; logits come back fp32 on the CPU for sampling."""
     import copy

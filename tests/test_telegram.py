@@ -10,6 +10,7 @@ import pytest
 from conftest import make_settings, telegram_running
 from fake_bot_api import FakeBotAPI, parse_html
 
+import bot.telegram_app as app
 import bot.telegram_bot as tg
 from bot.telegram_webhook import SECRET_HEADER
 from core.followups import EXPIRED
@@ -275,8 +276,8 @@ async def test_token_never_reaches_the_logs(core, fake, caplog):
 async def test_rejected_token_fails_start_without_echoing_it(core, fake, tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, telegram={"token": "42:wrong-token", "base_url": fake.base_url})
     other = BotCore.create(settings, core.engine)
-    with pytest.raises(tg.InvalidToken) as info:
-        await asyncio.wait_for(tg.serve(other, asyncio.Event()), 10)
+    with pytest.raises(app.InvalidToken) as info:
+        await asyncio.wait_for(app.serve(other, asyncio.Event()), 10)
     assert "wrong-token" not in str(info.value) and "토큰" in str(info.value)
     other.store.close()
 
@@ -286,8 +287,8 @@ async def test_unreachable_api_waits_and_stops_cleanly(core, tiny_dir, tmp_path,
     other = BotCore.create(settings, core.engine)
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(0.5, stop.set)
-    with caplog.at_level(logging.WARNING, logger="bot.telegram_bot"):
-        await asyncio.wait_for(tg.serve(other, stop), 10)
+    with caplog.at_level(logging.WARNING, logger="bot.telegram_app"):
+        await asyncio.wait_for(app.serve(other, stop), 10)
     assert "cannot reach the Telegram Bot API" in caplog.text and TOKEN not in caplog.text
     other.store.close()
 
@@ -309,7 +310,7 @@ async def test_webhook_mode_checks_the_secret_and_answers(core, fake, tiny_dir, 
     })
     hooked = BotCore.create(settings, core.engine)
     stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(hooked, stop))
+    task = asyncio.create_task(app.serve(hooked, stop))
     try:
         await fake.wait_for(lambda: fake.webhook is not None)
         assert fake.webhook["url"] == "https://bot.example/tg/hook" and fake.webhook["secret_token"] == "s3cret-Value_1"
@@ -348,7 +349,7 @@ async def test_forged_callback_data_is_answered_as_expired(bot):
 
 async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monkeypatch):
     """Issue 12.5: with the group's allowance short, no typing and no partial edits, only the results."""
-    monkeypatch.setattr(tg, "GROUP_MESSAGES_PER_MINUTE", 3)
+    monkeypatch.setattr(app, "GROUP_MESSAGES_PER_MINUTE", 3)
     monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0.0)  # partial edits would be due at every step
     async with telegram_running(core, fake):
         asks = [fake.user_message(GROUP, "/gen 긍정 아 정말 min_length=30 max_length=30", user_id=300 + i) for i in range(3)]
@@ -360,10 +361,10 @@ async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monk
 
 async def test_shutdown_does_not_wait_for_a_group_backlog(core, fake, monkeypatch):
     """Issue 12.5: replies queued behind a group's flood limit are dropped after the reply grace, not awaited."""
-    monkeypatch.setattr(tg, "GROUP_MESSAGES_PER_MINUTE", 1)
-    monkeypatch.setattr(tg, "REPLY_GRACE_S", 0.2)
+    monkeypatch.setattr(app, "GROUP_MESSAGES_PER_MINUTE", 1)
+    monkeypatch.setattr(app, "REPLY_GRACE_S", 0.2)
     stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(core, stop))
+    task = asyncio.create_task(app.serve(core, stop))
     await fake.wait_for(lambda: fake.called("getUpdates", status=None))
     asks = [fake.user_message(GROUP, "/gen 긍정 아 정말", user_id=400 + i) for i in range(3)]
     await fake.wait_for(lambda: any(fake.replies_to(m) for m in asks))  # one got through; two wait ~60 s each

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from browser import CHROMIUM, chromium_page
 from conftest import gen_request
 
+import bot.web as web_module
 from bot.web import create_app
 from core.service import BotCore
 
@@ -83,12 +84,11 @@ async def test_healthz_and_page(client: TestClient):
 async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient, monkeypatch):
     import threading
 
-    from bot import web as web_module
     from core.engine import _Batch
 
     # No timing in the test: the worker is held at its first decoding step until the page has read a partial line,
     # and partial lines are not throttled. (A fast machine may otherwise finish before the first edit is due.)
-    monkeypatch.setattr(web_module._LinesTarget, "edit_interval", 0.0)
+    monkeypatch.setattr(web_module, "STREAM_INTERVAL_S", 0.0)
     gate, real_step = threading.Event(), _Batch.step
 
     def held_step(self, last_tokens):

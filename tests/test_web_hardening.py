@@ -16,7 +16,9 @@ import pytest
 from aiohttp import web
 
 import bot.web as web_module
-from bot.web import GuardedRunner, create_app
+import bot.web_server as web_server
+from bot.web import create_app
+from bot.web_server import GuardedRunner
 from core.service import BotCore
 
 BOUND_S = 20.0  # only a failing test waits this long
@@ -70,7 +72,7 @@ async def test_every_error_is_json(core: BotCore):
 
 
 async def test_half_sent_headers_are_cut_off_and_healthz_still_answers(core: BotCore, monkeypatch):
-    monkeypatch.setattr(web_module, "HEADER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(web_server, "HEADER_TIMEOUT_S", 0.2)
     async with guarded_server(core) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
@@ -90,7 +92,7 @@ async def test_a_stalled_body_gets_408(core: BotCore, monkeypatch):
 
 
 async def test_open_connections_are_capped_oldest_idle_first(core: BotCore, monkeypatch):
-    monkeypatch.setattr(web_module, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(web_server, "MAX_CONNECTIONS", 4)
     async with guarded_server(core) as port:
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
         for _, writer in idle:

@@ -1,0 +1,31 @@
+"""What the Telegram bot says besides results and errors: its command menu and its fixed texts."""
+
+COMMANDS = (
+    ("gen", "문장 생성 — 예: /gen 긍정 아 정말 top_p=0.9"),
+    ("help", "사용법, 모든 설정의 범위와 기본값"),
+    ("set", "이 채팅의 기본 설정 바꾸기 — 예: /set top_p=0.9"),
+    ("settings", "이 채팅의 현재 설정 보기"),
+    ("reset", "이 채팅의 설정을 기본값으로 되돌리기"),
+    ("start", "봇 소개"),
+)
+
+START_TEXT = (
+    "안녕하세요! 한국어 문장을 원하는 감성(긍정/부정)으로 이어 쓰는 봇입니다.\n"
+    "예: /gen 긍정 아 정말 top_p=0.9\n"
+    "모든 설정과 예시는 /help 에 있습니다.\n\n"
+    "(I continue Korean text in the sentiment you ask for. Try /gen 긍정 아 정말)"
+)
+HELP_EXTRA = (
+    "\n\n이 채팅의 기본값 바꾸기: /set top_p=0.9 temperature=0.8\n"
+    "현재 설정 보기: /settings · 기본값으로 되돌리기: /reset\n"
+    "결과 아래 버튼: 🔄 다시 생성(새 시드) · ➡️ 이어 쓰기"
+)
+HINT_TEXT = (
+    "명령으로 보내 주세요. 예: /gen 긍정 아 정말 — 도움말은 /help "
+    "(send a command, e.g. /gen 긍정 아 정말)"
+)
+EDITED_TEXT = (
+    "수정한 메시지로는 다시 실행하지 않습니다. 명령을 새 메시지로 보내 주세요. "
+    "(edited commands are not re-run; send the command again)"
+)
+GENERATING = "생성 중… (generating)"
