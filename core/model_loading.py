@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -19,6 +21,7 @@ from core.settings import ModelSettings
 from core.speedups import fuse_gelu, load_int8_streaming, quantize_int8
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # KoGPT2's special tokens, as the tutorial passes them.
 SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
@@ -80,27 +83,30 @@ def check_readable(path: Path, setting: str) -> None:
         raise refuse(path)
 
 
-def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
+def _explained(load: Callable[[], T], source: str, broken_ko: str, broken_en: str) -> T:
+    """`load()`, every failure one sentence: a local directory's missing or broken file, or the hub's absence."""
     try:
-        return load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw), source)
-    except Exception as exc:
+        return load()
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a corrupt file raises the safetensors, tokenizers or torch library's own error types
         if local_dir(source) is not None:
-            raise ModelLoadError(
-                f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다). "
-                f"(cannot load the tokenizer from {source}: {_first_line(exc)})"
-            ) from None
+            raise ModelLoadError(f"{broken_ko} ({broken_en}: {_first_line(exc)})") from None
         if not isinstance(exc, (OSError, ValueError)):
             raise
         raise ModelLoadError(unreachable_hint(source)) from None
 
 
+def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
+    return _explained(
+        lambda: load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw), source),
+        source, f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다).",
+        f"cannot load the tokenizer from {source}")
+
+
 def load_config(source: str) -> GPT2Config:
-    try:
-        return load_named(GPT2Config.from_pretrained, source)
-    except (OSError, ValueError) as exc:
-        if local_dir(source) is not None:
-            raise ModelLoadError(f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다: {exc}") from None
-        raise ModelLoadError(unreachable_hint(source)) from None
+    return _explained(lambda: load_named(GPT2Config.from_pretrained, source), source,
+                      f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다.", f"no valid GPT-2 config.json in {source}")
 
 
 def pick_checkpoint(directory: Path) -> Path:
@@ -266,22 +272,14 @@ def _hub_snapshot(name: str) -> Path | None:
 
 
 def _from_pretrained(source: str, int8: bool = False) -> GPT2LMHeadModel:
-    try:
-        if int8:
-            directory = local_dir(source) or _hub_snapshot(source)
-            model = load_int8_streaming(directory, load_config(source)) if directory else None
-            if model is not None:
-                return model
-        # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
-        return load_named(lambda name, **kw: GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32, **kw), source)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # a corrupt weights file raises the safetensors or torch library's own error types
-        if local_dir(source) is not None:
-            raise ModelLoadError(
-                f"{source}에서 모델을 불러올 수 없습니다: 가중치 파일이 손상되었거나 형식이 맞지 않습니다. "
-                f"(cannot load the model from {source}: {_first_line(exc)})"
-            ) from None
-        if not isinstance(exc, (OSError, ValueError)):
-            raise
-        raise ModelLoadError(unreachable_hint(source)) from None
+    broken = (f"{source}에서 모델을 불러올 수 없습니다: 가중치 파일이 손상되었거나 형식이 맞지 않습니다.",
+              f"cannot load the model from {source}")
+    if int8:
+        directory = local_dir(source) or _hub_snapshot(source)
+        model = _explained(lambda: load_int8_streaming(directory, load_config(source)), source, *broken) if directory else None
+        if model is not None:
+            return model
+    # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
+    return _explained(
+        lambda: load_named(lambda name, **kw: GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32, **kw), source),
+        source, *broken)
