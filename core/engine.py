@@ -33,6 +33,7 @@ from core.telemetry import Telemetry
 from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)
+SEED_STRIDE = 0x9E3779B97F4A7C15 % (SEED_MAX + 1)  # the golden-ratio constant: candidates' seeds spread apart
 
 RESTARTING = "봇이 다시 시작하는 중입니다. 잠시 후 다시 시도해 주세요. (the bot is restarting, try again shortly)"
 
@@ -168,7 +169,7 @@ class Engine:
     def _submit(self, prepared: PreparedRequest, streaming: bool) -> _Job:
         request = prepared.request
         base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
-        seeds = [(base + i) % (SEED_MAX + 1) for i in range(request.rows)]
+        seeds = row_seeds(base, request.knobs.n, request.best_of)
         loop = asyncio.get_running_loop()
         job = _Job(request, list(prepared.prompt_ids), seeds, loop, loop.create_future(),
                    asyncio.Event() if streaming else None)
@@ -409,6 +410,13 @@ class Engine:
         if len(keep) != len(rows):
             batch.select(keep)
         return [rows[i] for i in keep]
+
+
+def row_seeds(base: int, n: int, best_of: int) -> list[int]:
+    """The seed of every sampled row: result g's first candidate is `base + g` (what best_of=1 samples, so best_of
+    only replaces replies the model reads as off-label), its other candidates lie far away on a fixed stride, so
+    requests with neighbouring seeds (seed=1, seed=2 …) do not share candidates."""
+    return [(base + g + j * SEED_STRIDE) % (SEED_MAX + 1) for g in range(n) for j in range(best_of)]
 
 
 async def start_engine(settings: Settings) -> Engine:

@@ -12,7 +12,7 @@ import torch
 from conftest import make_settings, running_engine
 
 from core import rerank
-from core.engine import Engine
+from core.engine import Engine, row_seeds
 from core.errors import UserError
 from core.grammar import parse_gen
 from core.types import Generation
@@ -59,7 +59,9 @@ async def test_best_of_returns_n_picks_each_reproducible_from_its_seed(engine: E
     result = await engine.generate(req(engine, "긍정 아 정말 n=2 best_of=3 seed=100 min_length=12 max_length=16"))
     assert len(result.continuations) == 2 and len(result.confidence) == 2
     assert all(0.0 <= c <= 1.0 for c in result.confidence)
-    assert result.seeds[0] in (100, 101, 102) and result.seeds[1] in (103, 104, 105)
+    rows = row_seeds(100, 2, 3)
+    assert rows[0] == 100 and rows[3] == 101  # each result's first candidate is what best_of=1 would sample
+    assert result.seeds[0] in rows[:3] and result.seeds[1] in rows[3:]
     for seed, text in zip(result.seeds, result.continuations):
         alone = await engine.generate(req(engine, f"긍정 아 정말 seed={seed} min_length=12 max_length=16"))
         assert alone.continuations[0] == text
@@ -71,8 +73,8 @@ async def test_the_pick_is_the_best_scored_or_first_sure_candidate(engine: Engin
     request = req(engine, "부정 스토리가 best_of=4 seed=7 min_length=10 max_length=14")
     picked = await engine.generate(request)
     singles = [await engine.generate(req(engine, f"부정 스토리가 seed={s} min_length=10 max_length=14"))
-               for s in range(7, 11)]
-    best = max(singles, key=lambda g: (g.confidence[0], -g.seeds[0]))
+               for s in row_seeds(7, 1, 4)]
+    best = max(singles, key=lambda g: g.confidence[0])  # ties: the first, as pick_best
     if accept is not None:
         best = next((g for g in singles if g.confidence[0] >= accept), best)
     assert picked.seeds == best.seeds and picked.continuations == best.continuations
