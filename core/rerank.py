@@ -12,9 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-# A candidate the model reads as at least this surely on-label is taken as it comes (see pick_best); measured
-# against the arg-max and lower thresholds with `python -m core.evaluate --accept …` (models/nsmc-small/MODEL_CARD.md).
-ACCEPT = 0.9
+# None: always the most on-label candidate. A threshold (take the first candidate read as at least this surely
+# on-label) was measured against it with `python -m core.evaluate --accept max,0.9,0.75`: it kept distinct-2 at
+# best_of 1's level but lost 1-3 points of control, while the arg-max cost at most 1.5 points of distinct-2
+# (models/nsmc-small/MODEL_CARD.md); `core.evaluate --accept` repeats the comparison.
+ACCEPT: float | None = None
 
 
 @torch.inference_mode()
@@ -47,14 +49,8 @@ def label_scores(model: torch.nn.Module, own: Sequence[int], other: Sequence[int
 
 
 def pick_best(scores: Sequence[float], groups: int, accept: float | None = None) -> list[int]:
-    """Per each of `groups` equal consecutive groups: with `accept`, the first candidate (lowest seed) whose
-    confidence reaches it, else the highest score; without, the highest score (ties: the lowest seed).
-
-    Why a threshold: the arg-max pick is the most prototypical review for the label, so over many requests the picks
-    converge on the same few phrases (distinct-2 fell from 0.88 to 0.60 at best_of 4 in our measurement). Taking the
-    first candidate the model itself reads as on-label keeps the ordinary samples' variety and still replaces the
-    off-label ones, which is what the label promise needs.
-    """
+    """Per each of `groups` equal consecutive groups: the highest score (ties: the first candidate); with `accept`,
+    the first candidate whose confidence reaches it, else the highest score."""
     k = len(scores) // groups
     picks = []
     for g in range(groups):

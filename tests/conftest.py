@@ -46,7 +46,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_settings(tiny_dir: Path, tmp_path: Path, **sections: dict) -> Settings:
     """Settings over the tiny model with a private store; `sections` override whole-section values."""
-    base = {"model": {"pretrained": str(tiny_dir)}, "store": {"path": str(tmp_path / "store.sqlite3")}}
+    # best_of 1: the tiny model's weights are random, so a rerank would only change which seed a test sees; the
+    # best_of tests ask for it explicitly.
+    base = {"model": {"pretrained": str(tiny_dir)}, "store": {"path": str(tmp_path / "store.sqlite3")},
+            "generation": {"best_of": 1}}
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return load_settings(**base)

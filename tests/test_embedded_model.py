@@ -1,10 +1,11 @@
 """The embedded model (models/nsmc-small) as a new user gets it: it loads offline from the repository, and with the
 chat defaults and fixed seeds its continuations follow the requested label.
 
-The judge is the evaluation's own (TF-IDF + logistic regression), trained here on 30,000 reviews of the NSMC copy
-beside the repository. The floor sits well under what `python -m core.evaluate` measured for this model (see
-models/nsmc-small/MODEL_CARD.md), so a broken rerank, a model that ignores the label, or a mangled tokenizer fails
-it, while the sampling noise of 80 texts does not.
+The judge is the evaluation's (TF-IDF + logistic regression), trained here on 30,000 reviews of the NSMC copy
+beside the repository. On exactly these 2 × 40 seeded texts it judged 97.5 % (긍정) and 87.5 % (부정) on-label with
+the chat default best_of 4, and 85 % / 70 % with best_of 1 (the rerank switched off). The floors (each ≥ 75 %, mean
+≥ 85 %) pass the first with a margin of about two and a half standard errors of an 80-text share, and fail the
+second, a model that ignores the label (~50 %), or a mangled tokenizer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "nsmc-small"
 # Openings from the evaluation's held-out set: never used while training the model or choosing the defaults.
 OPENINGS = ("어제 친구랑", "원작을 읽고 봤는데", "전체적으로", "특히 마지막 장면은")
 SEEDS = range(10)
-FLOOR_EACH, FLOOR_MEAN = 0.75, 0.80
+FLOOR_EACH, FLOOR_MEAN = 0.75, 0.85
 
 
 def test_the_embedded_model_is_small_and_documented():
