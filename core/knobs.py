@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
 from typing import Protocol
 
 from core.errors import UserError
@@ -78,9 +80,14 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def knob_specs(limits: KnobLimits) -> dict[str, KnobSpec]:
-    """Every knob a user may set, in display order; ranges depend on the server's limits."""
-    cap = limits.max_length
+def knob_specs(limits: KnobLimits) -> Mapping[str, KnobSpec]:
+    """Every knob a user may set, in display order; ranges depend on the server's limits (built once per set of
+    limits: every /gen consults the table several times)."""
+    return _knob_table(limits.max_length, limits.max_candidates, limits.max_best_of)
+
+
+@functools.lru_cache(maxsize=16)
+def _knob_table(cap: int, max_candidates: int, max_best_of: int) -> Mapping[str, KnobSpec]:
     specs = [
         KnobSpec("min_length", int, 1, cap, aliases=("min", "minlen", "min_len", "최소길이", "최소"),
                  help_ko="최소 길이 (프롬프트 포함 토큰 수)"),
@@ -98,12 +105,12 @@ def knob_specs(limits: KnobLimits) -> dict[str, KnobSpec]:
                  help_ko="온도: 낮을수록 보수적, 높을수록 다양함"),
         KnobSpec("seed", int, 0, SEED_MAX, aliases=("s", "시드"),
                  help_ko="난수 시드 (같은 시드 = 같은 결과)"),
-        KnobSpec("n", int, 1, limits.max_candidates, aliases=("num", "count", "candidates", "num_return_sequences", "개수"),
+        KnobSpec("n", int, 1, max_candidates, aliases=("num", "count", "candidates", "num_return_sequences", "개수"),
                  help_ko="후보 개수"),
-        KnobSpec("best_of", int, 1, limits.max_best_of, aliases=("best", "bo", "rerank", "최선"),
+        KnobSpec("best_of", int, 1, max_best_of, aliases=("best", "bo", "rerank", "최선"),
                  help_ko="후보 k개를 만들어 라벨에 가장 맞는 것을 고름 (라벨이 있을 때만)"),
     ]
-    return {spec.name: spec for spec in specs}
+    return MappingProxyType({spec.name: spec for spec in specs})  # shared between calls: read-only
 
 
 def _key_form(key: str) -> str:

@@ -152,3 +152,15 @@ def test_fuzz_grammar_never_crashes_and_respects_caps(text):
     assert 1 <= k.n <= LIMITS.max_candidates
     assert req.label in (None, "긍정", "부정")
     assert req.model_prompt and len(req.prompt) <= LIMITS.max_prompt_chars
+
+
+def test_the_knob_table_is_built_once_per_set_of_limits():
+    from core.knobs import knob_specs
+    from core.settings import LimitsSettings
+
+    limits = LimitsSettings()
+    table = knob_specs(limits)
+    assert knob_specs(limits) is table and knob_specs(LimitsSettings()) is table
+    assert knob_specs(LimitsSettings(max_length=64)) is not table
+    with pytest.raises(TypeError):
+        table["top_p"] = None  # shared between calls, so read-only
