@@ -59,6 +59,8 @@ def test_check_fails_with_one_sentence(tmp_path: Path):
                          env=_env(BOT_MODEL__PRETRAINED="skt/kogpt2-base-v2"))
     assert out.returncode == 1
     assert "BOT_MODEL__PRETRAINED" in out.stderr and "Traceback" not in out.stderr
+    # One concise message: the hub is probed once, not retried with a warning per try (issue 13.5).
+    assert "Retrying" not in out.stderr and out.stderr.count("hf download") == 1
 
 
 def test_run_serves_the_tutorial_api_and_stops_cleanly(tiny_dir: Path, ckpt: Path, tmp_path: Path):
