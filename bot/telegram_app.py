@@ -22,7 +22,8 @@ from core.service import BotCore
 
 log = logging.getLogger(__name__)
 
-GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group
+GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group …
+GROUP_PERIOD_S = 60.0  # … per this many seconds
 REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long queued replies may take to go out
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 
@@ -47,7 +48,7 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
         .token(token)
         .base_url(settings.base_url)
         .base_file_url(settings.base_file_url)
-        .rate_limiter(PerChatRateLimiter(group_max_rate=GROUP_MESSAGES_PER_MINUTE))
+        .rate_limiter(PerChatRateLimiter(group_max_rate=GROUP_MESSAGES_PER_MINUTE, group_time_period=GROUP_PERIOD_S))
         .concurrent_updates(True)  # a slow generation in one chat must not delay /help in another
         .post_init(_post_init)
         .build()

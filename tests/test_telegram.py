@@ -350,11 +350,12 @@ async def test_forged_callback_data_is_answered_as_expired(bot):
 async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monkeypatch):
     """Issue 12.5: with the group's allowance short, no typing and no partial edits, only the results."""
     monkeypatch.setattr(app, "GROUP_MESSAGES_PER_MINUTE", 3)
+    monkeypatch.setattr(app, "GROUP_PERIOD_S", 3600.0)  # the allowance does not refill while the test runs
     monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0.0)  # partial edits would be due at every step
     async with telegram_running(core, fake):
         asks = [fake.user_message(GROUP, "/gen 긍정 아 정말 min_length=30 max_length=30", user_id=300 + i) for i in range(3)]
         # Three calls is the whole allowance for a minute: a fourth would hold a result back for 20 s.
-        await fake.wait_for(lambda: all(any("reply_markup" in r for r in fake.replies_to(m)) for m in asks), 15)
+        await fake.wait_for(lambda: all(any("reply_markup" in r for r in fake.replies_to(m)) for m in asks), 90)
     assert len(fake.called("sendMessage", chat_id=GROUP)) == 3
     assert not fake.called("sendChatAction", chat_id=GROUP) and not fake.called("editMessageText", chat_id=GROUP)
 
@@ -362,6 +363,7 @@ async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monk
 async def test_shutdown_does_not_wait_for_a_group_backlog(core, fake, monkeypatch):
     """Issue 12.5: replies queued behind a group's flood limit are dropped after the reply grace, not awaited."""
     monkeypatch.setattr(app, "GROUP_MESSAGES_PER_MINUTE", 1)
+    monkeypatch.setattr(app, "GROUP_PERIOD_S", 3600.0)  # one message an hour: however slow the machine, no second
     monkeypatch.setattr(app, "REPLY_GRACE_S", 0.2)
     stop = asyncio.Event()
     task = asyncio.create_task(app.serve(core, stop))
