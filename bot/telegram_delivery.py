@@ -26,7 +26,7 @@ class PerChatRateLimiter(AIORateLimiter):
     whether a chat can afford typing and partial edits (no send waiting, room beyond the finals still owed).
     """
 
-    __slots__ = ("_finals_owed", "_in_flight", "_paused_until", "_retries", "_waiting")
+    __slots__ = ("_closing_until", "_finals_owed", "_in_flight", "_paused_until", "_retries", "_waiting")
 
     def __init__(self, max_retries: int = SEND_RETRIES, group_max_rate: float = 20, group_time_period: float = 60):
         super().__init__(max_retries=0, group_max_rate=group_max_rate, group_time_period=group_time_period)
@@ -35,6 +35,7 @@ class PerChatRateLimiter(AIORateLimiter):
         self._waiting: Counter[str] = Counter()  # sends of a chat not yet through its limiter
         self._finals_owed: Counter[int] = Counter()  # generations under way per chat, each owes one final text
         self._in_flight: set[asyncio.Task] = set()
+        self._closing_until: float | None = None  # set by close(): sends after this moment are dropped
 
     @contextlib.contextmanager
     def final_owed(self, chat_id: int) -> Iterator[None]:
@@ -58,7 +59,9 @@ class PerChatRateLimiter(AIORateLimiter):
         return needed <= self._group_max_rate if limiter is None else limiter.has_capacity(needed)
 
     async def close(self, grace: float) -> None:
-        """At shutdown: let queued sends go out for up to `grace` s, then cancel the rest (their handlers end)."""
+        """At shutdown: let queued sends go out for up to `grace` s, then cancel the rest (their handlers end). Sends
+        that start later (a handler still finishing its generation) get what is left of the grace, then fail."""
+        self._closing_until = time.monotonic() + grace
         pending = {task for task in self._in_flight if not task.done()}
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
@@ -83,7 +86,11 @@ class PerChatRateLimiter(AIORateLimiter):
         self._in_flight.add(task)
         self._waiting[key] += 1
         try:
-            return await self._send(callback, args, kwargs, endpoint, data, rate_limit_args, chat_id, key)
+            send = self._send(callback, args, kwargs, endpoint, data, rate_limit_args, chat_id, key)
+            if self._closing_until is None:
+                return await send
+            # Shutting down: a flood-limit wait must not hold the stop (issue 12.5).
+            return await asyncio.wait_for(send, max(0.0, self._closing_until - time.monotonic()))
         finally:
             self._in_flight.discard(task)
             self._waiting[key] -= 1
