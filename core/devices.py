@@ -11,6 +11,11 @@ import torch
 from core.errors import ModelLoadError
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s weights live (inputs must be put there)."""
+    return next(model.parameters()).device
+
+
 def resolve_device(wanted: str) -> torch.device:
     """`auto` → CUDA when torch sees one, else CPU; `cuda` without a GPU is an error, never a silent fallback."""
     if wanted == "auto":

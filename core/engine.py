@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 
 from core import rerank
-from core.devices import usable_cpus
+from core.devices import device_of, usable_cpus
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
@@ -122,7 +122,7 @@ class Engine:
     async def health(self) -> dict:
         """For /healthz: whether the worker thread that owns the model is alive."""
         alive = self._thread is not None and self._thread.is_alive()
-        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(_device_of(self.model))}
+        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(device_of(self.model))}
 
     # ---- public API ------------------------------------------------------------------------------------------
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
@@ -133,13 +133,10 @@ class Engine:
         ids = self.tokenizer(request.model_prompt, add_special_tokens=False)["input_ids"] if request.model_prompt else []
         return PreparedRequest(request, tuple(check_prompt_ids(ids, request, self.limits, continuing)), continuing)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
     async def generate(self, prepared: PreparedRequest | GenRequest) -> Generation:
         """Generate every candidate; raises UserError (BusyError, RequestTimeout, ShuttingDown) on refusal.
 
-        A bare GenRequest is prepared first (core/evaluate.py passes one; serving code prepares once itself)."""
+        A bare GenRequest is prepared first (a convenience for scripts and tests; serving code prepares once itself)."""
         if isinstance(prepared, GenRequest):
             prepared = self.prepare(prepared)
         job = self._submit(prepared, streaming=False)
@@ -442,7 +439,7 @@ class _Batch:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.device = _device_of(model)
+        self.device = device_of(model)
         self.cache_arg = _cache_argument()
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
@@ -530,10 +527,6 @@ class _Batch:
         start = int(self.mask.any(dim=0).nonzero()[0])
         self.mask = self.mask[:, start:]
         self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers]
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _cache_argument() -> str:

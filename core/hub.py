@@ -28,9 +28,14 @@ SERVING = ("model.pretrained(BOT_MODEL__PRETRAINED)", "설정을 지워 내장 �
 TRAINING = ("--pretrained", "--from-scratch로 처음부터 학습하세요", "or train with --from-scratch")
 
 
+def _names_a_path(name: str) -> bool:
+    """A filesystem path, never a hub name (`owner/model`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def unreachable_hint(name: str, where: tuple[str, str, str] = SERVING) -> str:
     setting, instead_ko, instead_en = where
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if _names_a_path(name):
         return f"{setting}: 모델 디렉터리 '{name}'이(가) 없습니다. (directory not found: {name})"
     return (
         f"'{name}'을(를) 불러올 수 없습니다: 로컬 디렉터리가 아니고 Hugging Face 허브에도 연결할 수 없습니다. "
@@ -69,7 +74,7 @@ def load_named(load: Callable[..., T], name: str, where: tuple[str, str, str] = 
     """`load(name)` for a local directory; for a hub name, the cached copy, else a download after a quick probe."""
     if (path := local_dir(name)) is not None:
         return load(str(path))
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if _names_a_path(name):
         raise ModelLoadError(unreachable_hint(name, where))
     try:
         return load(name, local_files_only=True)

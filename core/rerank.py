@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from core.devices import device_of
+
 # None: always the most on-label candidate. A threshold (take the first candidate read as at least this surely
 # on-label) was measured against it with `python -m core.evaluate --accept max,0.9,0.75`: it kept distinct-2 at
 # best_of 1's level but lost 1-3 points of control, while the arg-max cost at most 1.5 points of distinct-2
@@ -25,7 +27,7 @@ def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[in
     """log p(continuation | context) for each pair, summed over the continuation's tokens, in one forward pass."""
     seqs = [list(ctx) + list(cont) for ctx, cont in zip(contexts, continuations)]
     width = max(map(len, seqs))
-    device = next(model.parameters()).device
+    device = device_of(model)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):  # right padding: every row's positions start at 0, as in training

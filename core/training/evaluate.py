@@ -133,10 +133,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     asyncio.run(run())
     reviews = encode(loaded.tokenizer, read_nsmc(test_path, args.nll_reviews), 128)
-    variants = {"fp32": load_model(settings.model.model_copy(update={"quantize": "none"})).model}
-    if args.int8:
-        variants["int8"] = load_model(settings.model.model_copy(update={"quantize": "int8"})).model
-    for name, model in variants.items():
+    served = "int8" if loaded.source.endswith("(int8)") else "fp32"
+    variants = {served: loaded.model}  # the model that generated is measured as it is, not loaded again
+    for name, quantize in (("fp32", "none"), ("int8", "int8")):
+        if name not in variants and (name == "fp32" or args.int8):
+            variants[name] = load_model(settings.model.model_copy(update={"quantize": quantize})).model
+    for name, model in sorted(variants.items()):
         with torch.inference_mode():
             nll = mean_nll(model, reviews, loaded.tokenizer.pad_token_id, "cpu")
         report["fluency"][name] = {"mean_nll": nll, "perplexity": math.exp(nll), "reviews": len(reviews)}
