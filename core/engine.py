@@ -27,7 +27,7 @@ from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
-from core.sampling import PAD_ID, build_processors, sample
+from core.sampling import PAD_ID, next_tokens
 from core.settings import Settings
 from core.telemetry import Telemetry
 from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
@@ -51,6 +51,9 @@ class _Job:
     generated: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
     stopped: list[bool] = field(default_factory=list)  # ended with the end-of-text token (scored with it)
+    # best_of > 1: each candidate's log p(tokens | own label's prompt), summed from the decoding logits as it goes
+    own_logprobs: list[float] = field(default_factory=list)
+    picks: tuple[list[int], tuple[float, ...]] | None = None  # the rerank's choice and confidences, once done
     prompt_text: str | None = None  # the prompt decoded, cached for cutting it off each continuation
 
 
@@ -220,9 +223,7 @@ class Engine:
 
     # ---- worker thread ---------------------------------------------------------------------------------------
     def _result(self, job: _Job, done: bool) -> Generation:
-        chosen, confidence = list(range(len(job.generated))), None
-        if done and job.request.label:
-            chosen, confidence = self._rerank(job)  # the worker's final call: the model is its own
+        chosen, confidence = job.picks if done and job.picks else (list(range(len(job.generated))), None)
         generated = [list(job.generated[i]) for i in chosen]  # a snapshot: the worker may be appending
         if done:
             texts: Sequence[str] = tuple(self._continuation(job, ids) for ids in generated)
@@ -231,15 +232,23 @@ class Engine:
         seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
         return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
 
-    def _rerank(self, job: _Job) -> tuple[list[int], tuple[float, ...]]:
-        """The best of each group of `best_of` rows by the label score, and each pick's confidence."""
-        request = job.request
-        other = replace(request, label=NEGATIVE if request.label == POSITIVE else POSITIVE).model_prompt
-        other_ids = self.tokenizer(other, add_special_tokens=False)["input_ids"]
-        continuations = [ids + [self.eos_id] * stop for ids, stop in zip(job.generated, job.stopped)]
-        scores = rerank.label_scores(self.model, job.prompt_ids, other_ids, continuations)
-        chosen = rerank.pick_best(scores, request.knobs.n, self.accept)
-        return chosen, tuple(rerank.confidence(scores[i]) for i in chosen)
+    def _rerank(self, jobs: list[_Job]) -> None:
+        """Pick the best of each group of `best_of` rows by the label score, for every job that finished this step:
+        one batched forward pass scores every candidate after the other label's prompt (its own label's side was
+        summed while decoding)."""
+        contexts, continuations = [], []
+        for job in jobs:
+            request = job.request
+            other = replace(request, label=NEGATIVE if request.label == POSITIVE else POSITIVE).model_prompt
+            other_ids = self.tokenizer(other, add_special_tokens=False)["input_ids"]
+            for ids, stop in zip(job.generated, job.stopped):
+                contexts.append(other_ids)
+                continuations.append(ids + [self.eos_id] * stop)
+        others = iter(rerank.continuation_logprobs(self.model, contexts, continuations))
+        for job in jobs:
+            scores = [own - next(others) for own in job.own_logprobs]
+            chosen = rerank.pick_best(scores, job.request.knobs.n, self.accept)
+            job.picks = chosen, tuple(rerank.confidence(scores[i]) for i in chosen)
 
     def _continuation(self, job: _Job, new_ids: list[int]) -> str:
         # Decode with the prompt so subword joins and spaces come out right, then cut the prompt off.
@@ -370,24 +379,26 @@ class Engine:
             job.generated = [[] for _ in range(n)]
             job.finished = [False] * n
             job.stopped = [False] * n
+            job.own_logprobs = [0.0] * n
             for candidate, seed in enumerate(job.seeds):
                 rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
         self._advance(rows, logits)
         return rows
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Apply each row's rules to its next-token logits, sample, and record the token."""
+        """Apply each row's rules to its next-token logits, sample, and record the token; rerank and answer every
+        job this step finished."""
         width = max(len(row.tokens) for row in rows)
         ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, width - len(row.tokens):] = torch.tensor(row.tokens)
         knobs = [row.job.request.knobs for row in rows]
-        scores = build_processors(knobs, self.eos_id)(ids, logits.float())
-        tokens = sample(scores, [row.generator for row in rows])
-        touched: set[_Job] = set()
+        tokens = next_tokens(ids, logits, knobs, [row.generator for row in rows], self.eos_id)
+        self._add_own_logprobs(rows, logits, tokens)
+        touched: dict[_Job, None] = {}
         for row, token in zip(rows, tokens):
             job = row.job
-            touched.add(job)
+            touched[job] = None
             if token == self.eos_id:
                 job.finished[row.candidate] = True
                 job.stopped[row.candidate] = True
@@ -396,11 +407,25 @@ class Engine:
             job.generated[row.candidate].append(token)
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
+        done = [job for job in touched if all(job.finished) and not job.cancelled]
+        if reranked := [job for job in done if job.request.best_of > 1]:
+            self._rerank(reranked)  # the worker's call: the model is its own
         for job in touched:
-            done = all(job.finished)
             # A rerank's pick is known only at the end, so best_of > 1 publishes no partial text.
-            if not job.cancelled and (done or job.request.best_of == 1):
-                self._publish(job, done)
+            if not job.cancelled and (job in done or job.request.best_of == 1):
+                self._publish(job, job in done)
+
+    def _add_own_logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int]) -> None:
+        """Add log p(token) under the model's own (unwarped) distribution to each reranked row's running total."""
+        scored = [i for i, row in enumerate(rows) if row.job.request.best_of > 1]
+        if not scored:
+            return
+        index = torch.tensor(scored)
+        chosen = torch.tensor([tokens[i] for i in scored])[:, None]
+        picked = logits[index].float()
+        values = (picked.gather(1, chosen)[:, 0] - picked.logsumexp(dim=-1)).tolist()
+        for i, value in zip(scored, values):
+            rows[i].job.own_logprobs[rows[i].candidate] += value
 
     def _retire(self, rows: list[_Row], batch: _Batch) -> list[_Row]:
         keep = [i for i, row in enumerate(rows) if not row.job.finished[row.candidate] and not row.job.cancelled]

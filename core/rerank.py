@@ -21,11 +21,28 @@ from core.devices import device_of
 ACCEPT: float | None = None
 
 
-@torch.inference_mode()
+# Logits held at once while scoring: rows x positions x vocabulary floats (64 rows of 40 tokens of KoGPT2's 51,200
+# would be 0.5 GB), so the rows go through the model in chunks of at most this many logits.
+LOGITS_PER_CHUNK = 16 * 1024 * 1024
+
+
 def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], pad_id: int = 0) -> list[float]:
-    """log p(continuation | context) for each pair, summed over the continuation's tokens, in one forward pass."""
+    """log p(continuation | context) for each pair, summed over the continuation's tokens, in batched forward passes."""
     seqs = [list(ctx) + list(cont) for ctx, cont in zip(contexts, continuations)]
+    if not seqs:
+        return []
+    vocab = int(model.config.vocab_size)
+    per_chunk = max(1, LOGITS_PER_CHUNK // (max(map(len, seqs)) * vocab))
+    out: list[float] = []
+    for start in range(0, len(seqs), per_chunk):
+        chunk = slice(start, start + per_chunk)
+        out.extend(_logprobs(model, seqs[chunk], [len(ctx) for ctx in contexts[chunk]], pad_id))
+    return out
+
+
+@torch.inference_mode()
+def _logprobs(model: torch.nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int) -> list[float]:
     width = max(map(len, seqs))
     device = device_of(model)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -33,13 +50,11 @@ def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[in
     for row, seq in enumerate(seqs):  # right padding: every row's positions start at 0, as in training
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
-    out = []
-    for row, (ctx, cont) in enumerate(zip(contexts, continuations)):
-        start = len(ctx) - 1  # logits at position t predict token t + 1
-        out.append(float(logp[row, start:start + len(cont)].sum()))
-    return out
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+    targets = ids[:, 1:, None].to(device)
+    logp = (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)).cpu()
+    # logits at position t predict token t + 1: a continuation after a context of c tokens starts at c - 1
+    return [float(logp[row, c - 1:len(seq) - 1].sum()) for row, (seq, c) in enumerate(zip(seqs, starts))]
 
 
 def label_scores(model: torch.nn.Module, own: Sequence[int], other: Sequence[int],

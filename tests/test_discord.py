@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
@@ -114,12 +115,15 @@ async def test_gen_replies_with_prompt_continuation_seed_and_buttons(dbot, sent)
     body, footer = text.rsplit("\n\nseed=", 1)
     seed, _, sure = footer.partition(" · ")
     assert len(body) > len("**긍정 아 정말**") and seed.isdigit()
-    assert sure.startswith("긍정 ") and sure.endswith("%")  # the model's own reading of the text
+    assert sure == ""  # best_of 1 is a plain sample: no score
     view = sent[-1]["view"]
     assert [b.label for b in view.children] == [REGENERATE, CONTINUE]
     assert view.timeout == discord_ui.VIEW_TIMEOUT_S
     # The same seed gives the same text: the knobs reach the engine.
     assert await answer(f"!gen 긍정 아 정말 top_p=0.9 seed={seed}") == text
+    reranked = await answer("!gen 긍정 아 정말 best_of=2")
+    sure = reranked.rsplit("\n\nseed=", 1)[1].partition(" · ")[2]
+    assert sure.startswith("긍정 ") and sure.endswith("%")  # the pick's confidence: the model's own reading
 
 
 async def test_bad_knob_gets_korean_error_naming_it_and_its_range(dbot, sent):
@@ -304,10 +308,11 @@ async def test_slash_ranges_follow_the_configured_limits(tiny_dir, tmp_path):
 async def test_slash_gen_defers_then_answers_with_buttons(dbot):
     gen = dbot.tree.get_command("gen")
     interaction = FakeInteraction()
-    await gen.callback(interaction, prompt="아 정말", label="긍정", top_p=0.9, seed="42")
+    await gen.callback(interaction, prompt="아 정말", label="긍정", top_p=0.9, seed="42", best_of=2)
     assert interaction.log[0] == ("defer", None, {"thinking": True})
     kind, content, extra = interaction.final()
-    assert kind == "edit" and content.startswith("**긍정 아 정말**") and "seed=42 · 긍정 " in content
+    assert kind == "edit" and content.startswith("**긍정 아 정말**")
+    assert re.search(r"\n\nseed=\d+ · 긍정 \d+%$", content)  # the pick's seed and the model's reading of it
     assert pings_nobody(extra["allowed_mentions"].to_dict())
     assert [b.label for b in extra["view"].children] == [REGENERATE, CONTINUE]
 

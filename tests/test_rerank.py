@@ -70,15 +70,24 @@ async def test_best_of_returns_n_picks_each_reproducible_from_its_seed(engine: E
 @pytest.mark.parametrize("accept", [None, 0.5])
 async def test_the_pick_is_the_best_scored_or_first_sure_candidate(engine: Engine, accept):
     engine.accept = accept
-    request = req(engine, "부정 스토리가 best_of=4 seed=7 min_length=10 max_length=14")
-    picked = await engine.generate(request)
+    seen = []
+    rerank_jobs = engine._rerank
+    engine._rerank = lambda jobs: (seen.extend(jobs), rerank_jobs(jobs))  # the candidates' tokens, as decoded
+    picked = await engine.generate(req(engine, "부정 스토리가 best_of=4 seed=7 min_length=10 max_length=14"))
+    (job,) = seen
     singles = [await engine.generate(req(engine, f"부정 스토리가 seed={s} min_length=10 max_length=14"))
                for s in row_seeds(7, 1, 4)]
-    best = max(singles, key=lambda g: g.confidence[0])  # ties: the first, as pick_best
+    assert all(g.confidence is None for g in singles)  # best_of 1 is a plain sample: no second pass, no score
+    assert [engine._continuation(job, ids) for ids in job.generated] == [g.continuations[0] for g in singles]
+    # The engine sums its own label's side while decoding; scored again from scratch, both sides agree with it.
+    own, other = (engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("부정 스토리가", "긍정 스토리가"))
+    conts = [ids + [engine.eos_id] * stop for ids, stop in zip(job.generated, job.stopped)]
+    scores = rerank.label_scores(engine.model, own, other, conts)
+    best = max(range(4), key=lambda i: (scores[i], -i))  # ties: the first, as pick_best
     if accept is not None:
-        best = next((g for g in singles if g.confidence[0] >= accept), best)
-    assert picked.seeds == best.seeds and picked.continuations == best.continuations
-    assert picked.confidence[0] == pytest.approx(best.confidence[0], abs=1e-4)
+        best = next((i for i in range(4) if rerank.confidence(scores[i]) >= accept), best)
+    assert picked.seeds == (singles[best].seeds[0],) and picked.continuations == singles[best].continuations
+    assert picked.confidence[0] == pytest.approx(rerank.confidence(scores[best]), abs=1e-4)
 
 
 async def test_same_seed_same_pick_alone_or_batched(engine: Engine):

@@ -160,9 +160,9 @@ async def test_api_keeps_one_sample_unless_asked_while_the_page_gets_the_chat_de
     async with running_core(settings) as bot_core, TestClient(TestServer(create_app(bot_core), host="127.0.0.1")) as c:
         seed = {"prompt": "긍정 아 정말", "seed": 11, "max_length": 16}
         tutorial = await (await c.post("/api", json=seed)).json()
-        assert tutorial["seeds"] == [11] and len(tutorial["confidence"]) == 1  # best_of 1: seed 11 itself
+        assert tutorial["seeds"] == [11] and "confidence" not in tutorial  # best_of 1: seed 11 itself, unscored
         asked = await (await c.post("/api", json={**seed, "best_of": 4})).json()
-        assert asked["seeds"][0] in row_seeds(11, 1, 4)
+        assert asked["seeds"][0] in row_seeds(11, 1, 4) and len(asked["confidence"]) == 1
         lines = [json.loads(line) for line in (await (await c.post("/api/stream", json=seed)).text()).splitlines()]
         assert lines[-1]["seeds"] == asked["seeds"] and lines[-1]["results"] == asked["results"]
         no_label = await c.post("/api", json={"prompt": "아 정말", "best_of": 4})
