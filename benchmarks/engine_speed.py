@@ -9,7 +9,7 @@ random weights, built offline; tokenizer trained on NSMC reviews. Workloads:
   (b) 16 concurrent requests, 32 new tokens each (min_length = max_length): for the bot, 16 different knob sets sent
       at once to a real `python -m bot` over HTTP; for CTranslate2, the same 16 prompts in one `generate_batch` with
       one knob set (it has no per-request knobs in a batch) — the reference a speed-minded user would deploy.
-Rows: tutorial (one `generate` per request, in turn), ctranslate2-int8, bot-fp32 (`model.quantize = "none"`), bot
+Rows: tutorial (fp32, one `generate` per request, in turn), ctranslate2-int8, bot-fp32 (`model.quantize = "none"`), bot
 (the defaults: int8 on a CPU), and bot-contended: the defaults while a CPU-bound process spins on one core.
 Each row runs in its own process (the bot rows in a `python -m bot` child; peak RSS is the bot's), rows interleaved
 `--repeats` times, medians reported.
@@ -92,7 +92,7 @@ def run_tutorial(model_dir: Path) -> dict:
     from core.model_loading import load_model
     from core.settings import ModelSettings
 
-    loaded = load_model(ModelSettings(pretrained=str(model_dir)))
+    loaded = load_model(ModelSettings(pretrained=str(model_dir), quantize="none"))  # the tutorial served fp32
     specs = knob_sets()
     tutorial_generate(loaded.model, loaded.tokenizer, specs[0], 4)  # warm-up
     started = time.perf_counter()

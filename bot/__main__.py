@@ -9,10 +9,12 @@ import os
 import sys
 import time
 
-# OpenMP threads that spin while they wait starve when another process wants the same cores (a shared box): one
-# request's ms/token was 7-12x worse with 2 spinning threads than with 2 passive ones under load here. It must be set
-# before torch loads OpenMP; an OMP_WAIT_POLICY from the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads wait for the next operation by spinning 10,000 rounds, then sleeping (libgomp's default is 300,000):
+# back-to-back operations stay fast, and an idle engine soon stops using the cores. With OMP_WAIT_POLICY=PASSIVE
+# (no spin) a step took 30-50% longer here, even on an idle box. When another process competes for the cores, the
+# engine's thread tuner (core/thread_tuner.py) measures that and uses fewer threads. Must be set before torch loads
+# OpenMP; the environment wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from core.errors import ModelLoadError, UserError
 from core.settings import Settings, SettingsError, load_settings

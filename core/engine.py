@@ -30,6 +30,7 @@ from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, next_tokens
 from core.settings import Settings
 from core.telemetry import Telemetry
+from core.thread_tuner import ThreadTuner, candidates_for
 from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -270,8 +271,11 @@ class Engine:
         job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
 
     def _run(self) -> None:
-        # OpenMP's thread count is per calling thread: set it where the model runs.
-        torch.set_num_threads(self.settings.model.threads or usable_cpus())
+        # OpenMP's thread count is per calling thread: set it where the model runs. threads = 0 on a CPU: measured.
+        fixed = self.settings.model.threads or device_of(self.model).type != "cpu"
+        candidates = (self.settings.model.threads or usable_cpus(),) if fixed else candidates_for(usable_cpus())
+        torch.set_num_threads(candidates[0])
+        tuner = ThreadTuner(candidates, torch.set_num_threads)
         batch = _Batch(self.model)
         rows: list[_Row] = []
         while not (self._stopping.is_set() and not rows and self._queue.empty()):
@@ -285,7 +289,7 @@ class Engine:
                 self.telemetry.batch(len(rows))
                 saved = batch.snapshot()
                 try:
-                    logits = batch.step([row.tokens[-1] for row in rows])
+                    logits = tuner.run(len(rows), batch.step, [row.tokens[-1] for row in rows])
                 except Exception as exc:  # noqa: BLE001
                     batch.restore(saved)
                     rows = self._fail_culprits(rows, batch, exc)
@@ -409,7 +413,13 @@ class Engine:
                 job.finished[row.candidate] = True
         done = [job for job in touched if all(job.finished) and not job.cancelled]
         if reranked := [job for job in done if job.request.best_of > 1]:
-            self._rerank(reranked)  # the worker's call: the model is its own
+            try:
+                self._rerank(reranked)  # the worker's call: the model is its own
+            except Exception as exc:  # only the jobs being scored fail; the batch goes on
+                log.exception("scoring %d finished requests for best_of failed", len(reranked))
+                for job in reranked:
+                    self._fail(job, exc)
+                    job.cancelled = True
         for job in touched:
             # A rerank's pick is known only at the end, so best_of > 1 publishes no partial text.
             if not job.cancelled and (job in done or job.request.best_of == 1):

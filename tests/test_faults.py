@@ -99,6 +99,25 @@ async def test_a_failure_of_the_whole_batch_fails_its_requests_and_the_engine_go
         await engine.stop()
 
 
+async def test_a_failed_best_of_scoring_pass_fails_only_the_requests_it_scored(settings):
+    def hook(input_ids, position_ids):
+        if position_ids is None:  # only the rerank's scoring pass leaves positions to the model
+            raise RuntimeError("scoring failed")
+
+    engine = engine_over(settings, hook)
+    engine.start()
+    try:
+        jobs = [engine.generate(request(engine, "긍정 아 정말 best_of=2 min_length=8 max_length=8 seed=1")),
+                engine.generate(request(engine, "부정 스토리가 min_length=30 max_length=30 seed=2"))]
+        results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
+        assert isinstance(results[0], RuntimeError) and "scoring" in str(results[0])
+        assert results[1].continuations[0] and results[1].new_tokens > 0  # decoded on past the failure
+        assert shared_steps(engine, 2) > 0  # both requests' rows were in the batch together
+        assert (await asyncio.wait_for(engine.generate(request(engine, "긍정 배우들 seed=3")), 30)).continuations
+    finally:
+        await engine.stop()
+
+
 # ---- drain at shutdown -------------------------------------------------------------------------------------------
 def slow_hook(input_ids, position_ids):
     time.sleep(0.03)  # ~30 ms per forward: a 40-token generation takes over a second
