@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache, GPT2LMHeadModel
+from transformers import Cache, GPT2LMHeadModel
 
 from core import rerank
 from core.devices import device_of, usable_cpus
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
+from core.kv_cache import growing_cache
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, next_tokens
@@ -479,8 +480,11 @@ class _Batch:
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.positions: list[int] = []
+        # The cache steps write into, built from `layers` at the first step after they were replaced (prefill, select,
+        # restore); between those, each step only adds a column to it and `layers` views its buffers.
+        self.cache: Cache | None = None
 
-    def _forward(self, cache: DynamicCache | None, **inputs: object) -> tuple[torch.Tensor, DynamicCache]:
+    def _forward(self, cache: Cache | None, **inputs: object) -> tuple[torch.Tensor, Cache]:
         out = self.model(**inputs, **({self.cache_arg: cache} if cache is not None else {}), use_cache=True)
         return out.logits[:, -1], out[self.cache_arg]
 
@@ -510,11 +514,12 @@ class _Batch:
         return logits.repeat_interleave(counts, 0).float().cpu()
 
     def snapshot(self) -> tuple:
-        """The state `step` replaces (its tensors are never changed in place), to undo a failed step."""
+        """The state `step` replaces, to undo a failed step: a step writes only past the columns these views show."""
         return list(self.layers), self.mask, list(self.positions)
 
     def restore(self, saved: tuple) -> None:
         self.layers, self.mask, self.positions = list(saved[0]), saved[1], list(saved[2])
+        self.cache = None
 
     def copy(self) -> _Batch:
         other = _Batch(self.model)
@@ -522,6 +527,7 @@ class _Batch:
         return other
 
     def _append(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        self.cache = None
         if not self.layers:
             self.layers, self.mask = [(k.contiguous(), v.contiguous()) for k, v in layers], mask
             return
@@ -535,19 +541,17 @@ class _Batch:
     @torch.inference_mode()
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each."""
-        # A fresh cache over our tensors each step, filled through the public `update`: the cache never owns them.
-        cache = DynamicCache()
-        for index, (k, v) in enumerate(self.layers):
-            cache.update(k, v, index)
+        if self.cache is None:
+            self.cache = growing_cache(self.layers)
         self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long, device=self.device)], dim=1)
-        logits, cache = self._forward(
-            cache,
+        logits, _ = self._forward(
+            self.cache,
             input_ids=torch.tensor(last_tokens, device=self.device)[:, None],
             # Without padding no mask is needed, and attention takes its faster unmasked path.
             attention_mask=None if bool(self.mask.all()) else self.mask,
             position_ids=torch.tensor(self.positions, device=self.device)[:, None],
         )
-        self.layers = _layers_of(cache)
+        self.layers = _layers_of(self.cache)
         self.positions = [p + 1 for p in self.positions]
         return logits.float().cpu()
 
@@ -557,6 +561,7 @@ class _Batch:
             self.__init__(self.model)
             return
         index = torch.tensor(keep, device=self.device)
+        self.cache = None
         self.mask = self.mask.index_select(0, index)
         self.positions = [self.positions[i] for i in keep]
         start = int(self.mask.any(dim=0).nonzero()[0])
@@ -571,7 +576,7 @@ def _cache_argument() -> str:
     return "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
-def _layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layers_of(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's keys and values, as the public `Cache.layers` (every 5.x release) holds them."""
     return [(layer.keys, layer.values) for layer in cache.layers]
 
