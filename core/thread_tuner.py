@@ -80,9 +80,10 @@ class ThreadTuner:
         seconds = self._clock() - started
         if choice.plan:
             choice.timings.setdefault(choice.plan.pop(0), []).append(seconds)
+            self._drop_hopeless(choice)
             if not choice.plan:
                 medians = {c: statistics.median(t) for c, t in choice.timings.items()}
-                best = min(self.candidates, key=lambda c: (medians[c], self.candidates.index(c)))
+                best = min(medians, key=lambda c: (medians[c], self.candidates.index(c)))
                 if best != choice.threads:
                     log.info("steps of %d+ rows now use %d CPU thread(s) (median ms per step by threads: %s)",
                              1 << (bucket_of(rows) - 1), best,
@@ -94,3 +95,18 @@ class ThreadTuner:
             if choice.reference_s is not None and seconds > SLOWDOWN * choice.reference_s:
                 choice.busy_s = EXPLORE_EVERY_S  # conditions changed: measure again at the next step
         return result
+
+    @staticmethod
+    def _drop_hopeless(choice: _Choice) -> None:
+        """Stop timing a count whose fastest step was over SLOWDOWN times another's: under contention the slow
+        count's steps are the expensive ones, and a clear loser needs no more samples."""
+        if len(choice.timings) < 2:
+            return
+        fastest = {c: min(t) for c, t in choice.timings.items()}
+        best = min(fastest.values())
+        hopeless = {c for c, f in fastest.items() if f > SLOWDOWN * best}
+        choice.plan = [c for c in choice.plan if c not in hopeless]
+        for c in hopeless:
+            del choice.timings[c]
+        if len(set(choice.plan) | set(choice.timings)) == 1:
+            choice.plan = []  # one count left: nothing to compare it with

@@ -68,7 +68,7 @@ def test_another_process_competing_is_noticed_and_measured_again():
         tuner.run(16, machine.step, 16)
     assert tuner.choices == {5: 1}  # one slow step started a new measurement at once
     slow_steps = sum(1 for t in machine.history[10:] if t == 2)
-    assert slow_steps <= 1 + thread_tuner.SAMPLES  # the step that noticed, and the measurement's own
+    assert slow_steps == 2  # the step that noticed, and one timed step: a clear loser is not timed again
     contended["on"] = False
     steps = int(thread_tuner.EXPLORE_EVERY_S / 0.020) + 2 * thread_tuner.SAMPLES + 1
     for _ in range(steps):  # after EXPLORE_EVERY_S of decoding it measures again, and goes back to two
@@ -96,3 +96,13 @@ def test_a_failing_step_leaves_the_measurement_consistent():
     for _ in range(2 * thread_tuner.SAMPLES):
         tuner.run(4, machine.step, 4)
     assert tuner.choices == {3: 2}  # ties go to the first (more threads)
+
+
+def test_with_more_cpus_a_clear_loser_is_timed_once_and_the_rest_compared():
+    cost = {8: 0.200, 4: 0.010, 2: 0.012, 1: 0.018}  # eight threads on a box where others hold half the cores
+    machine = Machine(lambda threads, rows: cost[threads])
+    tuner = tuner_on(machine, candidates=candidates_for(8))
+    for _ in range(12):
+        tuner.run(8, machine.step, 8)
+    assert tuner.choices == {4: 4}
+    assert machine.history.count(8) == 1 and machine.history[-1] == 4
