@@ -53,7 +53,7 @@ def _error(status: int, message: str) -> web.Response:
 def _result(gen: Generation) -> dict:
     texts = gen.texts()
     out = {"result": texts[0], "results": list(texts), "seeds": list(gen.seeds)}
-    if gen.confidence is not None:  # with a label: the model's own P(label | text) for each result
+    if gen.confidence is not None:  # best_of > 1: the model's own P(label | text) for each pick
         out["confidence"] = [round(c, 4) for c in gen.confidence]
     return out
 

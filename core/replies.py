@@ -31,7 +31,7 @@ def render_generation(
     many = len(gen.continuations) > 1
     seeds = ", ".join(str(s) for s in gen.seeds)
     sure = ""
-    if gen.confidence is not None and gen.request.label:  # the model's own reading of its pick: "긍정 93%"
+    if gen.confidence is not None and gen.request.label:  # best_of > 1: the model's own reading of its pick, "긍정 93%"
         sure = f" · {gen.request.label} " + ", ".join(f"{c:.0%}" for c in gen.confidence)
     footer = f"\n\nseed={seeds}{sure}" if gen.done else ""
     lines = []

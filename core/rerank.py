@@ -1,8 +1,10 @@
 """best_of: pick, among k sampled continuations, the one the language model itself reads most surely as the label.
 
-score(c) = log p(c | "긍정 " + prompt) − log p(c | "부정 " + prompt), sign flipped for 부정: the same model, one
-batched forward pass over both contexts, no second model. With equal priors on the two labels, Bayes' rule turns
-the score into the model's own P(label | text) = sigmoid(score), which the bot shows as the pick's confidence.
+score(c) = log p(c | "긍정 " + prompt) − log p(c | "부정 " + prompt), sign flipped for 부정: the same model, no second
+model. The engine sums the asked label's side from the logits it sampled with and scores only the other side here
+(`continuation_logprobs`); `label_scores` computes both sides at once. With equal priors on the two labels, Bayes'
+rule turns the score into the model's own P(label | text) = sigmoid(score), which the bot shows as the pick's
+confidence.
 """
 
 from __future__ import annotations
