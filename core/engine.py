@@ -273,8 +273,11 @@ class Engine:
 
     def _run(self) -> None:
         # OpenMP's thread count is per calling thread: set it where the model runs. threads = 0 on a CPU: measured.
-        fixed = self.settings.model.threads or device_of(self.model).type != "cpu"
-        candidates = (self.settings.model.threads or usable_cpus(),) if fixed else candidates_for(usable_cpus())
+        threads = self.settings.model.threads
+        if threads or device_of(self.model).type != "cpu":
+            candidates: tuple[int, ...] = (threads or usable_cpus(),)
+        else:
+            candidates = candidates_for(usable_cpus())
         torch.set_num_threads(candidates[0])
         tuner = ThreadTuner(candidates, torch.set_num_threads)
         batch = _Batch(self.model)
@@ -412,8 +415,8 @@ class Engine:
             job.generated[row.candidate].append(token)
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
-        done = [job for job in touched if all(job.finished) and not job.cancelled]
-        if reranked := [job for job in done if job.request.best_of > 1]:
+        done = {job for job in touched if all(job.finished) and not job.cancelled}
+        if reranked := [job for job in touched if job in done and job.request.best_of > 1]:
             try:
                 self._rerank(reranked)  # the worker's call: the model is its own
             except Exception as exc:  # only the jobs being scored fail; the batch goes on

@@ -20,7 +20,6 @@ class GrowingLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
         self.lazy_initialization(keys, values)
-        self._keys = self._values = keys.new_empty(0)
         self._reserve(keys, values, keys.shape[-2] + MIN_ROOM)
 
     def _reserve(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:

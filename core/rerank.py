@@ -2,9 +2,8 @@
 
 score(c) = log p(c | "긍정 " + prompt) − log p(c | "부정 " + prompt), sign flipped for 부정: the same model, no second
 model. The engine sums the asked label's side from the logits it sampled with and scores only the other side here
-(`continuation_logprobs`); `label_scores` computes both sides at once. With equal priors on the two labels, Bayes'
-rule turns the score into the model's own P(label | text) = sigmoid(score), which the bot shows as the pick's
-confidence.
+(`continuation_logprobs`). With equal priors on the two labels, Bayes' rule turns the score into the model's own
+P(label | text) = sigmoid(score), which the bot shows as the pick's confidence.
 """
 
 from __future__ import annotations
@@ -57,14 +56,6 @@ def _logprobs(model: torch.nn.Module, seqs: list[list[int]], starts: list[int], 
     logp = (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)).cpu()
     # logits at position t predict token t + 1: a continuation after a context of c tokens starts at c - 1
     return [float(logp[row, c - 1:len(seq) - 1].sum()) for row, (seq, c) in enumerate(zip(seqs, starts))]
-
-
-def label_scores(model: torch.nn.Module, own: Sequence[int], other: Sequence[int],
-                 continuations: Sequence[Sequence[int]], pad_id: int = 0) -> list[float]:
-    """Per continuation: log p(c | own label's context) − log p(c | the other label's context)."""
-    k = len(continuations)
-    logps = continuation_logprobs(model, [own] * k + [other] * k, list(continuations) * 2, pad_id)
-    return [a - b for a, b in zip(logps[:k], logps[k:])]
 
 
 def pick_best(scores: Sequence[float], groups: int, accept: float | None = None) -> list[int]:

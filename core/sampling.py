@@ -169,11 +169,6 @@ def build_warpers(knobs: Sequence[Knobs]) -> LogitsProcessorList:
     return LogitsProcessorList(rules)
 
 
-def build_processors(knobs: Sequence[Knobs], eos_token_id: int) -> LogitsProcessorList:
-    """Every rule, in transformers' order, over the whole vocabulary (the reference `next_tokens` agrees with)."""
-    return LogitsProcessorList([*build_penalties(knobs, eos_token_id), *build_warpers(knobs)])
-
-
 def next_tokens(input_ids: torch.LongTensor, logits: torch.Tensor, knobs: Sequence[Knobs],
                 generators: Sequence[torch.Generator], eos_token_id: int) -> list[int]:
     """Each row's next token under its own knobs, drawn with its own generator.

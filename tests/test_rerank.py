@@ -29,7 +29,17 @@ def req(engine: Engine, text: str):
     return engine.prepare(parse_gen(text, engine.defaults, engine.limits))
 
 
-def test_label_scores_are_the_log_likelihood_ratio_computed_one_sequence_at_a_time(engine: Engine):
+def label_scores(model, own, other, continuations):
+    """Per continuation: log p(c | own label's context) − log p(c | the other label's context), both from scratch."""
+    k = len(continuations)
+    logps = rerank.continuation_logprobs(model, [own] * k + [other] * k, list(continuations) * 2)
+    return [a - b for a, b in zip(logps[:k], logps[k:])]
+
+
+@pytest.mark.parametrize("chunk", [rerank.LOGITS_PER_CHUNK, 1])  # 1: every row through the model on its own
+def test_continuation_logprobs_are_the_log_likelihoods_computed_one_sequence_at_a_time(engine: Engine, monkeypatch,
+                                                                                        chunk):
+    monkeypatch.setattr(rerank, "LOGITS_PER_CHUNK", chunk)
     tok, model = engine.tokenizer, engine.model
     own = tok("긍정 아 정말", add_special_tokens=False)["input_ids"]
     other = tok("부정 아 정말", add_special_tokens=False)["input_ids"]
@@ -42,7 +52,7 @@ def test_label_scores_are_the_log_likelihood_ratio_computed_one_sequence_at_a_ti
         return sum(float(out[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
 
     expected = [logp(own, c) - logp(other, c) for c in conts]
-    assert rerank.label_scores(model, own, other, conts) == pytest.approx(expected, abs=1e-3)
+    assert label_scores(model, own, other, conts) == pytest.approx(expected, abs=1e-3)
 
 
 def test_pick_best_and_confidence():
@@ -82,7 +92,7 @@ async def test_the_pick_is_the_best_scored_or_first_sure_candidate(engine: Engin
     # The engine sums its own label's side while decoding; scored again from scratch, both sides agree with it.
     own, other = (engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("부정 스토리가", "긍정 스토리가"))
     conts = [ids + [engine.eos_id] * stop for ids, stop in zip(job.generated, job.stopped)]
-    scores = rerank.label_scores(engine.model, own, other, conts)
+    scores = label_scores(engine.model, own, other, conts)
     best = max(range(4), key=lambda i: (scores[i], -i))  # ties: the first, as pick_best
     if accept is not None:
         best = next((i for i in range(4) if rerank.confidence(scores[i]) >= accept), best)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from core.sampling import (
     PAD_ID,
@@ -116,7 +116,10 @@ def test_next_tokens_draws_what_the_full_vocabulary_rules_draw():
     picks the same token for the same seed as every rule applied to the whole vocabulary, for narrow rows, wide
     rows (top_k above CANDIDATES_MAX) and a mix of both in one batch."""
     from core.knobs import Knobs
-    from core.sampling import CANDIDATES_MAX, build_processors, next_tokens
+    from core.sampling import CANDIDATES_MAX, build_penalties, build_warpers, next_tokens
+
+    def build_processors(knobs, eos):  # every rule, in transformers' order, over the whole vocabulary
+        return LogitsProcessorList([*build_penalties(knobs, eos), *build_warpers(knobs)])
 
     torch.manual_seed(3)
     vocab, rows = 3000, 24
