@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -13,6 +11,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import make_settings, running_core
 from fake_bot_api import FakeBotAPI
+from helpers import free_port as _free_port
+from helpers import subprocess_env as _env
 
 from bot.web import create_app
 from core.backends import start_backend
@@ -75,18 +75,6 @@ async def test_a_remote_backend_over_the_node_gives_the_local_engines_text(node,
     assert over_http.continuations == local.continuations == streamed[-1].continuations
     assert over_http.seeds == local.seeds == (11, 12)
     assert streamed[-1].done and len(streamed) > 2  # it really streamed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 async def _wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
