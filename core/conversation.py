@@ -118,10 +118,11 @@ def error_text(exc: BaseException, where: str) -> str | None:
 
 # ---- the conversation -----------------------------------------------------------------------------------------
 class Conversation:
-    def __init__(self, core: BotCore, access: Access | None = None):
+    def __init__(self, core: BotCore, access: Access | None = None, clock: Callable[[], float] = time.monotonic):
         self.core = core
         self.backend = core.engine
         self.access = access or Access({})
+        self.clock = clock  # the edit throttle's (tests pass a fake one)
 
     # ---- the doors ---------------------------------------------------------------------------------------------
     def check_access(self, who: Who) -> None:
@@ -209,7 +210,7 @@ class Conversation:
         shown = _Shown(target)
         typing = asyncio.create_task(_keep_typing(target))
         stream = self.backend.stream(prepared)
-        next_at = time.monotonic() + target.edit_interval
+        next_at = self.clock() + target.edit_interval
         try:
             async for gen in stream:
                 if gen.done:
@@ -217,9 +218,9 @@ class Conversation:
                     key = self.core.followups.remember(gen, len(prepared.prompt_ids))
                     await shown.show(Reply(self.render(gen, target.style), gen, Buttons(key, len(gen.continuations))))
                     return gen
-                if time.monotonic() >= next_at and target.spare():
+                if self.clock() >= next_at and target.spare():
                     await shown.show(Reply(self.render(gen, target.style), gen))
-                    next_at = time.monotonic() + target.edit_interval
+                    next_at = self.clock() + target.edit_interval
         except Exception as exc:  # noqa: BLE001 (every failure becomes a reply; unexpected ones are logged)
             text = error_text(exc, what)
             if text is not None:

@@ -361,13 +361,10 @@ class Engine:
             if active == 0:
                 jobs.append(self._queue.get(timeout=0.1))
                 capacity -= jobs[0].request.rows
-                deadline = time.monotonic() + self.limits.batch_window_ms / 1000
-                while capacity > 0 and (left := deadline - time.monotonic()) > 0:
-                    job = self._queue.get(timeout=left)
-                    jobs.append(job)
-                    capacity -= job.request.rows
+            # An idle engine waits a short window for company; a job joins only when all its rows fit.
+            deadline = time.monotonic() + (self.limits.batch_window_ms / 1000 if active == 0 else 0)
             while capacity > 0:
-                head = self._queue.queue[0] if self._queue.queue else None
+                head = self._head(deadline)
                 if head is None or head.request.rows > capacity:
                     break
                 jobs.append(self._queue.get_nowait())
@@ -375,6 +372,13 @@ class Engine:
         except queue.Empty:
             pass
         return [job for job in jobs if not job.cancelled]
+
+    def _head(self, deadline: float) -> _Job | None:
+        """The next waiting job, not taken, waiting for one until `deadline` (only the worker thread takes jobs)."""
+        with self._queue.not_empty:
+            while not self._queue.queue and (left := deadline - time.monotonic()) > 0:
+                self._queue.not_empty.wait(left)
+            return self._queue.queue[0] if self._queue.queue else None
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
         return self._start([job], batch.prefill([job.prompt_ids], [job.request.rows]))
