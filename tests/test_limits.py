@@ -1,13 +1,10 @@
 """Boundary tables for every limit, written out by hand (not derived from core's tables), under the shipped
-settings.toml and under a second set of limits; and the shipped defaults end to end over a real engine."""
+settings.toml and under a second set of limits (tests/test_shipped_defaults.py runs the shipped ones end to end)."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import running_core
-from fake_backend import Collecting
 
-from core.conversation import Conversation, Who
 from core.errors import UserError
 from core.grammar import check_prompt, parse_gen
 from core.knobs import Knobs, knob_specs, parse_value, validate_knobs
@@ -151,18 +148,3 @@ def test_shipped_knob_defaults_and_limits_are_what_the_readme_promises():
     assert (lim.max_rows_per_request, lim.max_batch_size, lim.user_interval_s) == (16, 16, 2.0)
     request = parse_gen("아 정말", Knobs(**g.model_dump()), lim)
     assert request.rows == 1 and request.knobs.best_of == 4  # the default does not apply without a label
-
-
-async def test_the_shipped_defaults_end_to_end(tiny_dir, tmp_path):
-    """settings.toml as shipped (best_of 4, every limit), only the model and the store swapped: an unlabelled /gen is
-    answered with one plain sample, a labelled one is the best of four with its confidence."""
-    settings = load_settings(model={"pretrained": str(tiny_dir)}, store={"path": str(tmp_path / "s.sqlite3")})
-    assert settings.generation.best_of == 4
-    async with running_core(settings) as core:
-        talk = Conversation(core)
-        plain = await talk.reply(Collecting(), talk.from_text("아 정말", Who("telegram:1", "telegram:1")))
-        labelled = await talk.reply(Collecting(), talk.from_text("긍정 아 정말", Who("telegram:1", "telegram:2")))
-        api = talk.from_fields({"prompt": "긍정 아 정말"}, Who("web", None), base="tutorial")
-    assert plain is not None and len(plain.continuations) == 1 and plain.confidence is None
-    assert labelled is not None and len(labelled.continuations) == 1 and labelled.confidence is not None
-    assert plain.request.knobs.best_of == 4 and labelled.request.rows == 4 and api.request.rows == 1

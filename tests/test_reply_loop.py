@@ -296,3 +296,73 @@ def test_a_second_set_adds_to_the_first_and_reset_forgets_both():
     assert core.chat_knobs("telegram:2") == core.engine.defaults  # other chats keep the server's
     assert talk.from_text("긍정 아 정말", Who("telegram:1", None)).request.knobs.top_p == 0.5
     assert core.reset_chat_knobs("telegram:1") == core.engine.defaults
+
+
+# ---- exact texts and what each door passes on -------------------------------------------------------------------
+async def test_partials_and_the_result_are_rendered_in_the_targets_style():
+    from core.conversation import Style
+    from core.replies import CURSOR
+
+    talk, _, _ = make()
+    target = Target(edit_interval=1.0)
+    target.style = Style(4096, escape=lambda s: s.replace("정", "&"), emphasize=lambda s: f"*{s}*")
+    await talk.reply(target, talk.from_text("긍정 아 정말", WHO))
+    assert target.calls[0][1].text == "*긍& 아 &말* 하나 둘 셋 넷" + CURSOR
+    assert target.calls[-1][1].text == "*긍& 아 &말* 하나 둘 셋 넷 다섯 여섯 일곱 여덟 아홉 열\n\nseed=100"
+
+
+async def test_a_result_shown_can_be_continued_with_its_own_budget():
+    talk, core, _ = make()
+    target = Target()
+    await talk.reply(target, talk.from_text("긍정 아 정말 max_length=30", WHO))
+    key = target.calls[-1][1].buttons.key
+    knobs = talk.from_button(f"c:{key}:0", Who("telegram:1", None)).request.knobs
+    assert (knobs.min_length, knobs.max_length) == (14, 13 + 27)  # 13 tokens so far, 30 - 3 more
+
+
+async def test_an_unexpected_error_is_logged_with_its_traceback_and_an_eight_character_id(caplog):
+    talk, core, _ = make()
+    core.engine.error, core.engine.fail_at = RuntimeError("secret detail"), 1
+    target = Target()
+    await talk.reply(target, talk.from_text("긍정 아 정말", WHO))
+    rid = target.calls[-1][1].text.rsplit(" ", 1)[1][:-2]
+    assert len(rid) == 8 and int(rid, 16) >= 0
+    record = next(r for r in caplog.records if r.levelname == "ERROR")
+    assert record.getMessage() == f"/gen failed [request {rid}]" and record.exc_info[1] is core.engine.error
+
+
+def test_the_fields_door_reads_the_prompt_and_label_and_keeps_the_origin():
+    talk, core, _ = make()
+    core.set_chat_knobs("top_p=0.5", "discord:3")
+    who = Who("discord:3", None)
+    prepared = talk.from_fields({"prompt": "아 정말", "label": "부정"}, who)
+    assert (prepared.request.label, prepared.request.origin, prepared.request.knobs.top_p) == ("부정", "discord:3", 0.5)
+    assert talk.from_text("긍정 아", who).request.origin == "discord:3"
+    assert talk.from_fields({"prompt": "pos 아 정말"}, who).request.label == "긍정"
+    for fields, message in (
+        ({"label": "긍정"}, '"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)'),
+        ({"prompt": "아", "label": "중립"}, '"label"은 "긍정" 또는 "부정"이어야 합니다. ("label" must be 긍정 or 부정)'),
+        ({"prompt": "아", "label": 5}, '"label"은 "긍정" 또는 "부정"이어야 합니다. ("label" must be 긍정 or 부정)'),
+    ):
+        with pytest.raises(UserError) as info:
+            talk.from_fields(fields, who)
+        assert str(info.value) == message
+
+
+def test_the_draining_sentence():
+    talk, core, _ = make()
+    core.draining.set()
+    with pytest.raises(ShuttingDown) as info:
+        talk.from_text("긍정 아", WHO)
+    assert str(info.value) == "봇이 다시 시작하는 중입니다. 잠시 후 다시 시도해 주세요. (the bot is restarting)"
+
+
+def test_continuing_a_label_only_result_and_a_one_token_budget():
+    talk, core, _ = make()
+    first = talk.from_text("긍정", Who("telegram:1", None))  # a label alone: a whole review
+    key = core.followups.remember(core.engine.result(first, 2, True), len(first.prompt_ids))
+    request = talk.from_button(f"c:{key}:0", Who("telegram:2", None)).request
+    assert (request.prompt, request.origin) == ("하나 둘", "telegram:1")  # the result's own origin
+    tight = talk.from_text("긍정 아 정말 max_length=4 min_length=1", Who("telegram:1", None))  # room for one token
+    key = core.followups.remember(core.engine.result(tight, 1, True), len(tight.prompt_ids))
+    assert talk.from_button(f"c:{key}:0", Who("telegram:1", None)).request.knobs.max_length == 5
