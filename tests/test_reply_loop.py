@@ -253,6 +253,11 @@ def test_continue_gets_the_original_requests_budget_from_the_text_so_far():
     full = core.followups.remember(core.engine.result(first, 13, True), 3)  # 16 tokens = the cap
     with pytest.raises(UserError, match=r"최대 길이\(16토큰\)에 도달해"):
         talk.from_button(f"c:{full}:0", Who("telegram:1", None))
+    core.engine.words = (*core.engine.words, "열넷", "열다섯")
+    past = core.followups.remember(core.engine.result(first, 15, True), 3)  # 18 tokens: past the cap, same sentence
+    with pytest.raises(UserError) as info:
+        talk.from_button(f"c:{past}:0", Who("telegram:1", None))
+    assert str(info.value) == "최대 길이(16토큰)에 도달해 더 이어 쓸 수 없습니다. (reached the 16-token limit)"
 
 
 @pytest.mark.parametrize("data", ["c:{key}:2", "c:ZZZZZZZZ:0", "r:{key}x", "x:{key}", "", "c:{key}:-1"])
@@ -366,3 +371,20 @@ def test_continuing_a_label_only_result_and_a_one_token_budget():
     tight = talk.from_text("긍정 아 정말 max_length=4 min_length=1", Who("telegram:1", None))  # room for one token
     key = core.followups.remember(core.engine.result(tight, 1, True), len(tight.prompt_ids))
     assert talk.from_button(f"c:{key}:0", Who("telegram:1", None)).request.knobs.max_length == 5
+
+
+async def test_typing_is_refreshed_even_after_a_failed_attempt(monkeypatch):
+    import core.conversation as conversation
+
+    monkeypatch.setattr(conversation, "TYPING_REFRESH_S", 0)  # refresh at every chance the loop gives it
+    talk, _, _ = make()
+    target = Target()
+    attempts = []
+
+    async def failing_typing():
+        attempts.append(1)
+        raise ConnectionError("chat unreachable")
+
+    target.typing = failing_typing
+    assert await talk.reply(target, talk.from_text("긍정 아 정말", WHO)) is not None
+    assert len(attempts) > 1

@@ -34,6 +34,8 @@ def test_access_is_built_from_each_platforms_settings():
     assert tg.check(chat=5, user=8) is Verdict.IGNORE
     assert dc.check(guild=1, channel=None) is Verdict.ALLOW and dc.check(guild=None, channel=2) is Verdict.ALLOW
     assert dc.check(guild=3, channel=4) is Verdict.REFUSE
+    quiet = load_settings(store={"path": ":memory:"}, discord={"allowed_guild_ids": [1], "refusal": "ignore"})
+    assert discord_access(quiet.discord).check(guild=2, channel=None) is Verdict.IGNORE
 
 
 def test_access_misuse_is_named():
@@ -82,6 +84,12 @@ def test_a_stale_saved_value_falls_back_and_is_cleaned_up():
     (sqlite3.DatabaseError("database disk image is malformed"),
      "SQLite 데이터베이스가 아니거나 손상되었습니다 (not an SQLite database, or corrupt)"),
     (sqlite3.OperationalError("disk I/O error"), "열 수 없습니다 (cannot be used: disk I/O error)"),
+    (OSError(errno.EROFS, "Read-only file system"),
+     "쓸 수 없습니다: 읽기 전용이거나 uid {uid}에게 권한이 없습니다 (not writable: read-only, or no permission for uid {uid})"),
+    (sqlite3.DatabaseError("database corrupt at page 3"),
+     "SQLite 데이터베이스가 아니거나 손상되었습니다 (not an SQLite database, or corrupt)"),
+    (sqlite3.OperationalError("unable to open database file"),
+     "열 수 없습니다 (cannot be used: unable to open database file)"),  # its folder is writable: another reason
     (sqlite3.OperationalError(""), "열 수 없습니다 (cannot be used: OperationalError)"),
 ])
 def test_each_store_failure_is_one_sentence_naming_it(tmp_path, exc, reason):
@@ -105,7 +113,23 @@ def test_a_store_that_fails_at_run_time_says_what_it_could_not_do(tmp_path, capl
         assert str(info.value).startswith(f"채팅 설정을 {ko} 못했습니다. 저장소 {tmp_path / 's.sqlite3'} (store.path): ")
         assert str(info.value).endswith(f". 생성은 계속 쓸 수 있습니다. (could not {en} the chat settings: a store failure; "
                                         "/gen still works)")
-        assert f"store {tmp_path / 's.sqlite3'}: could not {en} chat settings: " in caplog.text
+        assert caplog.records[-1].getMessage().startswith(f"store {tmp_path / 's.sqlite3'}: could not {en} chat settings: ")
+        assert caplog.records[-1].getMessage().endswith(("closed database.", "readonly database"))
+    with pytest.raises(StoreError) as info:
+        closed.overrides("c")
+    assert "(cannot be used: Cannot operate on a closed database.)" in str(info.value)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError) as info:
+        ChatStore(tmp_path / "file" / "s.sqlite3")  # its folder is a file
+    assert f"저장소 {tmp_path / 'file' / 's.sqlite3'} (store.path): 열 수 없습니다 (cannot be used: [Errno" in str(info.value)
+
+
+def test_a_folder_the_bot_cannot_write_is_named(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert _why(str(tmp_path / "s.sqlite3"), sqlite3.OperationalError("unable to open database file")).endswith(
+        f"(not writable: read-only, or no permission for uid {os.getuid()})")
 
 
 # ---- the reply layout -----------------------------------------------------------------------------------------
@@ -135,6 +159,7 @@ def test_long_results_are_shortened_to_the_platforms_length_never_the_markup():
     two = gen([" 가나다라", " 마바사아"], [1, 2], prompt="아")  # footer "\n\nseed=1, 2" (11)
     assert render_generation(two, 60) == "1. 긍정 아 가나…\n\n2. 긍정 아 마바…\n\nseed=1, 2"  # share (60-8-11-32)//2 = 4
     assert render_generation(one, 10) == "긍정 아…\n\nse…"  # nothing left for the text: the whole is cut
+    assert render_generation(gen(["가"], [7], prompt="아"), 10) == "긍정 아…\n\nse…"  # even a one-character text
 
 
 def test_shorten_marks_a_cut():
