@@ -127,7 +127,7 @@ def test_a_store_that_fails_at_run_time_says_what_it_could_not_do(tmp_path, capl
 def test_a_folder_the_bot_cannot_write_is_named(tmp_path, monkeypatch):
     import os
 
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # exists, but not writable
     assert _why(str(tmp_path / "s.sqlite3"), sqlite3.OperationalError("unable to open database file")).endswith(
         f"(not writable: read-only, or no permission for uid {os.getuid()})")
 
