@@ -16,10 +16,12 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
+from bot.client_address import client_key
 from core.errors import (
     BusyError,
     EngineUnavailable,
@@ -150,6 +152,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except UserError as exc:
         core.engine.telemetry.refused("openai", "user_error")
         return _error(400, str(exc))
+    gen_request = replace(gen_request, user=client_key(request))  # the engine's fair share is the client's
     ident, created, name = f"cmpl-{secrets.token_hex(12)}", int(time.time()), model_id(core)
     if stream:
         return await _stream(request, core, gen_request, prompt_tokens, ident, created, name)

@@ -16,6 +16,7 @@ from importlib import resources
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from bot.client_address import PROXIES_KEY, client_key
 from bot.openai_api import add_routes as add_openai_routes
 from bot.web_server import GuardedRunner, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
@@ -31,7 +32,6 @@ CONVERSATION_KEY = web.AppKey("conversation", Conversation)
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT_S = 10.0  # and its body this long after the headers
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
-WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
     404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
@@ -113,7 +113,8 @@ async def _prepared(request: web.Request, base: str):  # noqa: ANN202
     except UserError as exc:
         raise refuse(422, str(exc)) from None
     try:
-        return conversation.from_fields(payload, WHO, base=base)  # the door counts its own refusals
+        who = Who(chat="web", client=client_key(request))
+        return conversation.from_fields(payload, who, base=base)  # the door counts its own refusals
     except UserError as exc:
         raise _Refused(_error(422, str(exc))) from None
 
@@ -175,14 +176,18 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the generation backend can answer (the local worker is alive, or the remote server is reachable);
-    503 otherwise, so a load balancer or orchestrator stops sending chats here."""
+    """200 while the generation backend can take a request (the local worker is alive, or the remote server is
+    reachable); 503 otherwise, so a load balancer stops sending work here: `degraded` (it cannot answer) or
+    `saturated` (its queue is full: a new request would be refused as busy; the process itself is fine)."""
     backend = request.app[CONVERSATION_KEY].backend
     engine = await backend.health()
-    body = {"status": "ok" if engine["ok"] else "degraded", "queue_depth": backend.queue_depth, "engine": engine}
-    if not engine["ok"]:
+    status = "degraded" if not engine["ok"] else "saturated" if engine.get("saturated") else "ok"
+    body = {"status": status, "queue_depth": backend.queue_depth, "engine": engine}
+    if status == "degraded":
         body["error"] = "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
-    return _json(body, 200 if engine["ok"] else 503)
+    elif status == "saturated":
+        body["error"] = "대기열이 가득 찼습니다. 새 요청은 거절됩니다. (saturated: the queue is full, new requests are refused)"
+    return _json(body, 200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -224,6 +229,7 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
 def create_app(core: BotCore) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app[CONVERSATION_KEY] = Conversation(core)
+    app[PROXIES_KEY] = core.settings.web.proxy_networks()
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
     add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models

@@ -8,6 +8,7 @@ Unknown keys, in the file or as BOT_* variables, are errors that name the key an
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import typing
 from collections.abc import Mapping
@@ -73,6 +74,9 @@ class LimitsSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_window_ms: int = Field(10, ge=0, le=1000)
     queue_size: int = Field(64, ge=1, le=10_000)
+    max_queued_rows_per_user: int = Field(
+        32, ge=1, le=100_000, description="rows one user may have waiting (one request always may); beyond: busy"
+    )
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # an hour: offline evaluation runs long batches
     user_interval_s: float = Field(2.0, ge=0, le=3600, description="per-user minimum seconds between generations")
     shutdown_grace_s: float = Field(
@@ -86,6 +90,22 @@ class WebSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     api_token: SecretStr | None = None  # bearer token for the engine-node API (/v1/...); None = open
     api_token_file: str = ""
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; others' is ignored.
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r}은(는) IP 주소나 네트워크가 아닙니다. 예: 10.0.0.1, 172.16.0.0/12 "
+                                 f"(not an IP address or network)") from None
+        return values
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(value.strip(), strict=False) for value in self.trusted_proxies]
 
     def api_secret(self) -> str | None:
         return _read_secret(self.api_token, self.api_token_file, "api_token_file")

@@ -16,6 +16,8 @@ class GenRequest:
     knobs: Knobs
     # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
     origin: str = ""
+    # Who asked ("telegram:42", "web:203.0.113.7"; "" = internal): the engine shares its rows fairly by this key.
+    user: str = ""
 
     @property
     def model_prompt(self) -> str:
