@@ -11,7 +11,6 @@ own knobs count the prompt too, so they are converted with the model's tokenizer
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from bot.auth import TOKEN_KEY, authorised
 from bot.client_address import client_key
 from core.errors import (
     BusyError,
@@ -48,6 +48,8 @@ OPENAI_DEFAULT_MAX_TOKENS = 16
 def add_routes(app: web.Application, core: BotCore) -> None:
     """The engine-node API on the web front end's app (bot/web.py calls this)."""
     app[NODE_KEY] = core
+    if TOKEN_KEY not in app:
+        app[TOKEN_KEY] = core.settings.web.api_secret()
     app.add_routes([web.post("/v1/completions", completions), web.get("/v1/models", models)])
 
 
@@ -63,11 +65,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 def _authorised(request: web.Request, core: BotCore) -> bool:
-    token = core.settings.web.api_secret()
-    if not token:
-        return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    return authorised(request)  # the token read at start (bot/auth.py), shared with /api
 
 
 def _unauthorised() -> web.Response:

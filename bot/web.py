@@ -16,6 +16,7 @@ from importlib import resources
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from bot.auth import TOKEN_KEY, authorised, guarded
 from bot.client_address import PROXIES_KEY, client_key
 from bot.openai_api import add_routes as add_openai_routes
 from bot.web_server import GuardedRunner, dumps
@@ -29,6 +30,8 @@ from core.types import Generation
 log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = web.AppKey("conversation", Conversation)
+PUBLIC_PAGE_KEY = web.AppKey("public_page", bool)
+UNAUTHORISED = "API 토큰이 없거나 틀립니다. Authorization: Bearer <토큰> 헤더를 보내 주세요. (missing or wrong bearer token)"
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT_S = 10.0  # and its body this long after the headers
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
@@ -212,6 +215,15 @@ async def page(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
+    """With `web.api_token` set, the generation routes (and the page, unless public) answer 401 without it. /v1/*
+    answers its own 401 in the OpenAI error shape (bot/openai_api.py)."""
+    if guarded(request, request.app[PUBLIC_PAGE_KEY]) and not request.path.startswith("/v1/") and not authorised(request):
+        return web.json_response({"error": UNAUTHORISED}, status=401, headers={"WWW-Authenticate": "Bearer"}, dumps=dumps)
+    return await handler(request)
+
+
+@web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
     """404, 405, 413 … and anything unexpected answer JSON `{"error": …}` (an apology with a request id for a 500)."""
     try:
@@ -227,8 +239,10 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
 
 
 def create_app(core: BotCore) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors, require_token])
     app[CONVERSATION_KEY] = Conversation(core)
+    app[TOKEN_KEY] = core.settings.web.api_secret()  # read once, when the settings were loaded
+    app[PUBLIC_PAGE_KEY] = core.settings.web.public_page
     app[PROXIES_KEY] = core.settings.web.proxy_networks()
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
