@@ -188,9 +188,10 @@ class Engine:
             self.telemetry.finished(request, "shutdown")
             raise ShuttingDown(RESTARTING)
         try:
-            # Fair shares by who asked (the adapters' user key); unattributed requests share one queue.
-            self._queue.put(request.user or request.origin or "internal", job, request.rows,
-                            request.knobs.max_length - len(job.prompt_ids))
+            # Fair shares by who asked (the adapters' user key). Requests nobody is named for are the operator's own
+            # (evaluation, --check, scripts): they share one queue, held to queue_size only.
+            self._queue.put(request.user or "internal", job, request.rows, request.knobs.max_length - len(job.prompt_ids),
+                            capped=bool(request.user))
         except (QueueFull, UserQueueFull) as exc:
             self.telemetry.finished(request, "busy")
             raise busy_error(exc) from None

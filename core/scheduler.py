@@ -59,13 +59,14 @@ class FairQueue(Generic[T]):
         self._changed = threading.Condition()
 
     # ---- event-loop side -------------------------------------------------------------------------------------
-    def put(self, user: str, item: T, rows: int, steps: int) -> None:
-        """Queue `item` (`rows` rows, at most `steps` steps); QueueFull or UserQueueFull when it may not wait."""
+    def put(self, user: str, item: T, rows: int, steps: int, capped: bool = True) -> None:
+        """Queue `item` (`rows` rows, at most `steps` steps); QueueFull or UserQueueFull when it may not wait.
+        `capped=False`: the user's waiting rows are not capped (the operator's own work: evaluation, benchmarks)."""
         with self._changed:
             if len(self._entries) >= self.size:
                 raise QueueFull
             waiting = self._waiting_rows.get(user, 0)
-            if waiting and waiting + rows > self.user_rows:
+            if capped and waiting and waiting + rows > self.user_rows:
                 raise UserQueueFull(self.user_rows)
             queue = self._queues.get(user)
             if queue is None:  # starts waiting: from now on, not from when it was last served

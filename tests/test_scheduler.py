@@ -81,6 +81,10 @@ def test_caps_per_user_and_overall():
         q.put("b", "B2", rows=1, steps=10)
     q.put("c", "C0", rows=1, steps=10)
     with pytest.raises(QueueFull):
+        q.put("internal", "I0", rows=1, steps=10, capped=False)
+    q.remove("C0")
+    q.put("b", "B3", rows=8, steps=10, capped=False)  # the operator's own work: only the queue's size holds it
+    with pytest.raises(QueueFull):
         q.put("d", "D0", rows=1, steps=10)
 
 
