@@ -94,7 +94,10 @@ class _Secrets(BaseModel):
     def _load(self, name: str, value: SecretStr | None, path: str, field_name: str) -> None:
         self._secrets[name] = _read_secret(value, path, field_name)
 
-    def _secret(self, name: str) -> str | None:
+    def _secret(self, name: str, value: SecretStr | None) -> str | None:
+        # The value itself when set (also after a model_copy(update=…), which validates nothing), else the file's.
+        if value is not None and value.get_secret_value().strip():
+            return value.get_secret_value().strip()
         return self._secrets.get(name)
 
 
@@ -138,7 +141,7 @@ class WebSettings(_Secrets):
         return self
 
     def api_secret(self) -> str | None:
-        return self._secret("api")
+        return self._secret("api", self.api_token)
 
 
 class _TokenMixin(_Secrets):
@@ -152,7 +155,7 @@ class _TokenMixin(_Secrets):
 
     def secret(self) -> str | None:
         """The token from `token`, else from `token_file` (a mounted secret), as read at start."""
-        return self._secret("token")
+        return self._secret("token", self.token)
 
 
 def _read_secret(value: SecretStr | None, path: str, field_name: str) -> str | None:
@@ -228,7 +231,7 @@ class EngineSettings(_Secrets):
 
     def secret(self) -> str | None:
         """The API key from `api_key`, else from `api_key_file` (a mounted secret), as read at start."""
-        return self._secret("api_key")
+        return self._secret("api_key", self.api_key)
 
     @model_validator(mode="after")
     def _url_for_remote(self) -> EngineSettings:

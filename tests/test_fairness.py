@@ -157,7 +157,10 @@ async def test_a_client_that_goes_away_stops_its_generation(tiny_dir, tmp_path):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    cancelled = engine.telemetry.metrics.requests.labels("web", "cancelled")
+    registry = engine.telemetry.metrics.registry
+
+    def cancelled() -> float:
+        return registry.get_sample_value("bot_requests_total", {"frontend": "web", "outcome": "cancelled"})
     try:
         body = b'{"prompt": "\xea\xb8\x8d\xec\xa0\x95 \xec\x95\x84", "n": 3, "min_length": 100, "max_length": 100}'
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -166,7 +169,7 @@ async def test_a_client_that_goes_away_stops_its_generation(tiny_dir, tmp_path):
         await writer.drain()
         await until(entered.is_set, "the engine took the request")
         writer.close()
-        await until(lambda: cancelled._value.get() == 1, "the engine heard the client left")
+        await until(lambda: cancelled() == 1, "the engine heard the client left")
         gate.set()
         async with TestClient(TestServer(create_app(core))) as client:
             response = await client.post("/api", json={"prompt": "부정 별로"})
