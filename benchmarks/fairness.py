@@ -2,6 +2,7 @@
 
     python benchmarks/fairness.py                      # the embedded model, 32 heavy requests in flight
     python benchmarks/fairness.py --flood 64 --small 40
+    python benchmarks/fairness.py --user-rows 512     # every flood request may wait: fair turns alone, no refusals
 
 Starts a real `python -m bot` (web front end only, the settings' model) on a free port, then:
 
@@ -102,6 +103,8 @@ async def main_async(args: argparse.Namespace) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
         env.update(BOT_ENV_FILE=os.devnull, BOT_WEB__PORT=str(port), BOT_STORE__PATH=str(Path(tmp) / "bot.sqlite3"),
                    HF_HUB_OFFLINE="1")
+        if args.user_rows:
+            env["BOT_LIMITS__MAX_QUEUED_ROWS_PER_USER"] = str(args.user_rows)
         proc = subprocess.Popen([sys.executable, "-m", "bot", "--log-level", "WARNING"], cwd=ROOT, env=env)
         try:
             await _wait_up(url, proc)
@@ -132,6 +135,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=32, help="heavy requests the flooding client keeps in flight")
     parser.add_argument("--small", type=int, default=30, help="small requests the other user sends")
+    parser.add_argument("--user-rows", type=int, default=0,
+                        help="limits.max_queued_rows_per_user for the bot (0 = the settings' value)")
     return asyncio.run(main_async(parser.parse_args()))
 
 
