@@ -1,9 +1,10 @@
 """The one generation engine every front end shares.
 
 Requests wait in a bounded queue, one per user served in turn (core/scheduler.py); a single worker thread owns the
-model and decodes every admitted row together (continuous batching): requests that arrive together are prefilled together and join the running batch at the next
-step, each row samples with its own knobs and its own seeded generator, and a row that ends (eos or its max_length)
-is answered at once and leaves the batch. The event loop never runs model code.
+model and decodes every admitted row together (continuous batching): requests that arrive together are prefilled
+together and join the running batch at the next step, each row samples with its own knobs and its own seeded
+generator, and a row that ends (eos or its max_length) is answered at once and leaves the batch. The event loop never
+runs model code.
 """
 
 from __future__ import annotations
