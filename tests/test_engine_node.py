@@ -51,10 +51,10 @@ async def test_models_lists_the_served_model_behind_the_token(node, tiny_dir):
 async def test_unknown_or_unhonoured_fields_are_refused_by_name(node):
     _, url = node
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        async with http.post(url + "/v1/completions", json={"prompt": "긍정 아", "logprobs": 3, "foo": 1}) as resp:
+        async with http.post(url + "/v1/completions", json={"prompt": "긍정 아", "stop": ["."], "foo": 1}) as resp:
             assert resp.status == 400
             message = (await resp.json())["error"]["message"]
-        assert "foo" in message and "logprobs" in message and "지원하지 않습니다" in message
+        assert "foo" in message and "stop" in message and "지원하지 않습니다" in message
         async with http.post(url + "/v1/completions", json={"prompt": "긍정 아", "top_p": 2}) as resp:
             assert resp.status == 400 and "top_p" in (await resp.json())["error"]["message"]
         async with http.post(url + "/v1/completions", json={"prompt": "긍정 아", "model": "other"}) as resp:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-import bot.web as web_module
+import bot.web_body as web_body
 import bot.web_server as web_server
 from bot.web import create_app
 from bot.web_server import GuardedRunner
@@ -84,7 +84,7 @@ async def test_half_sent_headers_are_cut_off_and_healthz_still_answers(core: Bot
 
 
 async def test_a_stalled_body_gets_408(core: BotCore, monkeypatch):
-    monkeypatch.setattr(web_module, "BODY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(web_body, "BODY_TIMEOUT_S", 0.2)
     async with guarded_server(core) as port:
         status, _, body = await raw_exchange(
             port, b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
