@@ -13,13 +13,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 import torch
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import make_settings, running_core
 from fake_bot_api import FakeBotAPI
 
+from bot.openai_api import check_not_own_node
 from bot.web import create_app
 from core.backends import start_backend
+from core.errors import UserError
 from core.grammar import parse_gen
+from core.hops import HOP_HEADER, MAX_HOPS
+from core.service import BotCore
 from core.types import GenRequest, PreparedRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,3 +364,74 @@ async def test_streamed_logprobs_and_echo_match_the_unstreamed_answer(node):
         shown += len(c["text"])
     assert choices[-1]["finish_reason"] == expected["finish_reason"]
     assert chunks[-1]["usage"] == whole["usage"]
+
+
+# ---- issue 19 item 6: engine-node loops ----------------------------------------------------------------------------
+async def test_a_request_past_the_hop_limit_is_refused(node):
+    _, url = node
+    body = {"prompt": "긍정 아", "max_tokens": 2}
+    status, _ = await _post(url, body, {**AUTH, HOP_HEADER: str(MAX_HOPS - 1)})
+    assert status == 200
+    status, data = await _post(url, body, {**AUTH, HOP_HEADER: str(MAX_HOPS)})
+    assert status == 400 and "engine.url" in data["error"]["message"] and "loop" in data["error"]["message"]
+    status, data = await _post(url, body, {**AUTH, HOP_HEADER: "lots"})
+    assert status == 400 and HOP_HEADER in data["error"]["message"]
+
+
+async def test_a_node_relaying_to_itself_stops_after_the_hop_limit(tiny_dir, tmp_path):
+    port = _free_port()
+    settings = make_settings(tiny_dir, tmp_path, engine={"backend": "openai", "url": f"http://127.0.0.1:{port}"},
+                             web={"port": port, "host": "127.0.0.1"})
+    remote = await start_backend(settings)
+    posts = []
+
+    @web.middleware
+    async def count(request, handler):
+        if request.method == "POST":
+            posts.append(request.headers.get(HOP_HEADER))
+        return await handler(request)
+
+    app = create_app(BotCore.create(settings, remote))
+    app.middlewares.append(count)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        status, data = await _post(f"http://127.0.0.1:{port}", {"prompt": "긍정 아", "max_tokens": 2}, {})
+    finally:
+        await runner.cleanup()
+        await remote.stop()
+    assert status == 400 and "loop" in data["error"]["message"]
+    assert posts == [None, "1", "2", "3", "4"]  # one request became MAX_HOPS + 1, not a storm
+
+
+@pytest.mark.parametrize(("url", "host", "port", "itself"), [
+    ("http://127.0.0.1:8000", "127.0.0.1", 8000, True),
+    ("http://localhost:8000/v1", "127.0.0.1", 8000, True),
+    ("http://[::1]:8000", "0.0.0.0", 8000, True),
+    ("http://127.0.0.1:8000", "0.0.0.0", 8000, True),
+    ("http://127.0.0.1:8001", "127.0.0.1", 8000, False),
+    ("http://192.0.2.7:8000", "127.0.0.1", 8000, False),  # another machine (TEST-NET address)
+    ("http://127.0.0.1", "127.0.0.1", 80, True),
+])
+def test_a_bot_refuses_to_start_as_its_own_remote(tiny_dir, tmp_path, url, host, port, itself):
+    settings = make_settings(tiny_dir, tmp_path, engine={"backend": "openai", "url": url},
+                             web={"host": host, "port": port})
+    if itself:
+        with pytest.raises(UserError, match="engine.url"):
+            check_not_own_node(settings)
+    else:
+        check_not_own_node(settings)
+
+
+def test_python_m_bot_says_one_sentence_when_pointed_at_itself(tiny_dir, tmp_path, monkeypatch, capsys):
+    from bot.__main__ import main
+
+    monkeypatch.setenv("BOT_MODEL__PRETRAINED", str(tiny_dir))
+    monkeypatch.setenv("BOT_STORE__PATH", str(tmp_path / "s.sqlite3"))
+    monkeypatch.setenv("BOT_ENGINE__BACKEND", "openai")
+    monkeypatch.setenv("BOT_ENGINE__URL", "http://localhost:8123")
+    monkeypatch.setenv("BOT_WEB__PORT", "8123")
+    assert main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: engine.url") and "itself" in err[0]
