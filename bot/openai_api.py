@@ -222,7 +222,11 @@ def parse_completion(body: object, core: BotCore) -> Completion:
     prepared, texts = [], []
     for prompt in prompts:
         text, ids = _ids_of(prompt, core)
-        if len(ids) + max(1, max_tokens) > limits.max_length and len(ids) <= limits.max_prompt_tokens:
+        if scoring_only:  # a prompt to score, not to continue: it may be as long as a whole generation
+            if len(ids) > limits.max_length:
+                raise UserError(f"채점할 prompt가 너무 깁니다: {len(ids)}토큰. 최대 {limits.max_length}토큰까지 가능합니다. "
+                                f"(prompt too long to score: {len(ids)} tokens, at most {limits.max_length})")
+        elif len(ids) + max_tokens > limits.max_length and len(ids) <= limits.max_prompt_tokens:
             room = limits.max_length - len(ids)
             raise UserError(f"max_tokens({max_tokens})가 너무 큽니다: 프롬프트가 {len(ids)}토큰이라 최대 {room}까지 "
                             f"가능합니다. (max_tokens too large: the prompt has {len(ids)} tokens and at most "
@@ -230,7 +234,9 @@ def parse_completion(body: object, core: BotCore) -> Completion:
         max_length = len(ids) + max(1, max_tokens)
         request = GenRequest(label=None, prompt=text, origin="openai", logprobs=sampled, prompt_logprobs=scored,
                              knobs=replace(knobs, max_length=max_length, min_length=min(len(ids) + min_tokens, max_length)))
-        prepared.append(PreparedRequest(request, tuple(check_prompt_ids(ids, request, limits))))
+        # One token is sampled after a prompt that is only scored, and dropped: the engine always samples one.
+        prepared.append(PreparedRequest(request, tuple(check_prompt_ids(ids, request, limits, scoring_only)),
+                                        scoring_only))
         texts.append(text)
     return Completion(tuple(prepared), tuple(texts), stream, echo, scoring_only, logprobs, prompt_logprobs, as_ids,
                       token_ids)

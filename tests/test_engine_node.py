@@ -435,3 +435,16 @@ def test_python_m_bot_says_one_sentence_when_pointed_at_itself(tiny_dir, tmp_pat
     assert main([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: engine.url") and "itself" in err[0]
+
+
+async def test_scoring_takes_prompts_as_long_as_a_whole_generation(node):
+    """best_of's other-label side scores "label + prompt + candidate": longer than a prompt may be for generating."""
+    core, url = node
+    limits = core.settings.limits
+    ids = (core.engine.tokenizer("긍정 아 정말 재밌다", add_special_tokens=False)["input_ids"] * limits.max_length)
+    status, data = await _post(url, {"prompt": ids[:limits.max_length], "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert status == 200 and len(data["choices"][0]["logprobs"]["tokens"]) == limits.max_length > limits.max_prompt_tokens
+    status, data = await _post(url, {"prompt": ids[:limits.max_length + 1], "max_tokens": 0, "echo": True})
+    assert status == 400 and str(limits.max_length) in data["error"]["message"]
+    status, data = await _post(url, {"prompt": ids[:limits.max_prompt_tokens + 1], "max_tokens": 1})
+    assert status == 400 and str(limits.max_prompt_tokens) in data["error"]["message"]
