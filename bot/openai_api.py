@@ -20,7 +20,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -205,8 +205,6 @@ def parse_completion(body: object, core: BotCore) -> Completion:
                         f"(min_tokens must be ≤ max_tokens)")
     if stream and prompt_logprobs is not None:
         raise UserError("prompt_logprobs는 stream과 함께 쓸 수 없습니다. (prompt_logprobs is not available with stream)")
-    if stream and len(prompts) > 1:
-        raise UserError("stream에는 prompt를 하나만 보낼 수 있습니다. (stream takes one prompt)")
     knobs = _knobs(body, core)
     limits = core.settings.limits
     if len(prompts) * knobs.n > limits.max_rows_per_request:
@@ -416,12 +414,34 @@ def _engine_error(exc: Exception) -> web.Response:
     return _error(500, "생성 중 오류가 났습니다. (generation failed)", "server_error")
 
 
+async def _merged(streams: Sequence[AsyncIterator[Generation]]) -> AsyncIterator[tuple[int, Generation]]:
+    """(prompt index, update) from several engine streams as each comes; every stream is closed on the way out."""
+    pending = {asyncio.ensure_future(anext(s)): k for k, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                k = pending.pop(task)
+                try:
+                    gen = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield k, gen
+                pending[asyncio.ensure_future(anext(streams[k]))] = k
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
 async def _stream(request: web.Request, core: BotCore, completion: Completion, ident: str, created: int,
                   name: str) -> web.StreamResponse:
     """Server-sent events as vLLM sends them: `data: {chunk}` per text delta (with its tokens' log-probabilities when
-    asked), a last chunk per choice with its finish_reason, a usage chunk, then `data: [DONE]`."""
-    prepared, prompt_text = completion.prepared[0], completion.texts[0]
-    updates = core.engine.stream(prepared)
+    asked; prompt p's i-th choice at index p × n + i), a last chunk per choice with its finish_reason, one usage
+    chunk, then `data: [DONE]`."""
+    updates = _merged([core.engine.stream(p) for p in completion.prepared])
     try:
         first = await anext(updates)  # errors before any text still get a proper status code
     except Exception as exc:  # noqa: BLE001
@@ -429,8 +449,10 @@ async def _stream(request: web.Request, core: BotCore, completion: Completion, i
         return _engine_error(exc)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    n = prepared.request.knobs.n
-    sent, tokens_sent, offsets = [""] * n, [0] * n, [0] * n
+    n = completion.prepared[0].request.knobs.n
+    choices = n * len(completion.prepared)
+    sent, tokens_sent, offsets = [""] * choices, [0] * choices, [0] * choices
+    echoed, finished = [False] * len(completion.prepared), [0] * len(completion.prepared)
     text = _Tokens(core, completion.as_ids)
 
     async def send(payload: dict | str) -> None:
@@ -444,11 +466,22 @@ async def _stream(request: web.Request, core: BotCore, completion: Completion, i
         offsets[i] += len(delta)
         await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [choice]})
 
-    async def emit(gen: Generation) -> None:
-        for i, continuation in enumerate(gen.continuations):
+    async def emit(p: int, gen: Generation) -> None:
+        if completion.echo and not echoed[p]:
+            echoed[p] = True
+            for i in range(p * n, (p + 1) * n):
+                await chunk(i, completion.texts[p], _prompt_positions(completion.prepared[p], gen))
+        if completion.scoring_only:
+            if not finished[p]:
+                finished[p] = 1
+                for i in range(p * n, (p + 1) * n):
+                    await chunk(i, "", [], "length")
+            return
+        for j, continuation in enumerate(gen.continuations):
+            i = p * n + j
             # A trailing "�" is half a character that the next step completes: hold it back until then.
             stable = continuation if gen.done else continuation.rstrip("�")
-            positions = _sampled_positions(gen, i)[tokens_sent[i]:]
+            positions = _sampled_positions(gen, j)[tokens_sent[i]:]
             grew = stable.startswith(sent[i]) and len(stable) > len(sent[i])
             if grew or (positions and completion.logprobs is not None and not gen.done):
                 delta = stable[len(sent[i]):] if grew else ""
@@ -458,35 +491,37 @@ async def _stream(request: web.Request, core: BotCore, completion: Completion, i
                 positions = []
             if gen.done:
                 tokens_sent[i] += len(positions)
-                await chunk(i, "", positions, _finish(gen, i))
+                await chunk(i, "", positions, _finish(gen, j))
         if gen.done:
-            await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [],
-                        "usage": _usage(len(prepared.prompt_ids), _new_tokens(gen))})
+            finished[p] = _new_tokens(gen)
 
     try:
-        if completion.echo:
-            for i in range(n):
-                await chunk(i, prompt_text, _prompt_positions(prepared, first))
-        if completion.scoring_only:
-            for i in range(n):
-                await chunk(i, "", [], "length")
-            await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [],
-                        "usage": _usage(len(prepared.prompt_ids), 0)})
-        else:
-            await emit(first)
-            async for gen in updates:
-                await emit(gen)
+        update = first
+        while True:
+            await emit(*update)
+            if completion.scoring_only and all(finished):  # every prompt scored: nothing more to wait for
+                break
+            try:
+                update = await anext(updates)
+            except StopAsyncIteration:
+                break
+        prompt_tokens = sum(len(p.prompt_ids) for p in completion.prepared)
+        new_tokens = 0 if completion.scoring_only else sum(finished)
+        await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [],
+                    "usage": _usage(prompt_tokens, new_tokens)})
         await send("[DONE]")
     except ConnectionResetError:
         client_left(request, "/v1/completions")
         return response
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:  # the status line is gone: the error goes in the stream, as vLLM does
         if not isinstance(exc, UserError):
             log.error("engine-node stream failed", exc_info=exc)
-        await send({"error": {"message": str(exc) if isinstance(exc, UserError) else "generation failed",
-                              "type": "server_error", "code": 503}})
+        try:
+            await send({"error": {"message": str(exc) if isinstance(exc, UserError) else "generation failed",
+                                  "type": "server_error", "code": 503}})
+        except ConnectionResetError:
+            client_left(request, "/v1/completions")
+            return response
     finally:
         await updates.aclose()
     await response.write_eof()

@@ -448,3 +448,25 @@ async def test_scoring_takes_prompts_as_long_as_a_whole_generation(node):
     assert status == 400 and str(limits.max_length) in data["error"]["message"]
     status, data = await _post(url, {"prompt": ids[:limits.max_prompt_tokens + 1], "max_tokens": 1})
     assert status == 400 and str(limits.max_prompt_tokens) in data["error"]["message"]
+
+
+async def test_streamed_batched_prompts_match_the_unstreamed_choices(node):
+    _, url = node
+    for extra in ({"max_tokens": 8, "n": 2, "seed": 13}, {"max_tokens": 0, "echo": True, "logprobs": 0}):
+        body = {"prompt": ["긍정 아 정말", "부정 영화가"], **extra}
+        _, whole = await _post(url, body)
+        texts: dict[int, str] = {}
+        ends: dict[int, str] = {}
+        async with aiohttp.ClientSession() as http, \
+                http.post(url + "/v1/completions", json={**body, "stream": True}, headers=AUTH) as resp:
+            lines = [line async for line in resp.content if line.startswith(b"data: ")]
+        assert lines[-1] == b"data: [DONE]\n"
+        chunks = [json.loads(line[len(b"data: "):]) for line in lines[:-1]]
+        for c in chunks:
+            for choice in c["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+                if choice["finish_reason"]:
+                    ends[choice["index"]] = choice["finish_reason"]
+        assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+        assert ends == {c["index"]: c["finish_reason"] for c in whole["choices"]}
+        assert chunks[-1]["usage"] == whole["usage"]
