@@ -45,9 +45,9 @@ def preflight(settings: Settings) -> list[str]:
     """Everything that can be checked without the model, checked before the minutes its load may take: secrets
     (token files are read here), the store (opened, and a write tried), and that a remote backend is not this bot's
     own engine node. Returns the enabled front ends' names."""
-    from bot.openai_api import check_not_own_node
     from bot.runner import enabled_front_ends
     from core.chat_store import ChatStore
+    from core.hops import check_not_own_node
 
     check_not_own_node(settings)
     fronts = [fe.name for fe in enabled_front_ends(settings)]

@@ -18,12 +18,11 @@ from aiohttp.test_utils import TestServer
 from conftest import make_settings, running_core
 from fake_bot_api import FakeBotAPI
 
-from bot.openai_api import check_not_own_node
 from bot.web import create_app
 from core.backends import start_backend
 from core.errors import UserError
 from core.grammar import parse_gen
-from core.hops import HOP_HEADER, MAX_HOPS
+from core.hops import HOP_HEADER, MAX_HOPS, check_not_own_node
 from core.service import BotCore
 from core.types import GenRequest, PreparedRequest
 
