@@ -424,14 +424,15 @@ def test_a_bot_refuses_to_start_as_its_own_remote(tiny_dir, tmp_path, url, host,
 
 
 def test_python_m_bot_says_one_sentence_when_pointed_at_itself(tiny_dir, tmp_path, monkeypatch, capsys):
-    from bot.__main__ import main
+    import bot.__main__ as entry
 
+    monkeypatch.setattr(entry, "limit_repeats", lambda: None)  # the test run's log handlers are pytest's
     monkeypatch.setenv("BOT_MODEL__PRETRAINED", str(tiny_dir))
     monkeypatch.setenv("BOT_STORE__PATH", str(tmp_path / "s.sqlite3"))
     monkeypatch.setenv("BOT_ENGINE__BACKEND", "openai")
     monkeypatch.setenv("BOT_ENGINE__URL", "http://localhost:8123")
     monkeypatch.setenv("BOT_WEB__PORT", "8123")
-    assert main([]) == 1
+    assert entry.main([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: engine.url") and "itself" in err[0]
 

@@ -20,7 +20,7 @@ from conftest import make_settings, running_core
 import bot.web as web_module
 import bot.web_body as web_body
 import bot.web_server as web_server
-from bot.log_limits import RepeatLimiter
+from bot.log_limits import RepeatLimiter, limit_repeats
 from bot.web import create_app
 from bot.web_server import GuardedRunner
 from core.service import BotCore
@@ -243,3 +243,15 @@ async def test_a_client_leaving_a_stream_is_one_info_line(token_core, monkeypatc
     assert len(left) == 1 and left[0].levelno == logging.INFO and left[0].exc_info is None
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert _endless.closed  # the generation was stopped, not left running
+
+
+def test_the_limiter_goes_on_the_log_handlers_once():
+    logger = logging.getLogger("limiter-test")
+    handler = logging.NullHandler()
+    logger.addHandler(handler)
+    try:
+        limit_repeats(logger)
+        limit_repeats(logger)
+        assert sum(isinstance(f, RepeatLimiter) for f in handler.filters) == 1
+    finally:
+        logger.removeHandler(handler)
