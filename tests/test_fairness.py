@@ -16,6 +16,7 @@ from bot.client_address import client_address
 from bot.healthcheck import healthy
 from bot.web import create_app
 from bot.web_server import GuardedRunner
+from core.conversation import Conversation, Reply, Style
 from core.engine import Engine
 from core.errors import BusyError
 from core.grammar import parse_gen
@@ -96,6 +97,52 @@ async def test_a_users_queued_rows_are_capped_with_a_sentence_naming_the_cap(tin
         assert [len(r.continuations) for r in results] == [2, 2, 2, 3]
     finally:
         await engine.stop()
+
+
+class _Recorder:
+    """A chat's ReplyTarget that keeps what it was sent."""
+
+    style = Style(limit=4096)
+    edit_interval = 0.0
+
+    def __init__(self):
+        self.replies: list[Reply] = []
+
+    async def send(self, reply: Reply) -> None:
+        self.replies.append(reply)
+
+    edit = send
+
+    async def typing(self) -> None:
+        pass
+
+    def spare(self) -> bool:
+        return True
+
+
+async def test_a_chat_user_over_the_cap_is_told_the_cap(tiny_dir, tmp_path):
+    gate, entered = threading.Event(), threading.Event()
+    settings = make_settings(tiny_dir, tmp_path, limits={"max_queued_rows_per_user": 2, "user_interval_s": 0})
+    engine = gated_engine(settings, gate, entered)
+    engine.start()
+    core = BotCore.create(settings, engine)
+    conversation = Conversation(core)
+    ask = lambda: gen_request(core, "긍정 아", chat="telegram:-100", user="telegram:7")  # noqa: E731
+    try:
+        running = [asyncio.ensure_future(engine.generate(ask()))]
+        await until(entered.is_set, "the worker took the first request")
+        running += [asyncio.ensure_future(engine.generate(ask())) for _ in range(2)]
+        await until(lambda: engine.queue_depth == 2, "two requests wait")
+        target = _Recorder()
+        assert await conversation.reply(target, ask()) is None
+        assert target.replies[-1].error and "2" in target.replies[-1].text and "사용자당" in target.replies[-1].text
+    finally:
+        gate.set()
+    try:
+        await asyncio.gather(*running)
+    finally:
+        await engine.stop()
+        core.store.close()
 
 
 def test_the_conversation_tells_the_engine_who_asked(core: BotCore):
