@@ -16,6 +16,7 @@ import time
 # OpenMP; the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from bot.log_limits import limit_repeats
 from core.errors import ModelLoadError, UserError
 from core.settings import Settings, SettingsError, load_settings
 
@@ -42,10 +43,13 @@ def _quiet_libraries() -> None:
 
 def preflight(settings: Settings) -> list[str]:
     """Everything that can be checked without the model, checked before the minutes its load may take: secrets
-    (token files are read here) and the store (opened, and a write tried). Returns the enabled front ends' names."""
+    (token files are read here), the store (opened, and a write tried), and that a remote backend is not this bot's
+    own engine node. Returns the enabled front ends' names."""
     from bot.runner import enabled_front_ends
     from core.chat_store import ChatStore
+    from core.hops import check_not_own_node
 
+    check_not_own_node(settings)
     fronts = [fe.name for fe in enabled_front_ends(settings)]
     ChatStore(settings.store.path).close()
     return fronts
@@ -70,7 +74,9 @@ async def _main(check: bool) -> int:
             print(f"model: {engine.source}")
             if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
-            print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
+            # The reply's own length: new_tokens counts every sampled row (best_of candidates included).
+            tokens = len(engine.tokenizer(result.continuations[0], add_special_tokens=False)["input_ids"])
+            print(f"generation: {result.texts()[0]!r} ({tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"store: {settings.store.path} (writable)")
             print(f"front ends enabled: {', '.join(fronts) or 'none'}")
             print("check: ok")
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_repeats()
     _quiet_libraries()
     try:
         return asyncio.run(_main(args.check))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from core.access import REFUSAL, Access, Verdict
-from core.errors import NotAllowed, RateLimited, ShuttingDown, UserError
+from core.errors import ClientLeft, NotAllowed, RateLimited, ShuttingDown, UserError
 from core.followups import parse_button
 from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
 from core.knobs import knob_specs, resolve_key, validate_knobs
@@ -47,6 +47,12 @@ class Who:
     chat: str
     user: str | None = None  # None: no per-user rate limit (the web API)
     ids: Mapping[str, int | None] = field(default_factory=dict)
+    client: str | None = None  # whose share of the engine it uses when not `user` (the web: "web:<address>")
+
+    @property
+    def share(self) -> str:
+        """The key the engine shares its rows fairly by: the client, else the user, else the chat."""
+        return self.client or self.user or self.chat
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ def error_text(exc: BaseException, where: str) -> str | None:
 
     Unexpected exceptions are logged with a short request id, which the apology repeats, so a user's report can be
     found in the log."""
-    if isinstance(exc, (RateLimited, NotAllowed)) and exc.quiet:
+    if isinstance(exc, (RateLimited, NotAllowed)) and exc.quiet or isinstance(exc, ClientLeft):
         return None
     if isinstance(exc, UserError):
         return str(exc)
@@ -168,7 +174,7 @@ class Conversation:
         try:
             press = parse_button(data)
             if press.candidate is None:
-                prepared = self.backend.prepare(replace(followups.regenerate(press.key), origin=who.chat))
+                prepared = self.backend.prepare(replace(followups.regenerate(press.key), origin=who.chat, user=who.share))
             else:
                 prepared = followups.continuation(press.key, press.candidate, self.backend.prepare,
                                                   self.backend.limits.max_length)
@@ -176,11 +182,12 @@ class Conversation:
             self._refused(who, "user_error")
             raise
         self._charge(who)
-        return prepared
+        return replace(prepared, request=replace(prepared.request, user=who.share))  # a continuation's, too
 
     def _admit(self, who: Who, parse: Callable[[], object]) -> PreparedRequest:
         try:
-            request = replace(parse(), origin=who.chat)  # the origin tells metrics and logs the front end
+            # The origin tells metrics and logs the front end; the user, whose fair share of the engine it uses.
+            request = replace(parse(), origin=who.chat, user=who.share)
             prepared = self.backend.prepare(request)
         except UserError:
             self._refused(who, "user_error")
