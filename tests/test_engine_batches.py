@@ -4,11 +4,10 @@ is made likely (a bias on its logit), so rows really end at different steps."""
 from __future__ import annotations
 
 import asyncio
-import math
 
 import pytest
-import torch
 from conftest import make_settings, shared_steps
+from tiny_model import make_end_likely
 
 from core.engine import Engine
 from core.grammar import parse_gen
@@ -16,23 +15,13 @@ from core.model_loading import load_model
 from core.types import Generation
 
 
-def with_likely_end(loaded, p_end: float = 0.1, top_k: int = 50):
-    """The model with a bias on end-of-text's logit: about `p_end` among the `top_k` tokens it samples from."""
-    model = loaded.model
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    head.weight = model.lm_head.weight
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[loaded.tokenizer.eos_token_id] = math.log(p_end / (1 - p_end) * (top_k - 1))
-    model.lm_head = head
-    return loaded
-
-
 @pytest.fixture
 async def ending(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, model={"quantize": "none"},
                              limits={"max_batch_size": 4, "max_rows_per_request": 4, "batch_window_ms": 200})
-    engine = Engine(with_likely_end(load_model(settings.model)), settings)
+    loaded = load_model(settings.model)
+    make_end_likely(loaded.model, loaded.tokenizer.eos_token_id)
+    engine = Engine(loaded, settings)
     engine.start()
     try:
         yield engine
