@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Optional
 
 import discord
@@ -23,6 +21,7 @@ from bot.discord_ui import (
     ChannelTarget,
     GenerationView,
     InteractionTarget,
+    PayloadView,
     answer,
     build_slash,
     fit,
@@ -30,7 +29,7 @@ from bot.discord_ui import (
     refuse,
     who,
 )
-from core.conversation import Buttons, Conversation, Who, error_text
+from core.conversation import Conversation, Reply, Who, error_text
 from core.knobs import knob_specs
 from core.replies import help_text, render_knobs
 from core.service import BotCore
@@ -39,18 +38,12 @@ from core.types import PreparedRequest
 log = logging.getLogger(__name__)
 
 
-def answers_errors(command: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """A refused request is an answer, not a failed command: map it here (bot.report), so discord.py does not log
-    it as an error and dispatch it again."""
+class NotAllowed(commands.CheckFailure):
+    """The server or channel is outside the allowlists (core's refusal, as discord.py's check failure)."""
 
-    @functools.wraps(command)
-    async def wrapped(self: GenCog, ctx: commands.Context, *args: object, **kwargs: object) -> None:
-        try:
-            await command(self, ctx, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 (mapped to a reply)
-            await self.bot.report(ctx, exc)
-
-    return wrapped
+    def __init__(self, refused: BaseException):
+        super().__init__(str(refused))
+        self.refused = refused
 
 
 class GenCog(commands.Cog):
@@ -64,10 +57,10 @@ class GenCog(commands.Cog):
                 inspect.Parameter("label", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str])]
         self._dynamic = [
             build_slash("gen", "감성을 골라 한국어 문장을 이어 씁니다 (generate Korean text in a sentiment)",
-                        self._guarded(self.gen_slash), self.specs, head,
+                        self.gen_slash, self.specs, head,
                         {"prompt": "이어 쓸 문장 (예: 아 정말)", "label": "감성 라벨: 긍정 또는 부정 (생략하면 프롬프트 그대로 이어 씀)"},
                         {"label": LABEL_CHOICES}),
-            build_slash("set", "이 채널의 기본 설정을 바꿉니다 (set this channel's defaults)", self._guarded(self.set_slash),
+            build_slash("set", "이 채널의 기본 설정을 바꿉니다 (set this channel's defaults)", self.set_slash,
                         self.specs),
         ]
         self.active: set[asyncio.Task] = set()  # generations being shown; shutdown lets them send their replies
@@ -80,8 +73,17 @@ class GenCog(commands.Cog):
         for command in self._dynamic:
             self.bot.tree.remove_command(command.name)
 
-    def view(self, buttons: Buttons | None) -> GenerationView | None:
-        return None if buttons is None else GenerationView(self, buttons.key, buttons.candidates)
+    def view(self, reply: Reply) -> PayloadView | None:
+        """The buttons a reply state carries; their payloads come back through `on_button`."""
+        if reply.buttons is None:
+            return None
+        return GenerationView(reply.buttons.key, reply.buttons.candidates, self.on_button, self.cog_app_command_error)
+
+    def channel_target(self, ctx: commands.Context) -> ChannelTarget:
+        return ChannelTarget(ctx, self.view, self.edit_interval)
+
+    def interaction_target(self, interaction: discord.Interaction) -> InteractionTarget:
+        return InteractionTarget(interaction, self.view, self.edit_interval)
 
     async def reply(self, target: ChannelTarget | InteractionTarget, prepared: PreparedRequest) -> None:
         task = asyncio.current_task()
@@ -91,23 +93,25 @@ class GenCog(commands.Cog):
         finally:
             self.active.discard(task)
 
-    # ---- the one error → reply mapping for interactions (the tree's error hook and the guards end here) --------
-    async def app_error(self, interaction: discord.Interaction, error: BaseException) -> None:
+    # ---- the one error → reply mapping per kind: prefix commands, and interactions (slash commands, buttons) ----
+    async def cog_command_error(self, ctx: commands.Context, error: commands.CommandError) -> None:
+        """A refused request is an answer, not a failed command (discord.py then neither logs it nor reports it
+        again: Bot.on_command_error skips commands whose cog has this hook)."""
+        if isinstance(error, commands.UserInputError):
+            await answer(ctx, f"명령을 이해하지 못했습니다. {self.bot.command_prefix_text}help 를 보세요. (bad command input)")
+            return
+        error = error.refused if isinstance(error, NotAllowed) else getattr(error, "original", error)
+        text = error_text(error, f"discord command {ctx.command}")
+        if text is not None:
+            await answer(ctx, text)
+
+    async def cog_app_command_error(self, interaction: discord.Interaction, error: BaseException) -> None:
+        """Slash commands (the generated ones are bound to this cog too) and, through PayloadView.on_error, buttons."""
+        error = getattr(error, "original", error)
         text = error_text(error, f"discord interaction {getattr(interaction.command, 'name', 'button')}")
         if text is not None:
             with contextlib.suppress(discord.HTTPException):
                 await refuse(interaction, text)
-
-    def _guarded(self, callback: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        """Generated slash callbacks and buttons report through app_error (discord.py would only log a button's)."""
-
-        async def guarded(interaction: discord.Interaction, **kwargs: object) -> None:
-            try:
-                await callback(interaction, **kwargs)
-            except Exception as exc:  # noqa: BLE001 (mapped to a reply)
-                await self.app_error(interaction, exc)
-
-        return guarded
 
     def who(self, interaction: discord.Interaction) -> Who:
         return who(interaction.guild_id, interaction.channel_id, interaction.user.id)
@@ -124,31 +128,26 @@ class GenCog(commands.Cog):
 
     # ---- prefix commands ---------------------------------------------------------------------------------------
     @commands.command(name="gen", aliases=["생성"])
-    @answers_errors
     async def gen_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
         """!gen [긍정|부정] 프롬프트 [key=value …]"""
         prepared = self.conversation.from_text(args, who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id))
         async with ctx.typing():
-            await self.reply(ChannelTarget(self, ctx), prepared)
+            await self.reply(self.channel_target(ctx), prepared)
 
     @commands.command(name="help", aliases=["도움말"])
-    @answers_errors
     async def help_prefix(self, ctx: commands.Context) -> None:
         await answer(ctx, self.help_for(ctx.channel.id, f"{self.bot.command_prefix_text}gen"))
 
     @commands.command(name="set")
-    @answers_errors
     async def set_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
         self.core.set_chat_knobs(args, f"discord:{ctx.channel.id}")
         await answer(ctx, self.show_settings(ctx.channel.id, "이 채널의 기본 설정을 바꿨습니다 (saved):"))
 
     @commands.command(name="settings")
-    @answers_errors
     async def settings_prefix(self, ctx: commands.Context) -> None:
         await answer(ctx, self.show_settings(ctx.channel.id))
 
     @commands.command(name="reset")
-    @answers_errors
     async def reset_prefix(self, ctx: commands.Context) -> None:
         self.core.reset_chat_knobs(f"discord:{ctx.channel.id}")
         await answer(ctx, self.show_settings(ctx.channel.id, "이 채널의 기본 설정을 초기화했습니다 (reset):"))
@@ -158,7 +157,7 @@ class GenCog(commands.Cog):
         # Typed options go to the core as fields: the prompt is never re-read for `key=value`.
         prepared = self.conversation.from_fields({"prompt": prompt, "label": label, **knobs}, self.who(interaction))
         await interaction.response.defer(thinking=True)  # before Discord's 3-second deadline
-        await self.reply(InteractionTarget(self, interaction), prepared)
+        await self.reply(self.interaction_target(interaction), prepared)
 
     async def set_slash(self, interaction: discord.Interaction, **knobs: object) -> None:
         self.core.set_chat_fields(knobs, f"discord:{interaction.channel_id}")
@@ -180,11 +179,7 @@ class GenCog(commands.Cog):
         text = self.show_settings(interaction.channel_id, "이 채널의 기본 설정을 초기화했습니다 (reset):")
         await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
 
-    async def on_button(self, interaction: discord.Interaction, *, data: str) -> None:
-        try:
-            prepared = self.conversation.from_button(data, self.who(interaction))
-        except Exception as exc:  # noqa: BLE001 (mapped to a reply)
-            await self.app_error(interaction, exc)
-            return
+    async def on_button(self, interaction: discord.Interaction, data: str) -> None:
+        prepared = self.conversation.from_button(data, self.who(interaction))  # a refusal: PayloadView.on_error
         await interaction.response.defer(thinking=True)  # a new message below, so the earlier result stays
-        await self.reply(InteractionTarget(self, interaction), prepared)
+        await self.reply(self.interaction_target(interaction), prepared)

@@ -18,7 +18,8 @@ from conftest import make_settings, running_core, telegram_running
 from discord.ext import commands
 from fake_bot_api import FakeBotAPI
 
-from bot.discord_bot import NotAllowed, create_bot
+from bot.discord_bot import create_bot
+from bot.discord_cog import NotAllowed
 from bot.runner import run_front_ends
 from core.access import REFUSAL, Access, Verdict, telegram_access
 from core.engine import Engine
