@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import re
 from typing import Optional
 
 import discord
@@ -27,11 +28,12 @@ from bot.discord_ui import (
     fit,
     knobs_block,
     refuse,
+    unescape,
     who,
 )
 from core.conversation import Conversation, Reply, Who, error_text
 from core.knobs import knob_specs
-from core.replies import help_text, render_knobs
+from core.replies import help_text, parse_result, render_knobs
 from core.service import BotCore
 from core.types import PreparedRequest
 
@@ -121,18 +123,60 @@ class GenCog(commands.Cog):
         body = help_text(self.core.chat_knobs(f"discord:{channel_id}"), self.core.settings.limits, command,
                          steered=self.core.engine.sentiment)
         return fit(body + f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, "
-                   f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE}")
+                   f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE}\n"
+                   f"결과에 답장하면 이어 씁니다: {prefix}gen [덧붙일 말] [key=value …] 로 답장하거나 봇을 멘션하세요. "
+                   f"(reply to a result with {prefix}gen or a mention to continue it)")
 
     def show_settings(self, channel_id: int, title: str = "이 채널의 기본 설정 (current defaults):") -> str:
         return knobs_block(title, render_knobs(self.core.chat_knobs(f"discord:{channel_id}")))
 
+    async def replied_result(self, message: discord.Message) -> str | None:
+        """The plain text of the bot's own message that `message` replies to (None: not a reply to us). Read from
+        Discord, so a result from before a restart continues too."""
+        reference = message.reference
+        if reference is None or reference.message_id is None or self.bot.user is None:
+            return None
+        replied = reference.resolved if isinstance(reference.resolved, discord.Message) else None
+        if replied is None:
+            try:
+                replied = await message.channel.fetch_message(reference.message_id)
+            except discord.HTTPException:
+                return None
+        return unescape(replied.content) if replied.author.id == self.bot.user.id else None
+
     # ---- prefix commands ---------------------------------------------------------------------------------------
     @commands.command(name="gen", aliases=["생성"])
     async def gen_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
-        """!gen [긍정|부정] 프롬프트 [key=value …]"""
-        prepared = self.conversation.from_text(args, who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id))
+        """!gen [긍정|부정] 프롬프트 [key=value …]; as a reply to one of the bot's results it continues that result."""
+        asker = who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id)
+        shown = await self.replied_result(ctx.message)
+        if shown is not None and parse_result(shown) is not None:
+            prepared = self.conversation.from_reply(shown, args, asker)
+        else:
+            prepared = self.conversation.from_text(args, asker)
         async with ctx.typing():
             await self.reply(self.channel_target(ctx), prepared)
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        """A reply to one of the bot's results that mentions the bot (not a command) continues it, through the same
+        door as `!gen`; its errors go to the same hook."""
+        if message.author.bot or message.reference is None or self.bot.user not in message.mentions:
+            return
+        ctx = await self.bot.get_context(message)
+        if ctx.valid:
+            return  # a command: `!gen` as a reply is gen_prefix's
+        shown = await self.replied_result(message)
+        if shown is None:
+            return
+        args = re.sub(rf"<@!?{self.bot.user.id}>", " ", message.content)
+        try:
+            prepared = self.conversation.from_reply(shown, args, who(message.guild and message.guild.id,
+                                                                     message.channel.id, message.author.id))
+            async with ctx.typing():
+                await self.reply(self.channel_target(ctx), prepared)
+        except Exception as exc:  # noqa: BLE001 (a listener has no error dispatch: hand it to the commands' hook)
+            await self.cog_command_error(ctx, commands.CommandInvokeError(exc))
 
     @commands.command(name="help", aliases=["도움말"])
     async def help_prefix(self, ctx: commands.Context) -> None:

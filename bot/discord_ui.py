@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Optional
 
@@ -30,6 +31,15 @@ SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
 def escape(text: str) -> str:
     """Model output and prompts are shown literally: no markdown, no live mentions."""
     return discord.utils.escape_markdown(discord.utils.escape_mentions(text))
+
+
+_MARKUP_RE = re.compile(r"\\(.)|(\*\*)|(@\u200b)", re.DOTALL)
+
+
+def unescape(content: str) -> str:
+    """A message of ours back to the plain text `escape` and the bold prompt came from (reply to continue): escaped
+    characters unescaped, our `**` dropped, the zero-width space that defused a mention taken out."""
+    return _MARKUP_RE.sub(lambda m: m.group(1) if m.group(1) is not None else "@" if m.group(3) else "", content)
 
 
 def fit(text: str) -> str:

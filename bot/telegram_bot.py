@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import re
 from dataclasses import dataclass, field
 
 from telegram import (
@@ -35,7 +36,7 @@ from core.conversation import Buttons, Conversation, Reply, Style, Who, error_te
 from core.errors import NotAllowed, UserError
 from core.followups import EXPIRED, button_data
 from core.grammar import split_command
-from core.replies import help_text, render_knobs, shorten
+from core.replies import help_text, parse_result, render_knobs, shorten
 from core.types import Generation, PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,24 @@ async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> No
                                                steered=core.engine.sentiment) + HELP_EXTRA)
 
 
+def _replied_to_us(message, bot_id: int) -> str | None:  # noqa: ANN001 (telegram.Message)
+    """The text of the bot's own message that `message` replies to (None: not a reply to us)."""
+    replied = message.reply_to_message
+    if replied is None or replied.from_user is None or replied.from_user.id != bot_id:
+        return None
+    return replied.text or ""
+
+
 async def gen_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """`/gen …`; as a reply to one of the bot's results it continues that result."""
     message = update.effective_message
     _, _, args = split_command(message.text or "")
-    prepared = _conversation(context).from_text(args, _who(update))  # a refusal goes to on_error
+    shown = _replied_to_us(message, context.bot.id)
+    conversation = _conversation(context)
+    if shown is not None and parse_result(shown) is not None:
+        prepared = conversation.from_reply(shown, args, _who(update))  # a refusal goes to on_error
+    else:
+        prepared = conversation.from_text(args, _who(update))
     await _reply(context, ChatTarget(context, message.chat_id, message.message_id), prepared, "/gen")
 
 
@@ -197,8 +212,22 @@ async def edited_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     await _answer(update, context, EDITED_TEXT)
 
 
-async def private_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    await _answer(update, context, HINT_TEXT)
+async def plain_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Text without a command: a reply to one of the bot's results continues it (in groups only when it mentions
+    the bot); anything else in private gets the hint, and in groups is someone else's conversation."""
+    message = update.effective_message
+    text = message.text or ""
+    shown = _replied_to_us(message, context.bot.id)
+    if message.chat.type != ChatType.PRIVATE:
+        mention = re.compile(rf"@{re.escape(context.bot.username or '')}\b", re.IGNORECASE)
+        if shown is None or not context.bot.username or not mention.search(text):
+            return
+        text = mention.sub(" ", text)
+    elif shown is None:
+        await _answer(update, context, HINT_TEXT)
+        return
+    prepared = _conversation(context).from_reply(shown, text, _who(update))  # a refusal goes to on_error
+    await _reply(context, ChatTarget(context, message.chat_id, message.message_id), prepared, "reply")
 
 
 async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -266,6 +295,7 @@ def add_handlers(application: Application) -> None:
         application.add_handler(CommandHandler(name, handler, filters=new))
     application.add_handler(MessageHandler(new & filters.COMMAND, unknown_command))
     application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE & filters.COMMAND, edited_command))
-    application.add_handler(MessageHandler(new & filters.ChatType.PRIVATE & ~filters.COMMAND, private_text))
+    prose = new & ~filters.COMMAND
+    application.add_handler(MessageHandler(prose & (filters.ChatType.PRIVATE | (filters.TEXT & filters.REPLY)), plain_text))
     application.add_handler(CallbackQueryHandler(button_pressed))
     application.add_error_handler(on_error)

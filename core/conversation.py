@@ -1,8 +1,8 @@
 """One generation from a user's request to the final reply, the same for every front end.
 
-Three doors lead in, each with the same checks in the same order (allowlist, parse, prompt length, rate limit;
-every refusal counted): `from_text` (`/gen …`, `!gen …`), `from_fields` (Discord slash options, `/api` JSON) and
-`from_button` (regenerate, continue). Each returns a PreparedRequest or raises a UserError; `reply` then streams it
+Four doors lead in, each with the same checks in the same order (allowlist, parse, prompt length, rate limit;
+every refusal counted): `from_text` (`/gen …`, `!gen …`), `from_fields` (Discord slash options, `/api` JSON),
+`from_button` (regenerate, continue) and `from_reply` (a reply to one of the bot's results continues it). Each returns a PreparedRequest or raises a UserError; `reply` then streams it
 to a ReplyTarget — the small protocol an adapter implements — throttled, rendered, with follow-up buttons, and with
 every error turned into a reply. The conversation depends only on the generation-backend interface
 (`prepare`, `stream`, `defaults`, `limits`, `telemetry`), never on a platform or on torch.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from core.access import REFUSAL, Access, Verdict
 from core.errors import NotAllowed, RateLimited, ShuttingDown, UserError
-from core.followups import parse_button
+from core.followups import parse_button, reply_continuation
 from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
 from core.knobs import knob_specs, resolve_key, validate_knobs
 from core.replies import APOLOGY, render_generation
@@ -171,6 +171,20 @@ class Conversation:
             else:
                 prepared = followups.continuation(press.key, press.candidate, self.backend.prepare,
                                                   self.backend.limits.max_length)
+        except UserError:
+            self._refused(who, "user_error")
+            raise
+        self._charge(who)
+        return prepared
+
+    def from_reply(self, shown: str, args: str, who: Who) -> PreparedRequest:
+        """A reply to one of the bot's results: `shown` is the replied message's plain text, `args` what the user
+        added (words and knobs; the chat's saved defaults apply)."""
+        self.check_access(who)
+        try:
+            prepared = reply_continuation(shown, args, self.core.chat_knobs(who.chat), self.backend.limits,
+                                          self.backend.prepare)
+            prepared = replace(prepared, request=replace(prepared.request, origin=who.chat))
         except UserError:
             self._refused(who, "user_error")
             raise

@@ -162,13 +162,16 @@ class FakeBotAPI:
         self._new_update.set()
         return update
 
-    def user_message(self, chat_id: int, text: str, user_id: int | None = None) -> dict:
-        """Queue a message from a user; commands get their bot_command entity, as Telegram sends them."""
+    def user_message(self, chat_id: int, text: str, user_id: int | None = None, reply_to: dict | None = None) -> dict:
+        """Queue a message from a user (a reply to `reply_to`, a message as stored now); commands get their
+        bot_command entity, as Telegram sends them."""
         user_id = user_id or (chat_id if chat_id > 0 else 777)
         message = {
             "message_id": self._next_message_id(chat_id), "date": int(time.time()),
             "chat": self.chat(chat_id), "from": self.user(user_id), "text": text,
         }
+        if reply_to is not None:
+            message["reply_to_message"] = {k: v for k, v in reply_to.items() if k != "reply_to_message"}
         if text.startswith("/"):
             command = text.split()[0]
             message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command.encode("utf-16-le")) // 2}]

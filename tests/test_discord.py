@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import discord
 import discord.ext.test as dpytest
+import discord.ext.test.backend as dpytest_backend
+import discord.ext.test.factories as dpytest_factories
 import pytest
 from conftest import make_settings
 from discord.ext import commands
@@ -490,3 +492,55 @@ def test_ui_module_does_not_import_the_cog():
     tree = ast.parse(Path(discord_ui.__file__).read_text(encoding="utf-8"))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "bot.discord_cog" not in imported and "bot.discord_bot" not in imported
+
+
+# ---- reply to continue -----------------------------------------------------------------------------------------
+async def reply_to(target: discord.Message, content: str, member: int = 0) -> discord.Message | None:
+    """A user's reply to `target`, as the gateway delivers it (dpytest's message() makes no replies); returns the
+    bot's answer as it stands once handled, or None when it did not answer."""
+    config = dpytest.get_config()
+    chan = target.channel
+    data = dpytest_factories.make_message_dict(chan, config.members[member], content=content,
+                                               mentions=dpytest_backend.find_user_mentions(content, chan.guild))
+    data["message_reference"] = {"message_id": target.id, "channel_id": chan.id, "guild_id": chan.guild.id}
+    dpytest_backend.get_state().parse_message_create(data)
+    await dpytest.runner.run_all_events()
+    while not dpytest.runner.error_queue.empty():  # errors the cog's hook answered (see `say`)
+        error = (await dpytest.runner.error_queue.get())[1]
+        if not isinstance(error, (commands.CommandInvokeError, commands.CheckFailure, commands.CommandNotFound)):
+            raise error
+    if dpytest.verify().message().nothing():
+        return None
+    sent = dpytest.get_message()
+    return await chan.fetch_message(sent.id)
+
+
+def head(content: str) -> str:
+    return discord_ui.unescape(content.split("**")[1])
+
+
+async def test_gen_as_a_reply_continues_the_result(dbot, core):
+    await say("!gen 부정 배우들 *연기*가 seed=4 max_length=12")
+    first = await channel(0).fetch_message(dpytest.get_message().id)
+    shown = discord_ui.unescape(first.content).split("\n\nseed=")[0]
+    more = await reply_to(first, "!gen 그래서 top_k=5")
+    assert head(more.content) == f"{shown} 그래서" and "seed=" in more.content
+    assert isinstance(first.content, str) and "\\*연기\\*" in first.content  # markdown was escaped, and read back
+
+
+async def test_reply_with_a_mention_continues_even_a_result_from_before_a_restart(dbot, core):
+    await say("!gen 긍정 아 정말 max_length=10")
+    first = await channel(0).fetch_message(dpytest.get_message().id)
+    shown = discord_ui.unescape(first.content).split("\n\nseed=")[0]
+    core.followups._results.clear()  # nothing remembered: the text comes from the message
+    more = await reply_to(first, f"{dbot.user.mention} 더 써 줘 seed=3")
+    assert head(more.content) == f"{shown} 더 써 줘" and "seed=3" in more.content
+    assert await reply_to(first, "그냥 답장") is None  # no mention, no command: someone talking, not to us
+
+
+async def test_reply_to_a_message_that_is_not_a_result(dbot):
+    await say("!help")
+    help_message = await channel(0).fetch_message(dpytest.get_message().id)
+    assert "생성 결과가 아닙니다" in (await reply_to(help_message, f"{dbot.user.mention} 이어서")).content
+    fresh = await reply_to(help_message, "!gen 긍정 새 글")  # !gen replying to help is a plain !gen
+    assert head(fresh.content) == "긍정 새 글"

@@ -373,3 +373,77 @@ async def test_shutdown_does_not_wait_for_a_group_backlog(core, fake, monkeypatc
     stop.set()
     await asyncio.wait_for(task, 90)  # a hang guard only: before the fix the two queued replies held it ~2 minutes
     assert len(fake.called("sendMessage", chat_id=GROUP)) == 1
+
+
+# ---- reply to continue -----------------------------------------------------------------------------------------
+def bold_head(message: dict) -> str:
+    bold = next(e for e in message["entities"] if e["type"] == "bold" and e["offset"] == 0)
+    return message["text"][: bold["length"]]
+
+
+async def reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict:
+    message = fake.user_message(chat_id, text, reply_to=to)
+    await fake.wait_for(lambda: any("reply_markup" in m or "seed=" not in m["text"] for m in fake.replies_to(message)))
+    await fake.wait_for(lambda: "▌" not in fake.replies_to(message)[0]["text"])
+    return fake.replies_to(message)[0]
+
+
+async def test_replying_to_a_result_continues_it_with_the_chats_knobs_and_inline_ones(bot, core, monkeypatch):
+    first = await ask(bot, PRIVATE, "/gen 부정 배우들 연기가 seed=4 max_length=12", final=True)
+    shown = first["text"].split("\n\nseed=")[0]
+    await ask(bot, PRIVATE, "/set top_k=7")
+    asked = []
+    real_stream = core.engine.stream
+
+    def recording(prepared):
+        asked.append(prepared)
+        return real_stream(prepared)
+
+    monkeypatch.setattr(core.engine, "stream", recording)
+    more = await reply(bot, PRIVATE, "그래서 seed=9", first)
+    assert bold_head(more) == f"{shown} 그래서"  # the result without its seed line, the label kept, plus the addition
+    assert "seed=9" in more["text"] and callback_data(more)[0].startswith("r:")
+    (prepared,) = asked
+    request, used = prepared.request, len(prepared.prompt_ids)
+    assert (request.label, request.prompt) == ("부정", shown.removeprefix("부정 ") + " 그래서")
+    assert (request.knobs.top_k, request.knobs.seed) == (7, 9)  # the chat's knob and the inline one
+    default = core.engine.defaults.max_length  # may add as many tokens as the chat's max_length, at least one
+    assert (request.knobs.min_length, request.knobs.max_length) == (used + 1, used + default)
+    command = await reply(bot, PRIVATE, "/gen", first)  # /gen as a reply: the result alone is the prompt
+    assert bold_head(command) == shown
+
+
+async def test_reply_continues_after_a_restart_from_the_message_text_alone(bot, core):
+    # A result this process never made (sent before a restart): the replied message is all there is.
+    old = {"message_id": 9000, "date": 0, "chat": bot.chat(PRIVATE), "from": bot.bot_user,
+           "text": "1. 긍정 아 정말 최고\n\n2. 긍정 아 정말 별로\n\nseed=11, 12 · 긍정 90%, 40%"}
+    bot.messages[(PRIVATE, 9000)] = old
+    continued = await reply(bot, PRIVATE, "이야", old)
+    assert bold_head(continued) == "긍정 아 정말 최고 이야"  # the first candidate, without numbering or scores
+
+
+async def test_reply_in_a_group_needs_a_mention_or_the_command(bot):
+    first = await ask(bot, GROUP, "/gen 긍정 아 정말 max_length=10", final=True)
+    shown = first["text"].split("\n\nseed=")[0]
+    ignored = bot.user_message(GROUP, "ㅋㅋ 재밌네", reply_to=first)
+    mentioned = await reply(bot, GROUP, "@ThisBot 더 써 줘", first)
+    assert bold_head(mentioned) == f"{shown} 더 써 줘"
+    command = await reply(bot, GROUP, "/gen@ThisBot 부정", first)  # a label word switches the label
+    assert bold_head(command) == "부정 " + shown.removeprefix("긍정 ")
+    assert bot.replies_to(ignored) == []
+
+
+async def test_reply_to_something_that_is_not_a_result(bot, core):
+    help_message = await ask(bot, PRIVATE, "/help")
+    answer = await ask_reply(bot, PRIVATE, "이어서", help_message)
+    assert "생성 결과가 아닙니다" in answer["text"]
+    refused = core.engine.telemetry.metrics.requests.labels("telegram", "user_error")._value.get()
+    assert refused >= 1  # counted like every refusal at the door
+    fresh = await reply(bot, PRIVATE, "/gen 긍정 새 글", help_message)  # /gen replying to help is a plain /gen
+    assert bold_head(fresh) == "긍정 새 글"
+
+
+async def ask_reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict:
+    message = fake.user_message(chat_id, text, reply_to=to)
+    await fake.wait_for(lambda: fake.replies_to(message))
+    return fake.replies_to(message)[0]
