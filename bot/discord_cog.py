@@ -19,10 +19,13 @@ from bot.discord_ui import (
     LABEL_CHOICES,
     NO_MENTIONS,
     REGENERATE,
+    STOP,
+    STOPPING,
     ChannelTarget,
     GenerationView,
     InteractionTarget,
     PayloadView,
+    StopView,
     answer,
     build_slash,
     fit,
@@ -76,10 +79,13 @@ class GenCog(commands.Cog):
             self.bot.tree.remove_command(command.name)
 
     def view(self, reply: Reply) -> PayloadView | None:
-        """The buttons a reply state carries; their payloads come back through `on_button`."""
-        if reply.buttons is None:
-            return None
-        return GenerationView(reply.buttons.key, reply.buttons.candidates, self.on_button, self.cog_app_command_error)
+        """The buttons a reply state carries (follow-ups under a result, stop while it streams); their payloads
+        come back through `on_button`."""
+        if reply.buttons is not None:
+            return GenerationView(reply.buttons.key, reply.buttons.candidates, self.on_button, self.cog_app_command_error)
+        if reply.stop is not None:
+            return StopView(reply.stop, self.on_button, self.cog_app_command_error)
+        return None
 
     def channel_target(self, ctx: commands.Context) -> ChannelTarget:
         return ChannelTarget(ctx, self.view, self.edit_interval)
@@ -87,11 +93,11 @@ class GenCog(commands.Cog):
     def interaction_target(self, interaction: discord.Interaction) -> InteractionTarget:
         return InteractionTarget(interaction, self.view, self.edit_interval)
 
-    async def reply(self, target: ChannelTarget | InteractionTarget, prepared: PreparedRequest) -> None:
+    async def reply(self, target: ChannelTarget | InteractionTarget, prepared: PreparedRequest, asker: Who) -> None:
         task = asyncio.current_task()
         self.active.add(task)
         try:
-            await self.conversation.reply(target, prepared, "discord generation")
+            await self.conversation.reply(target, prepared, "discord generation", asker=asker.user)
         finally:
             self.active.discard(task)
 
@@ -123,7 +129,8 @@ class GenCog(commands.Cog):
         body = help_text(self.core.chat_knobs(f"discord:{channel_id}"), self.core.settings.limits, command,
                          steered=self.core.engine.sentiment)
         return fit(body + f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, "
-                   f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE}\n"
+                   f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE} · 쓰는 중에는 "
+                   f"{STOP}(요청한 사람만)\n"
                    f"결과에 답장하면 이어 씁니다: {prefix}gen [덧붙일 말] [key=value …] 로 답장하거나 봇을 멘션하세요. "
                    f"(reply to a result with {prefix}gen or a mention to continue it)")
 
@@ -155,7 +162,7 @@ class GenCog(commands.Cog):
         else:
             prepared = self.conversation.from_text(args, asker)
         async with ctx.typing():
-            await self.reply(self.channel_target(ctx), prepared)
+            await self.reply(self.channel_target(ctx), prepared, asker)
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -170,11 +177,11 @@ class GenCog(commands.Cog):
         if shown is None:
             return
         args = re.sub(rf"<@!?{self.bot.user.id}>", " ", message.content)
+        asker = who(message.guild and message.guild.id, message.channel.id, message.author.id)
         try:
-            prepared = self.conversation.from_reply(shown, args, who(message.guild and message.guild.id,
-                                                                     message.channel.id, message.author.id))
+            prepared = self.conversation.from_reply(shown, args, asker)
             async with ctx.typing():
-                await self.reply(self.channel_target(ctx), prepared)
+                await self.reply(self.channel_target(ctx), prepared, asker)
         except Exception as exc:  # noqa: BLE001 (a listener has no error dispatch: hand it to the commands' hook)
             await self.cog_command_error(ctx, commands.CommandInvokeError(exc))
 
@@ -199,9 +206,10 @@ class GenCog(commands.Cog):
     # ---- slash commands and buttons ----------------------------------------------------------------------------
     async def gen_slash(self, interaction: discord.Interaction, prompt: str, label: str | None = None, **knobs: object) -> None:
         # Typed options go to the core as fields: the prompt is never re-read for `key=value`.
-        prepared = self.conversation.from_fields({"prompt": prompt, "label": label, **knobs}, self.who(interaction))
+        asker = self.who(interaction)
+        prepared = self.conversation.from_fields({"prompt": prompt, "label": label, **knobs}, asker)
         await interaction.response.defer(thinking=True)  # before Discord's 3-second deadline
-        await self.reply(self.interaction_target(interaction), prepared)
+        await self.reply(self.interaction_target(interaction), prepared, asker)
 
     async def set_slash(self, interaction: discord.Interaction, **knobs: object) -> None:
         self.core.set_chat_fields(knobs, f"discord:{interaction.channel_id}")
@@ -224,6 +232,10 @@ class GenCog(commands.Cog):
         await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
 
     async def on_button(self, interaction: discord.Interaction, data: str) -> None:
-        prepared = self.conversation.from_button(data, self.who(interaction))  # a refusal: PayloadView.on_error
+        asker = self.who(interaction)
+        prepared = self.conversation.from_button(data, asker)  # a refusal: PayloadView.on_error
+        if prepared is None:  # the stop button: the reply's own loop shows the text so far, marked stopped
+            await interaction.response.send_message(STOPPING, ephemeral=True, allowed_mentions=NO_MENTIONS)
+            return
         await interaction.response.defer(thinking=True)  # a new message below, so the earlier result stays
-        await self.reply(self.interaction_target(interaction), prepared)
+        await self.reply(self.interaction_target(interaction), prepared, asker)

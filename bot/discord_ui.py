@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from core.conversation import Reply, Style, Who
-from core.followups import button_data
+from core.followups import button_data, stop_data
 from core.grammar import NEGATIVE, POSITIVE
 from core.knobs import KnobSpec
 from core.replies import shorten
@@ -23,7 +23,8 @@ MESSAGE_LIMIT = 2000  # Discord's message length
 EDIT_INTERVAL_S = 1.0  # Discord allows about 5 edits per 5 s per channel; one a second leaves room for others
 VIEW_TIMEOUT_S = 600.0  # buttons end before the 15-minute interaction token does, so the view can still be edited
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping (discord.py allows @everyone)
-REGENERATE, CONTINUE = "다시 생성", "이어 쓰기"
+REGENERATE, CONTINUE, STOP = "다시 생성", "이어 쓰기", "⏹ 멈추기"
+STOPPING = "멈추는 중… 지금까지의 글을 남깁니다. (stopping)"
 SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
 
 
@@ -61,22 +62,43 @@ def knobs_block(title: str, text: str) -> str:
 ViewFor = Callable[[Reply], Optional[discord.ui.View]]  # the buttons a reply state carries (the cog builds them)
 
 
-class ChannelTarget:
+class _Views:
+    """A target's buttons: the stop button is one view for the whole stream (not a new one per edit), ended
+    when the reply is final."""
+
+    def __init__(self, view_for: ViewFor):
+        self.view_for = view_for
+        self.stop_view: discord.ui.View | None = None
+
+    def view(self, reply: Reply) -> discord.ui.View | None:
+        if reply.stop is not None and self.stop_view is not None:
+            return self.stop_view
+        if self.stop_view is not None:
+            self.stop_view.stop()
+            self.stop_view = None
+        view = self.view_for(reply)
+        if reply.stop is not None:
+            self.stop_view = view
+        return view
+
+
+class ChannelTarget(_Views):
     """A prefix command's answer (core.conversation.ReplyTarget): a reply to the command, edited afterwards."""
 
     def __init__(self, ctx: commands.Context, view_for: ViewFor, edit_interval: float):
-        self.ctx, self.view_for = ctx, view_for
+        super().__init__(view_for)
+        self.ctx = ctx
         self.style, self.edit_interval = STYLE, edit_interval
         self.message: discord.Message | None = None
 
     async def send(self, reply: Reply) -> None:
-        view = self.view_for(reply)
+        view = self.view(reply)
         self.message = await answer(self.ctx, reply.text, **({"view": view} if view else {}))
         if view is not None:
             view.message = self.message
 
     async def edit(self, reply: Reply) -> None:
-        view = self.view_for(reply)
+        view = self.view(reply)
         self.message = await self.message.edit(content=fit(reply.text), view=view, allowed_mentions=NO_MENTIONS)
         if view is not None:
             view.message = self.message
@@ -88,11 +110,12 @@ class ChannelTarget:
         return True
 
 
-class InteractionTarget:
+class InteractionTarget(_Views):
     """A deferred interaction's answer: the "thinking…" message is edited; an error is shown only to the user."""
 
     def __init__(self, interaction: discord.Interaction, view_for: ViewFor, edit_interval: float):
-        self.interaction, self.view_for = interaction, view_for
+        super().__init__(view_for)
+        self.interaction = interaction
         self.style, self.edit_interval = STYLE, edit_interval
 
     async def send(self, reply: Reply) -> None:
@@ -101,7 +124,7 @@ class InteractionTarget:
                 await self.interaction.delete_original_response()
             await self.interaction.followup.send(fit(reply.text), ephemeral=True, allowed_mentions=NO_MENTIONS)
             return
-        view = self.view_for(reply)
+        view = self.view(reply)
         message = await self.interaction.edit_original_response(content=fit(reply.text), view=view,
                                                                 allowed_mentions=NO_MENTIONS)
         if view is not None:
@@ -173,6 +196,14 @@ class GenerationView(PayloadView):
         if self.message is not None:
             with contextlib.suppress(discord.HTTPException):
                 await self.message.edit(view=self)
+
+
+class StopView(PayloadView):
+    """⏹ 멈추기 under a reply while it streams (only its asker may use it; the conversation checks)."""
+
+    def __init__(self, key: str, press: Press, on_error: OnError, timeout: float = VIEW_TIMEOUT_S):
+        super().__init__(press, on_error, timeout)
+        self.add(STOP, discord.ButtonStyle.danger, stop_data(key))
 
 
 # ---- slash commands ------------------------------------------------------------------------------------------------

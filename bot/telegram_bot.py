@@ -31,10 +31,19 @@ from telegram.ext import (
 )
 
 from bot.telegram_delivery import PerChatRateLimiter
-from bot.telegram_texts import COMMANDS, EDITED_TEXT, GENERATING, HELP_EXTRA, HINT_TEXT, START_TEXT
+from bot.telegram_texts import (
+    COMMANDS,
+    EDITED_TEXT,
+    GENERATING,
+    HELP_EXTRA,
+    HINT_TEXT,
+    START_TEXT,
+    STOP_LABEL,
+    STOPPING,
+)
 from core.conversation import Buttons, Conversation, Reply, Style, Who, error_text
 from core.errors import NotAllowed, UserError
-from core.followups import EXPIRED, button_data
+from core.followups import EXPIRED, button_data, stop_data
 from core.grammar import split_command
 from core.replies import help_text, parse_result, render_knobs, shorten
 from core.types import Generation, PreparedRequest
@@ -69,13 +78,13 @@ STYLE = Style(MESSAGE_LIMIT, escape=lambda s: html.escape(s, quote=False), empha
               notice=_plain)
 
 
-def render(gen: Generation) -> str:
+def render(gen: Generation, stopped: bool = False) -> str:
     """The result as Telegram HTML: prompt in bold, continuation plain, every user character escaped."""
-    text = Conversation.render(gen, STYLE)
+    text = Conversation.render(gen, STYLE, stopped)
     if len(text) < MESSAGE_LIMIT:
         return text
     # Escaping lengthened the text past the limit, and clipping it could cut a tag or entity: escape afterwards.
-    return _plain(Conversation.render(gen, Style(MESSAGE_LIMIT)))
+    return _plain(Conversation.render(gen, Style(MESSAGE_LIMIT), stopped))
 
 
 def keyboard(buttons: Buttons) -> InlineKeyboardMarkup:
@@ -85,6 +94,15 @@ def keyboard(buttons: Buttons) -> InlineKeyboardMarkup:
     rows.append([InlineKeyboardButton(f"➡️ {i + 1} 이어 쓰기" if many else "➡️ 이어 쓰기", callback_data=button_data(buttons.key, i))
                  for i in range(buttons.candidates)])
     return InlineKeyboardMarkup(rows)
+
+
+def markup(reply: Reply) -> InlineKeyboardMarkup | None:
+    """The final result's follow-up buttons, or the stop button while it streams."""
+    if reply.buttons is not None:
+        return keyboard(reply.buttons)
+    if reply.stop is not None:
+        return InlineKeyboardMarkup([[InlineKeyboardButton(STOP_LABEL, callback_data=stop_data(reply.stop))]])
+    return None
 
 
 def _addressed_to_us(text: str, username: str | None) -> bool:
@@ -117,16 +135,15 @@ class ChatTarget:
     message_id: int | None = None
 
     async def send(self, reply: Reply) -> None:
-        text = reply.text if reply.error else render(reply.generation)
-        markup = keyboard(reply.buttons) if reply.buttons else None
-        self.message_id = (await send(self.context, self.chat_id, text, self.reply_to, markup)).message_id
+        text = reply.text if reply.error else render(reply.generation, reply.stopped)
+        self.message_id = (await send(self.context, self.chat_id, text, self.reply_to, markup(reply))).message_id
 
     async def edit(self, reply: Reply) -> None:
-        text = reply.text if reply.error else render(reply.generation)
+        text = reply.text if reply.error else render(reply.generation, reply.stopped)
         try:
             await self.context.bot.edit_message_text(
                 text, chat_id=self.chat_id, message_id=self.message_id, parse_mode=ParseMode.HTML,
-                reply_markup=keyboard(reply.buttons) if reply.buttons else None, link_preview_options=NO_PREVIEW)
+                reply_markup=markup(reply), link_preview_options=NO_PREVIEW)
         except BadRequest as exc:
             if "not modified" not in str(exc).lower():
                 raise
@@ -139,10 +156,12 @@ class ChatTarget:
         return not isinstance(limiter, PerChatRateLimiter) or limiter.spare(self.chat_id)
 
 
-async def _reply(context: ContextTypes.DEFAULT_TYPE, target: ChatTarget, prepared: PreparedRequest, what: str) -> None:
+async def _reply(update: Update, context: ContextTypes.DEFAULT_TYPE, target: ChatTarget, prepared: PreparedRequest,
+                 what: str) -> None:
     limiter = context.bot.rate_limiter
     with limiter.final_owed(target.chat_id) if isinstance(limiter, PerChatRateLimiter) else contextlib.nullcontext():
-        await _conversation(context).reply(target, prepared, f"telegram {what} in chat {target.chat_id}")
+        await _conversation(context).reply(target, prepared, f"telegram {what} in chat {target.chat_id}",
+                                           asker=_who(update).user)
 
 
 # ---- handlers --------------------------------------------------------------------------------------------------
@@ -174,7 +193,7 @@ async def gen_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
         prepared = conversation.from_reply(shown, args, _who(update))  # a refusal goes to on_error
     else:
         prepared = conversation.from_text(args, _who(update))
-    await _reply(context, ChatTarget(context, message.chat_id, message.message_id), prepared, "/gen")
+    await _reply(update, context, ChatTarget(context, message.chat_id, message.message_id), prepared, "/gen")
 
 
 async def set_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -227,7 +246,7 @@ async def plain_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None
         await _answer(update, context, HINT_TEXT)
         return
     prepared = _conversation(context).from_reply(shown, text, _who(update))  # a refusal goes to on_error
-    await _reply(context, ChatTarget(context, message.chat_id, message.message_id), prepared, "reply")
+    await _reply(update, context, ChatTarget(context, message.chat_id, message.message_id), prepared, "reply")
 
 
 async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -235,9 +254,12 @@ async def button_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     if query.message is None:  # an inline-mode message; this bot has no inline mode
         raise UserError(EXPIRED)
     prepared = _conversation(context).from_button(query.data or "", _who(update))  # a refusal goes to on_error
+    if prepared is None:  # the stop button: the reply's own loop shows the text so far, marked stopped
+        await query.answer(STOPPING)
+        return
     await query.answer(GENERATING)
     what = "continue" if prepared.continuing else "regenerate"
-    await _reply(context, ChatTarget(context, query.message.chat.id, query.message.message_id), prepared, what)
+    await _reply(update, context, ChatTarget(context, query.message.chat.id, query.message.message_id), prepared, what)
 
 
 def _for_us(message, username: str | None) -> bool:  # noqa: ANN001 (telegram.Message)

@@ -18,7 +18,7 @@ START_TEXT = (
 HELP_EXTRA = (
     "\n\n이 채팅의 기본값 바꾸기: /set top_p=0.9 temperature=0.8\n"
     "현재 설정 보기: /settings · 기본값으로 되돌리기: /reset\n"
-    "결과 아래 버튼: 🔄 다시 생성(새 시드) · ➡️ 이어 쓰기\n"
+    "결과 아래 버튼: 🔄 다시 생성(새 시드) · ➡️ 이어 쓰기 · 쓰는 중에는 ⏹ 멈추기(요청한 사람만)\n"
     "결과에 답장하면 그 글을 이어 씁니다: 답장에 덧붙일 말과 key=value를 적으세요 (그룹에서는 /gen 으로 답장하거나 "
     "@봇이름을 넣어 주세요). 봇이 다시 시작한 뒤에도 됩니다. (reply to a result to continue it)"
 )
@@ -31,3 +31,5 @@ EDITED_TEXT = (
     "(edited commands are not re-run; send the command again)"
 )
 GENERATING = "생성 중… (generating)"
+STOP_LABEL = "⏹ 멈추기"
+STOPPING = "멈추는 중… 지금까지의 글을 남깁니다. (stopping)"

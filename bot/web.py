@@ -1,7 +1,8 @@
 """The tutorial's web page and its JSON API, on aiohttp (already a dependency of discord.py).
 
 `POST /api` answers the tutorial's JSON at once; `POST /api/stream` takes the same body and answers JSON lines as the
-text grows (`{"partial": …}` … then the final object, or `{"error": …}`). Every error, aiohttp's own included, is
+text grows (`{"partial": …, "stop": key}` … then the final object, or `{"error": …}`); `POST /api/stop
+{"stop": key}` ends that stream early with the text so far (`"stopped": true`). Every error, aiohttp's own included, is
 JSON `{"error": …}`. A body must arrive in time; the connection-level bounds are in bot/web_server.py.
 """
 
@@ -20,6 +21,7 @@ from bot.openai_api import add_routes as add_openai_routes
 from bot.web_server import GuardedRunner, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.followups import stop_data
 from core.grammar import reject_broken_text
 from core.knobs import knob_specs
 from core.service import BotCore
@@ -34,7 +36,7 @@ STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
 WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
-    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
+    404: "없는 주소입니다. /, /api, /api/stream, /api/stop, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
     405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
     408: "요청 본문이 제때 도착하지 않았습니다. (request body too slow)",
     413: f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)",
@@ -148,8 +150,11 @@ class _LinesTarget:
             line: dict = {"error": reply.text}
         elif reply.final:
             line = {**_result(reply.generation), "prompt": reply.generation.request.model_prompt}
+            if reply.stopped:
+                line["stopped"] = True
         else:
-            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt}
+            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt,
+                    "stop": reply.stop}
         await self.response.write((dumps(line) + "\n").encode("utf-8"))
 
     edit = send
@@ -172,6 +177,26 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
     await request.app[CONVERSATION_KEY].reply(_LinesTarget(response), prepared, "web /api/stream")
     await response.write_eof()
     return response
+
+
+async def api_stop(request: web.Request) -> web.Response:
+    """`{"stop": "<key>"}` from a /api/stream partial: that stream ends with the text so far, marked stopped. The key
+    went only to whoever asked, so holding it is the permission."""
+    conversation = request.app[CONVERSATION_KEY]
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            payload = json.loads((await request.read()).decode("utf-8"))
+    except (TimeoutError, UnicodeDecodeError, ValueError, RecursionError):
+        payload = None
+    key = payload.get("stop") if isinstance(payload, dict) else None
+    if not isinstance(key, str):
+        conversation.backend.telemetry.refused("web", "user_error")
+        return _error(422, '요청 본문은 {"stop": "<키>"} 이어야 합니다 (/api/stream의 "stop" 값). (body must be {"stop": key})')
+    try:
+        conversation.from_button(stop_data(key), WHO)  # the door: parses strictly, counts a refusal
+    except UserError as exc:
+        return _error(422, str(exc))
+    return _json({"stopping": True})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -225,6 +250,7 @@ def create_app(core: BotCore) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app[CONVERSATION_KEY] = Conversation(core)
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
+                    web.post("/api/stop", api_stop),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
     add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app

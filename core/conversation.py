@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -69,16 +69,19 @@ class Buttons:
 
 @dataclass(frozen=True)
 class Reply:
-    """One state of the reply: rendered `text`; the Generation behind it; buttons on the final result."""
+    """One state of the reply: rendered `text`; the Generation behind it; buttons on the final result; while it
+    streams, the key of its stop button (core.followups.stop_data); `stopped` when the asker stopped it."""
 
     text: str
     generation: Generation | None = None
     buttons: Buttons | None = None
     error: bool = False
+    stop: str | None = None
+    stopped: bool = False
 
     @property
     def final(self) -> bool:
-        return self.error or (self.generation is not None and self.generation.done)
+        return self.error or self.stopped or (self.generation is not None and self.generation.done)
 
 
 class ReplyTarget(Protocol):
@@ -160,12 +163,16 @@ class Conversation:
 
         return self._admit(who, parse)
 
-    def from_button(self, data: str, who: Who) -> PreparedRequest:
-        """Callback data of a follow-up button (`r:<key>`, `c:<key>:<i>`), strictly parsed."""
+    def from_button(self, data: str, who: Who) -> PreparedRequest | None:
+        """Callback data of a button (`r:<key>`, `c:<key>:<i>`, `s:<key>`), strictly parsed. A stop button stops
+        its reply (only for its asker) and returns None: nothing new to generate."""
         self.check_access(who)
         followups = self.core.followups
         try:
             press = parse_button(data)
+            if press.stop:
+                self.core.stops.stop(press.key, who.user)
+                return None
             if press.candidate is None:
                 prepared = self.backend.prepare(replace(followups.regenerate(press.key), origin=who.chat))
             else:
@@ -217,23 +224,35 @@ class Conversation:
         self.backend.telemetry.refused(who.chat, outcome)
 
     # ---- the one streamed-reply loop ---------------------------------------------------------------------------
-    async def reply(self, target: ReplyTarget, prepared: PreparedRequest, what: str = "/gen") -> Generation | None:
+    async def reply(self, target: ReplyTarget, prepared: PreparedRequest, what: str = "/gen",
+                    asker: str | None = None) -> Generation | None:
         """Stream `prepared` into one reply on `target`: partial edits at most every `target.edit_interval` (when
-        the chat can spare them), then the result with its buttons; any error becomes the reply instead."""
+        the chat can spare them) with a stop button for `asker` (None: whoever was sent the key), then the result
+        with its buttons; any error becomes the reply instead. Stopped, the text so far is the result, marked so."""
         shown = _Shown(target)
         typing = asyncio.create_task(_keep_typing(target))
         stream = self.backend.stream(prepared)
+        stop_key, stop = self.core.stops.open(asker)
         next_at = time.monotonic() + target.edit_interval
+        last: Generation | None = None
         try:
-            async for gen in stream:
+            while True:
+                gen = await _next_unless(stream, stop)
+                if gen is None:
+                    break
                 if gen.done:
                     typing.cancel()  # no "typing…" after the answer is there
                     key = self.core.followups.remember(gen, len(prepared.prompt_ids))
                     await shown.show(Reply(self.render(gen, target.style), gen, Buttons(key, len(gen.continuations))))
                     return gen
+                last = gen
                 if time.monotonic() >= next_at and target.spare():
-                    await shown.show(Reply(self.render(gen, target.style), gen))
+                    await shown.show(Reply(self.render(gen, target.style), gen, stop=stop_key))
                     next_at = time.monotonic() + target.edit_interval
+            if stop.is_set() and last is not None:  # stopped: the backend's stream is closed below
+                typing.cancel()
+                await shown.show(Reply(self.render(last, target.style, stopped=True), last, stopped=True))
+                return last
         except Exception as exc:  # noqa: BLE001 (every failure becomes a reply; unexpected ones are logged)
             text = error_text(exc, what)
             if text is not None:
@@ -241,13 +260,14 @@ class Conversation:
                     await shown.show(Reply(target.style.notice(text), error=True))
             return None
         finally:
+            self.core.stops.close(stop_key)
             typing.cancel()
-            await stream.aclose()  # stops the backend's work if we left early
+            await stream.aclose()  # stops the backend's work if we left early: its rows go at the next step
         return None
 
     @staticmethod
-    def render(gen: Generation, style: Style) -> str:
-        return render_generation(gen, style.limit, escape=style.escape, emphasize=style.emphasize)
+    def render(gen: Generation, style: Style, stopped: bool = False) -> str:
+        return render_generation(gen, style.limit, escape=style.escape, emphasize=style.emphasize, stopped=stopped)
 
 
 class _Shown:
@@ -263,6 +283,24 @@ class _Shown:
         else:
             await self.target.send(reply)
             self.sent = True
+
+
+async def _next_unless(stream: AsyncIterator[Generation], stop: asyncio.Event) -> Generation | None:
+    """The stream's next state, or None when it ended or `stop` was set first (then the pending read is cancelled,
+    which closes the stream as leaving it early does)."""
+    if stop.is_set():
+        return None
+    step = asyncio.ensure_future(anext(stream, None))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+    return step.result() if not step.cancelled() else None
 
 
 async def _keep_typing(target: ReplyTarget) -> None:

@@ -23,20 +23,26 @@ EXPIRED = "이 버튼은 만료되었습니다. /gen 으로 새로 생성해 주
 NOT_A_RESULT = ("답장한 메시지는 이어 쓸 수 있는 생성 결과가 아닙니다 (끝에 seed= 줄이 있는 완성된 결과에 답장해 주세요). "
                 "(the replied message is not a finished result to continue)")
 KEY_CHARS = 8  # secrets.token_urlsafe(6)
-# `r:<key>` regenerate, `c:<key>:<candidate>` continue: ASCII only, nothing else (callback data can be forged).
-_DATA_RE = re.compile(r"(r):([A-Za-z0-9_-]{8})|(c):([A-Za-z0-9_-]{8}):([0-9]{1,2})", re.ASCII)
+# `r:<key>` regenerate, `c:<key>:<candidate>` continue, `s:<key>` stop a reply being streamed: ASCII only, nothing
+# else (callback data can be forged).
+_DATA_RE = re.compile(r"([rs]):([A-Za-z0-9_-]{8})|(c):([A-Za-z0-9_-]{8}):([0-9]{1,2})", re.ASCII)
 
 
 @dataclass(frozen=True)
 class Press:
-    """A parsed button: which result, and what to do with it."""
+    """A parsed button: which result (or reply being streamed), and what to do with it."""
 
     key: str
-    candidate: int | None  # None: regenerate; a number: continue that candidate
+    candidate: int | None  # None: regenerate (or stop); a number: continue that candidate
+    stop: bool = False
 
 
 def button_data(key: str, candidate: int | None = None) -> str:
     return f"r:{key}" if candidate is None else f"c:{key}:{candidate}"
+
+
+def stop_data(key: str) -> str:
+    return f"s:{key}"
 
 
 def parse_button(data: str) -> Press:
@@ -45,7 +51,7 @@ def parse_button(data: str) -> Press:
     if not match:
         raise UserError(EXPIRED)
     if match.group(1):
-        return Press(match.group(2), None)
+        return Press(match.group(2), None, stop=match.group(1) == "s")
     return Press(match.group(4), int(match.group(5)))
 
 

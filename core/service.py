@@ -14,6 +14,7 @@ from core.grammar import parse_settings_args
 from core.knobs import Knobs, knob_specs, resolve_key, validate_knobs
 from core.rate_limit import UserRateLimiter
 from core.settings import Settings
+from core.stops import Stops
 
 
 @dataclass
@@ -25,6 +26,7 @@ class BotCore:
     followups: FollowUps
     # Set on SIGTERM: front ends stop taking new work (Telegram stops polling) while in-flight work finishes.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    stops: Stops = field(default_factory=Stops)  # replies being streamed, for their stop buttons
 
     @classmethod
     def create(cls, settings: Settings, engine: Engine) -> BotCore:

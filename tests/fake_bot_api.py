@@ -363,3 +363,9 @@ class FakeBotAPI:
         if params.get("reply_markup"):
             message["reply_markup"] = params["reply_markup"]
         return message
+
+
+def finished(message: dict) -> bool:
+    """A bot message that is a finished result: it carries its follow-up buttons (a reply still streaming carries
+    only the stop button, and its text ends with the cursor)."""
+    return "reply_markup" in message and not message.get("text", "").endswith("▌")

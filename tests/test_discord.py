@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -544,3 +545,49 @@ async def test_reply_to_a_message_that_is_not_a_result(dbot):
     assert "생성 결과가 아닙니다" in (await reply_to(help_message, f"{dbot.user.mention} 이어서")).content
     fresh = await reply_to(help_message, "!gen 긍정 새 글")  # !gen replying to help is a plain !gen
     assert head(fresh.content) == "긍정 새 글"
+
+
+# ---- stop ------------------------------------------------------------------------------------------------------
+async def until(predicate) -> None:
+    """Yield to the event loop until `predicate()` holds (a hang is caught by the bound, not by a clock)."""
+    for _ in range(100_000):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+async def test_stop_button_keeps_the_text_so_far_for_the_asker_only(core, sent):
+    bot = await start_bot(core, edit_interval=0)
+    release, steps = threading.Event(), []
+    advance = core.engine._advance
+
+    def gated(*args, **kwargs):  # the worker waits after a few steps: the reply is still streaming when pressed
+        steps.append(1)
+        if len(steps) > 3:
+            release.wait(30)
+        return advance(*args, **kwargs)
+
+    core.engine._advance = gated
+    try:
+        asker = FakeInteraction(user_id=1)
+        task = asyncio.create_task(slash(bot, asker, "gen", prompt="아 정말", label="긍정", min_length=100,
+                                         max_length=100, seed="2"))
+        await until(lambda: any(isinstance(e[2].get("view"), discord_ui.StopView) for e in asker.log))
+        view = next(e[2]["view"] for e in asker.log if isinstance(e[2].get("view"), discord_ui.StopView))
+        (button,) = view.children
+        assert button.custom_id.startswith("s:") and button.label == discord_ui.STOP
+        other = FakeInteraction(user_id=2)
+        await press(view, button, other)
+        assert "요청한 사람만" in other.final()[1] and other.final()[2]["ephemeral"]
+        mine = FakeInteraction(user_id=1)
+        await press(view, button, mine)
+        assert "멈추는 중" in mine.final()[1]
+        await asyncio.wait_for(task, 30)
+        assert core.engine.telemetry.metrics.requests.labels("discord", "cancelled")._value.get() == 1
+    finally:
+        release.set()
+        del core.engine._advance
+    kind, content, extra = asker.final()
+    assert kind == "edit" and content.endswith("seed=2 · ⏹ 중지됨 (stopped)") and extra["view"] is None
+    assert view.is_finished()  # the stream's one stop view ended with it

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 
 import aiohttp
 import pytest
 from conftest import make_settings, telegram_running
-from fake_bot_api import FakeBotAPI, parse_html
+from fake_bot_api import FakeBotAPI, finished, parse_html
 
 import bot.telegram_app as app
 import bot.telegram_bot as tg
@@ -50,9 +52,10 @@ async def bot(core, fake):
 
 
 async def ask(fake: FakeBotAPI, chat_id: int, text: str, final: bool = False) -> dict:
-    """Send `text` as a user and return the bot's reply (with `final`, once it carries its buttons)."""
+    """Send `text` as a user and return the bot's reply (with `final`, once it is done and carries its buttons; while
+    it streams it carries only the stop button)."""
     message = fake.user_message(chat_id, text)
-    await fake.wait_for(lambda: any(not final or "reply_markup" in m for m in fake.replies_to(message)))
+    await fake.wait_for(lambda: any(not final or finished(m) for m in fake.replies_to(message)))
     return fake.replies_to(message)[0]
 
 
@@ -155,13 +158,13 @@ async def test_regenerate_and_continue_buttons(bot):
     regen_data, cont_data = callback_data(first)
 
     query = bot.press(first, regen_data)
-    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 2)
+    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if finished(m)]) == 2)
     assert bot.called("answerCallbackQuery", callback_query_id=query)
     again = bot.sent(PRIVATE)[-1]
     assert again["text"].startswith("긍정 아 정말") and again["reply_to_message"]["message_id"] == first["message_id"]
 
     query = bot.press(first, cont_data)
-    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 3)
+    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if finished(m)]) == 3)
     assert bot.called("answerCallbackQuery", callback_query_id=query)
     longer = bot.sent(PRIVATE)[-1]["text"].split("\n\nseed=")[0]
     before = first["text"].split("\n\nseed=")[0]
@@ -195,7 +198,7 @@ async def test_429_retry_after_is_honoured_for_that_chat_only(bot):
 async def test_burst_from_many_chats_gets_one_reply_each(bot):
     chats = [2000 + i for i in range(8)]
     messages = [bot.user_message(chat, f"/gen 긍정 영화 {i}") for i, chat in enumerate(chats)]
-    await bot.wait_for(lambda: all(any("reply_markup" in r for r in bot.replies_to(m)) for m in messages), 20)
+    await bot.wait_for(lambda: all(any(finished(r) for r in bot.replies_to(m)) for m in messages), 20)
     await asyncio.sleep(0.2)
     for chat, message in zip(chats, messages):
         assert len(bot.called("sendMessage", chat_id=chat)) == 1
@@ -211,7 +214,7 @@ async def test_user_rate_limit_says_how_long_to_wait(bot, core):
 
 async def test_edited_gen_does_not_generate_again(bot):
     message = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
-    await bot.wait_for(lambda: any("reply_markup" in r for r in bot.replies_to(message)))
+    await bot.wait_for(lambda: any(finished(r) for r in bot.replies_to(message)))
     bot.edit_user_message(message, "/gen 부정 아 정말")
     await bot.wait_for(lambda: len(bot.replies_to(message)) == 2)
     await asyncio.sleep(0.2)
@@ -240,8 +243,9 @@ async def test_slow_generation_does_not_delay_help_elsewhere(bot, core, monkeypa
 async def test_long_generation_streams_by_editing_one_reply(bot, monkeypatch):
     monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0.0)
     reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말 min_length=40 max_length=40", final=True)
-    first_text = bot.called("sendMessage", chat_id=PRIVATE)[0]["text"]
-    assert first_text.endswith("▌") and "reply_markup" not in bot.called("sendMessage", chat_id=PRIVATE)[0]
+    first = bot.called("sendMessage", chat_id=PRIVATE)[0]
+    assert first["text"].endswith("▌")
+    assert [b["callback_data"][:2] for row in first["reply_markup"]["inline_keyboard"] for b in row] == ["s:"]
     edits = bot.called("editMessageText", chat_id=PRIVATE, message_id=reply["message_id"])
     assert edits and "reply_markup" in edits[-1] and "▌" not in reply["text"]
     assert len(bot.called("sendMessage", chat_id=PRIVATE)) == 1
@@ -355,7 +359,7 @@ async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monk
     async with telegram_running(core, fake):
         asks = [fake.user_message(GROUP, "/gen 긍정 아 정말 min_length=30 max_length=30", user_id=300 + i) for i in range(3)]
         # Three calls is the whole allowance for a minute: a fourth would hold a result back for 20 s.
-        await fake.wait_for(lambda: all(any("reply_markup" in r for r in fake.replies_to(m)) for m in asks), 90)
+        await fake.wait_for(lambda: all(any(finished(r) for r in fake.replies_to(m)) for m in asks), 90)
     assert len(fake.called("sendMessage", chat_id=GROUP)) == 3
     assert not fake.called("sendChatAction", chat_id=GROUP) and not fake.called("editMessageText", chat_id=GROUP)
 
@@ -383,7 +387,7 @@ def bold_head(message: dict) -> str:
 
 async def reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict:
     message = fake.user_message(chat_id, text, reply_to=to)
-    await fake.wait_for(lambda: any("reply_markup" in m or "seed=" not in m["text"] for m in fake.replies_to(message)))
+    await fake.wait_for(lambda: any(finished(m) or "seed=" not in m["text"] for m in fake.replies_to(message)))
     await fake.wait_for(lambda: "▌" not in fake.replies_to(message)[0]["text"])
     return fake.replies_to(message)[0]
 
@@ -447,3 +451,54 @@ async def ask_reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict
     message = fake.user_message(chat_id, text, reply_to=to)
     await fake.wait_for(lambda: fake.replies_to(message))
     return fake.replies_to(message)[0]
+
+
+# ---- stop ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def held_after(engine, steps: int):
+    """The engine's worker waits before decoding step `steps + 1` until the block ends: a generation is certainly
+    still running while the test presses buttons (no clock involved)."""
+    release, seen = threading.Event(), []
+    advance = engine._advance
+
+    def gated(*args, **kwargs):
+        seen.append(1)
+        if len(seen) > steps:
+            release.wait(30)
+        return advance(*args, **kwargs)
+
+    engine._advance = gated
+    try:
+        yield
+    finally:
+        release.set()
+        del engine._advance
+
+
+def cancelled(core) -> float:
+    return core.engine.telemetry.metrics.requests.labels("telegram", "cancelled")._value.get()
+
+
+async def test_stop_button_keeps_the_text_so_far_and_frees_the_request(bot, core, monkeypatch):
+    monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0)  # show every partial
+    with held_after(core.engine, 3):
+        message = bot.user_message(PRIVATE, "/gen 긍정 아 정말 min_length=100 max_length=100 seed=2")
+        await bot.wait_for(lambda: any("reply_markup" in m for m in bot.replies_to(message)))
+        streaming = bot.replies_to(message)[0]
+        (stop,) = callback_data(streaming)
+        assert stop.startswith("s:") and streaming["text"].endswith("▌")
+        someone_else = bot.press(streaming, stop, user_id=OTHER)
+        await bot.wait_for(lambda: bot.called("answerCallbackQuery", callback_query_id=someone_else))
+        assert "요청한 사람만" in bot.called("answerCallbackQuery", callback_query_id=someone_else)[0]["text"]
+        asker = bot.press(streaming, stop)
+        await bot.wait_for(lambda: "중지됨" in bot.replies_to(message)[0]["text"])
+        assert "멈추는 중" in bot.called("answerCallbackQuery", callback_query_id=asker)[0]["text"]
+        assert cancelled(core) == 1  # the stream was closed: the engine drops the rows at its next step
+    final = bot.replies_to(message)[0]
+    assert final["text"].endswith("seed=2 · ⏹ 중지됨 (stopped)") and "▌" not in final["text"]
+    assert "reply_markup" not in final  # no stop button left
+    again = bot.press(final, stop)  # pressing it again (an old client) is explained
+    await bot.wait_for(lambda: bot.called("answerCallbackQuery", callback_query_id=again))
+    assert "이미 끝났거나" in bot.called("answerCallbackQuery", callback_query_id=again)[0]["text"]
+    more = await reply(bot, PRIVATE, "그리고", final)  # a stopped result continues like any other
+    assert bold_head(more) == final["text"].split("\n\nseed=")[0] + " 그리고"
