@@ -9,11 +9,12 @@ import logging
 from aiohttp import web
 from telegram import BotCommand, Update
 from telegram.error import InvalidToken, NetworkError, TelegramError
-from telegram.ext import Application, ApplicationBuilder
+from telegram.ext import Application, ApplicationBuilder, InlineQueryHandler
 
 from bot.log_redaction import redact_token_in_logs
 from bot.telegram_bot import CONVERSATION_KEY, add_handlers
 from bot.telegram_delivery import PerChatRateLimiter
+from bot.telegram_inline import inline_query
 from bot.telegram_texts import COMMANDS
 from bot.telegram_webhook import start_webhook
 from core.access import telegram_access
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group …
 GROUP_PERIOD_S = 60.0  # … per this many seconds
 REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long queued replies may take to go out
-ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
+ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY, Update.INLINE_QUERY]
 
 
 async def _post_init(application: Application) -> None:
@@ -55,6 +56,7 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
     )
     application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings))
     add_handlers(application)
+    application.add_handler(InlineQueryHandler(inline_query))  # BotFather's /setinline turns these updates on
     return application
 
 

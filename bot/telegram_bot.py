@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from telegram import (
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InlineQueryResultsButton,
     LinkPreviewOptions,
     ReplyParameters,
     Update,
@@ -55,6 +56,7 @@ NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4096 characters after entity parsing
 CALLBACK_ANSWER_LIMIT = 200  # answerCallbackQuery text limit
 EDIT_INTERVAL_S = 1.0  # Telegram tolerates about one edit per second per message
+INLINE_BUTTON_LIMIT = 64  # an inline answer's button is one short line
 
 
 # ---- translation -----------------------------------------------------------------------------------------------
@@ -116,6 +118,13 @@ async def send(context: ContextTypes.DEFAULT_TYPE, chat_id: int, text: str, repl
     reply = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
     return await context.bot.send_message(chat_id, text, parse_mode=ParseMode.HTML, reply_parameters=reply,
                                           reply_markup=markup, link_preview_options=NO_PREVIEW)
+
+
+async def inline_hint(update: Update, text: str) -> None:
+    """An inline query's answer without results: one line at the top of the list (it opens a private chat with
+    the bot, whose /start explains)."""
+    button = InlineQueryResultsButton(shorten(text, INLINE_BUTTON_LIMIT), start_parameter="help")
+    await update.inline_query.answer([], cache_time=0, is_personal=True, button=button)
 
 
 async def _answer(update: Update, context: ContextTypes.DEFAULT_TYPE, text: str) -> None:
@@ -280,7 +289,8 @@ async def access_gate(update: object, context: ContextTypes.DEFAULT_TYPE) -> Non
     try:
         _conversation(context).check_access(_who(update))
     except NotAllowed as exc:
-        if update.callback_query is not None or (update.message is not None and _for_us(update.message, context.bot.username)):
+        if (update.callback_query is not None or update.inline_query is not None
+                or (update.message is not None and _for_us(update.message, context.bot.username))):
             await on_error(update, context, exc)
         log.info("telegram: refused an update from %s (allowlist)", _who(update).chat)
         raise ApplicationHandlerStop from None
@@ -295,7 +305,10 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE, error: Ba
     if not isinstance(update, Update):
         return
     try:
-        if update.callback_query is not None:
+        if update.inline_query is not None:
+            if text is not None:
+                await inline_hint(update, text)
+        elif update.callback_query is not None:
             await update.callback_query.answer(shorten(text or "", CALLBACK_ANSWER_LIMIT) or None, show_alert=bool(text))
         elif text is not None and update.effective_message is not None:
             await _answer(update, context, text)

@@ -20,7 +20,8 @@ HELP_EXTRA = (
     "현재 설정 보기: /settings · 기본값으로 되돌리기: /reset\n"
     "결과 아래 버튼: 🔄 다시 생성(새 시드) · ➡️ 이어 쓰기 · 쓰는 중에는 ⏹ 멈추기(요청한 사람만)\n"
     "결과에 답장하면 그 글을 이어 씁니다: 답장에 덧붙일 말과 key=value를 적으세요 (그룹에서는 /gen 으로 답장하거나 "
-    "@봇이름을 넣어 주세요). 봇이 다시 시작한 뒤에도 됩니다. (reply to a result to continue it)"
+    "@봇이름을 넣어 주세요). 봇이 다시 시작한 뒤에도 됩니다. (reply to a result to continue it)\n"
+    "다른 채팅에서도: @봇이름 긍정 아 정말 top_p=0.9 라고 입력하면 후보 3개 중 골라 보낼 수 있습니다 (inline mode)"
 )
 HINT_TEXT = (
     "명령으로 보내 주세요. 예: /gen 긍정 아 정말 — 도움말은 /help "

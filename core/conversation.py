@@ -134,10 +134,16 @@ class Conversation:
             self._refused(who, "not_allowed")
             raise NotAllowed(REFUSAL, quiet=verdict is Verdict.IGNORE)
 
-    def from_text(self, args: str, who: Who) -> PreparedRequest:
-        """`/gen` arguments (the text after the command), with the chat's saved defaults."""
+    def from_text(self, args: str, who: Who, candidates: int | None = None) -> PreparedRequest:
+        """`/gen` arguments (the text after the command), with the chat's saved defaults. `candidates`: this door's
+        default n (inline mode offers several), within the limits, unless the text sets n."""
         self.check_access(who)
-        return self._admit(who, lambda: parse_gen(args, self.core.chat_knobs(who.chat), self.backend.limits))
+        defaults = self.core.chat_knobs(who.chat)
+        if candidates is not None:
+            limits = self.backend.limits
+            rows = max(1, limits.max_rows_per_request // max(1, defaults.best_of))
+            defaults = replace(defaults, n=max(1, min(candidates, limits.max_candidates, rows)))
+        return self._admit(who, lambda: parse_gen(args, defaults, self.backend.limits))
 
     def from_fields(self, fields: Mapping[str, object], who: Who, base: str = "chat") -> PreparedRequest:
         """Typed fields: `prompt` (text, taken literally; a leading label word counts as the label when `label` is

@@ -11,6 +11,7 @@ from core.engine import Engine
 from core.errors import UserError
 from core.followups import FollowUps
 from core.grammar import parse_settings_args
+from core.inline import InlineAnswers
 from core.knobs import Knobs, knob_specs, resolve_key, validate_knobs
 from core.rate_limit import UserRateLimiter
 from core.settings import Settings
@@ -27,6 +28,7 @@ class BotCore:
     # Set on SIGTERM: front ends stop taking new work (Telegram stops polling) while in-flight work finishes.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     stops: Stops = field(default_factory=Stops)  # replies being streamed, for their stop buttons
+    inline: InlineAnswers = field(default_factory=InlineAnswers)  # inline mode's debounce and recent answers
 
     @classmethod
     def create(cls, settings: Settings, engine: Engine) -> BotCore:

@@ -21,9 +21,11 @@ from aiohttp import web
 # Parameters PTB sends JSON-encoded inside a form field.
 JSON_FIELDS = {
     "reply_markup", "reply_parameters", "commands", "allowed_updates", "entities", "link_preview_options", "scope",
+    "results", "button",
 }
-BOOL_FIELDS = {"show_alert", "disable_notification", "protect_content", "drop_pending_updates", "is_disabled"}
-INT_FIELDS = {"chat_id", "message_id", "offset", "limit", "timeout", "user_id"}
+BOOL_FIELDS = {"show_alert", "disable_notification", "protect_content", "drop_pending_updates", "is_disabled",
+               "is_personal"}
+INT_FIELDS = {"chat_id", "message_id", "offset", "limit", "timeout", "user_id", "cache_time"}
 HTML_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "code", "pre", "a", "tg-spoiler", "span",
              "blockquote", "tg-emoji"}
 _TAG_RE = re.compile(r"<(/?)([a-zA-Z][\w-]*)([^<>]*)>")
@@ -194,6 +196,12 @@ class FakeBotAPI:
         }})
         return query_id
 
+    def inline_query(self, text: str, user_id: int = 31337) -> str:
+        """Queue an inline query (`@bot text` typed in some chat); returns its id."""
+        query_id = f"iq{next(self._query_ids)}"
+        self._push({"inline_query": {"id": query_id, "from": self.user(user_id), "query": text, "offset": ""}})
+        return query_id
+
     # ---- inspection --------------------------------------------------------------------------------------------
     def called(self, method: str, status: int | None = 200, **match: object) -> list[dict]:
         return [c.params for c in self.calls_of(method, status, **match)]
@@ -306,6 +314,17 @@ class FakeBotAPI:
         return True
 
     async def _api_sendChatAction(self, params: dict) -> bool:
+        return True
+
+    async def _api_answerInlineQuery(self, params: dict) -> bool:
+        results = params.get("results", [])
+        if len(results) > 50 or len({r["id"] for r in results}) != len(results):
+            raise ApiError(400, "Bad Request: RESULTS_TOO_MUCH or RESULT_ID_DUPLICATE")
+        for result in results:
+            content = result["input_message_content"]
+            self._render_text({"text": content["message_text"], "parse_mode": content.get("parse_mode")})
+            if len(result["id"].encode()) > 64 or not result.get("title"):
+                raise ApiError(400, "Bad Request: RESULT_ID_INVALID or no title")
         return True
 
     async def _api_answerCallbackQuery(self, params: dict) -> bool:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 
 import aiohttp
 import pytest
-from conftest import make_settings, telegram_running
+from conftest import make_settings, running_core, telegram_running
 from fake_bot_api import FakeBotAPI, finished, parse_html
 
 import bot.telegram_app as app
@@ -502,3 +503,78 @@ async def test_stop_button_keeps_the_text_so_far_and_frees_the_request(bot, core
     assert "이미 끝났거나" in bot.called("answerCallbackQuery", callback_query_id=again)[0]["text"]
     more = await reply(bot, PRIVATE, "그리고", final)  # a stopped result continues like any other
     assert bold_head(more) == final["text"].split("\n\nseed=")[0] + " 그리고"
+
+
+# ---- inline mode -----------------------------------------------------------------------------------------------
+def answered(fake: FakeBotAPI, query_id: str) -> list[dict]:
+    return fake.called("answerInlineQuery", inline_query_id=query_id)
+
+
+def generated(core) -> float:
+    return core.engine.telemetry.metrics.requests.labels("telegram", "ok")._value.get()
+
+
+async def test_inline_query_offers_three_candidates_with_seed_and_confidence(bot, core, monkeypatch):
+    monkeypatch.setattr(core.inline, "debounce_s", 0.0)
+    query = bot.inline_query("긍정 아 정말 top_p=0.9 best_of=2")
+    await bot.wait_for(lambda: answered(bot, query))
+    (answer,) = answered(bot, query)
+    assert answer["is_personal"] is True and len(answer["results"]) == 3
+    for i, result in enumerate(answer["results"], 1):
+        assert re.fullmatch(rf"{i}\. 긍정 · seed=\d+ · 긍정 \d+%", result["title"])
+        content = result["input_message_content"]
+        visible, entities = parse_html(content["message_text"])
+        assert visible.startswith("긍정 아 정말") and entities[0] == {"type": "bold", "offset": 0, "length": 7}
+        assert visible.split("seed=")[1].split(" · ")[0] == result["title"].split("seed=")[1].split(" · ")[0]
+    # The same text again, from someone else: answered from the cache, no second generation.
+    again = bot.inline_query("긍정  아 정말 top_p=0.9 best_of=2", user_id=4242)
+    await bot.wait_for(lambda: answered(bot, again))
+    assert answered(bot, again)[0]["results"] == answer["results"] and generated(core) == 1
+
+
+async def test_inline_query_being_typed_generates_once(bot, core, monkeypatch):
+    monkeypatch.setattr(core.inline, "debounce_s", 1.0)  # both keystrokes arrive in one poll, well within it
+    typing = [bot.inline_query(text) for text in ("부정 배", "부정 배우", "부정 배우들")]
+    await bot.wait_for(lambda: answered(bot, typing[-1]))
+    assert [bool(answered(bot, q)) for q in typing] == [False, False, True] and generated(core) == 1
+
+
+async def test_inline_refusals_are_a_hint_line_and_counted(bot, core, monkeypatch):
+    monkeypatch.setattr(core.inline, "debounce_s", 0.0)
+    bad = bot.inline_query("긍정 아 top_p=7")
+    await bot.wait_for(lambda: answered(bot, bad))
+    (answer,) = answered(bot, bad)
+    assert answer["results"] == [] and answer["button"]["text"].startswith("top_p") and answer["button"]["start_parameter"]
+    assert core.engine.telemetry.metrics.requests.labels("telegram", "user_error")._value.get() == 1
+    empty = bot.inline_query("")
+    await bot.wait_for(lambda: answered(bot, empty))
+    assert "긍정 아 정말" in answered(bot, empty)[0]["button"]["text"] and generated(core) == 0
+
+
+async def test_inline_answer_comes_in_time_or_not_at_all(bot, core, monkeypatch, caplog):
+    import bot.telegram_inline as inline
+
+    monkeypatch.setattr(core.inline, "debounce_s", 0.0)
+    monkeypatch.setattr(inline, "DEADLINE_S", 0.2)
+    never = asyncio.Event()
+
+    async def stuck(prepared):
+        await never.wait()
+
+    monkeypatch.setattr(core.engine, "generate", stuck)
+    with caplog.at_level(logging.INFO, logger="bot.telegram_inline"):
+        late = bot.inline_query("긍정 아 정말")
+        await bot.wait_for(lambda: any("not answered" in r.getMessage() for r in caplog.records))
+    assert answered(bot, late) == []
+
+
+async def test_inline_allowlist_is_by_user(tiny_dir, tmp_path, fake):
+    settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0}, telegram={
+        "token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url, "allowed_user_ids": [5],
+        "allowed_chat_ids": [GROUP]})
+    async with running_core(settings) as listed_core, telegram_running(listed_core, fake):
+        listed_core.inline.debounce_s = 0.0
+        stranger, member = fake.inline_query("긍정 아", user_id=6), fake.inline_query("긍정 아", user_id=5)
+        await fake.wait_for(lambda: answered(fake, stranger) and answered(fake, member))
+    assert answered(fake, stranger)[0]["results"] == [] and "사용할 수 없습니다" in answered(fake, stranger)[0]["button"]["text"]
+    assert len(answered(fake, member)[0]["results"]) == 3
