@@ -36,7 +36,7 @@ class GenTree(app_commands.CommandTree):
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         try:
-            self.client.conversation.check_access(who(interaction.guild_id, interaction.channel_id, None))
+            self.client.conversation.check_access(who(interaction.guild_id, interaction.channel_id, interaction.user.id))
         except Refused as exc:
             if not exc.quiet:
                 await refuse(interaction, str(exc))
@@ -70,7 +70,8 @@ class GenBot(commands.Bot):
         self.core = core
         self.edit_interval = edit_interval
         self.sync_commands = sync_commands
-        self.conversation = Conversation(core, discord_access(core.settings.discord))
+        admins = frozenset(f"discord:{i}" for i in core.settings.discord.admin_user_ids)
+        self.conversation = Conversation(core, discord_access(core.settings.discord, core.store), admins)
         self.add_check(self._allowed_here)
 
     @property

@@ -14,6 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_ui import (
+    ACCESS_KINDS,
     CONTINUE,
     EDIT_INTERVAL_S,
     LABEL_CHOICES,
@@ -132,7 +133,9 @@ class GenCog(commands.Cog):
                    f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE} · 쓰는 중에는 "
                    f"{STOP}(요청한 사람만)\n"
                    f"결과에 답장하면 이어 씁니다: {prefix}gen [덧붙일 말] [key=value …] 로 답장하거나 봇을 멘션하세요. "
-                   f"(reply to a result with {prefix}gen or a mention to continue it)")
+                   f"(reply to a result with {prefix}gen or a mention to continue it)"
+                   + (f"\n관리자: {prefix}allow · {prefix}deny [channel|guild <id>] · {prefix}allowed · {prefix}stats "
+                      f"(또는 슬래시 명령; admins only)" if self.conversation.admins else ""))
 
     def show_settings(self, channel_id: int, title: str = "이 채널의 기본 설정 (current defaults):") -> str:
         return knobs_block(title, render_knobs(self.core.chat_knobs(f"discord:{channel_id}")))
@@ -184,6 +187,56 @@ class GenCog(commands.Cog):
                 await self.reply(self.channel_target(ctx), prepared, asker)
         except Exception as exc:  # noqa: BLE001 (a listener has no error dispatch: hand it to the commands' hook)
             await self.cog_command_error(ctx, commands.CommandInvokeError(exc))
+
+    # ---- admins ----------------------------------------------------------------------------------------------------
+    @commands.command(name="allow")
+    async def allow_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
+        """!allow (this channel) | !allow channel <id> | !allow guild <id>"""
+        await answer(ctx, self.conversation.manage_access(self.who_ctx(ctx), args, True))
+
+    @commands.command(name="deny")
+    async def deny_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
+        await answer(ctx, self.conversation.manage_access(self.who_ctx(ctx), args, False))
+
+    @commands.command(name="allowed")
+    async def allowed_prefix(self, ctx: commands.Context) -> None:
+        await answer(ctx, self.conversation.manage_access(self.who_ctx(ctx), "", None))
+
+    @commands.command(name="stats")
+    async def stats_prefix(self, ctx: commands.Context) -> None:
+        await answer(ctx, self.conversation.stats(self.who_ctx(ctx)))
+
+    @app_commands.command(name="allow", description="(관리자) 허용: 이 채널, 또는 channel/guild id (admins: allow)")
+    @app_commands.describe(kind="무엇을: channel 또는 guild (생략하면 이 채널)", id="그 id (숫자)")
+    @app_commands.choices(kind=ACCESS_KINDS)
+    async def allow_slash(self, interaction: discord.Interaction, kind: Optional[str] = None,
+                          id: Optional[app_commands.Range[str, 1, 20]] = None) -> None:
+        await self._manage(interaction, kind, id, True)
+
+    @app_commands.command(name="deny", description="(관리자) 차단: 이 채널, 또는 channel/guild id (admins: deny)")
+    @app_commands.describe(kind="무엇을: channel 또는 guild (생략하면 이 채널)", id="그 id (숫자)")
+    @app_commands.choices(kind=ACCESS_KINDS)
+    async def deny_slash(self, interaction: discord.Interaction, kind: Optional[str] = None,
+                         id: Optional[app_commands.Range[str, 1, 20]] = None) -> None:
+        await self._manage(interaction, kind, id, False)
+
+    @app_commands.command(name="allowed", description="(관리자) 허용·차단 목록 (admins: the allowlists)")
+    async def allowed_slash(self, interaction: discord.Interaction) -> None:
+        await self._manage(interaction, None, None, None)
+
+    @app_commands.command(name="stats", description="(관리자) 최근 7일 사용 통계 (admins: usage stats)")
+    async def stats_slash(self, interaction: discord.Interaction) -> None:
+        text = self.conversation.stats(self.who(interaction))
+        await interaction.response.send_message(fit(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    async def _manage(self, interaction: discord.Interaction, kind: str | None, id_: str | None,
+                      allowed: bool | None) -> None:
+        args = " ".join(part for part in (kind, id_) if part)  # typed options, read by the same argument rule
+        text = self.conversation.manage_access(self.who(interaction), args, allowed)
+        await interaction.response.send_message(fit(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    def who_ctx(self, ctx: commands.Context) -> Who:
+        return who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id)
 
     @commands.command(name="help", aliases=["도움말"])
     async def help_prefix(self, ctx: commands.Context) -> None:

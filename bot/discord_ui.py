@@ -52,7 +52,7 @@ STYLE = Style(MESSAGE_LIMIT, escape=escape, emphasize=lambda s: f"**{s}**", noti
 
 def who(guild_id: int | None, channel_id: int | None, user_id: int | None) -> Who:
     return Who(chat=f"discord:{channel_id}", user=None if user_id is None else f"discord:{user_id}",
-               ids={"guild": guild_id, "channel": channel_id})
+               ids={"channel": channel_id, "guild": guild_id})  # the channel first: "here" for !allow
 
 
 def knobs_block(title: str, text: str) -> str:
@@ -207,6 +207,8 @@ class StopView(PayloadView):
 
 
 # ---- slash commands ------------------------------------------------------------------------------------------------
+ACCESS_KINDS = [app_commands.Choice(name="channel (채널)", value="channel"),
+                app_commands.Choice(name="guild (서버)", value="guild")]
 LABEL_CHOICES = [app_commands.Choice(name=POSITIVE, value=POSITIVE), app_commands.Choice(name=NEGATIVE, value=NEGATIVE)]
 
 

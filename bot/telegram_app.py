@@ -54,7 +54,8 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
         .post_init(_post_init)
         .build()
     )
-    application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings))
+    admins = frozenset(f"telegram:{i}" for i in settings.admin_user_ids)
+    application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings, core.store), admins)
     add_handlers(application)
     application.add_handler(InlineQueryHandler(inline_query))  # BotFather's /setinline turns these updates on
     return application

@@ -33,6 +33,7 @@ from telegram.ext import (
 
 from bot.telegram_delivery import PerChatRateLimiter
 from bot.telegram_texts import (
+    ADMIN_HELP,
     COMMANDS,
     EDITED_TEXT,
     GENERATING,
@@ -179,9 +180,11 @@ async def start_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
 
 
 async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    core = _conversation(context).core
+    conversation = _conversation(context)
+    core = conversation.core
+    extra = HELP_EXTRA + (ADMIN_HELP if conversation.admins else "")
     await _answer(update, context, help_text(core.chat_knobs(_who(update).chat), core.settings.limits, "/gen",
-                                               steered=core.engine.sentiment) + HELP_EXTRA)
+                                               steered=core.engine.sentiment) + extra)
 
 
 def _replied_to_us(message, bot_id: int) -> str | None:  # noqa: ANN001 (telegram.Message)
@@ -219,6 +222,17 @@ async def reset_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
 async def settings_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     knobs = _conversation(context).core.chat_knobs(_who(update).chat)
     await _answer(update, context, "이 채팅의 설정 (settings):\n" + render_knobs(knobs) + "\n\n바꾸기: /set top_p=0.9 · 되돌리기: /reset")
+
+
+async def allow_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Admins: `/allow` (this chat), `/allow chat <id>`, `/allow user <id>`; `/deny` the same; `/allowed` lists."""
+    command, _, args = split_command(update.effective_message.text or "")
+    allowed = {"allow": True, "deny": False}.get(command)
+    await _answer(update, context, _conversation(context).manage_access(_who(update), args, allowed))
+
+
+async def stats_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    await _answer(update, context, _conversation(context).stats(_who(update)))
 
 
 async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -326,6 +340,10 @@ def add_handlers(application: Application) -> None:
         ("set", set_command),
         ("reset", reset_command),
         ("settings", settings_command),
+        ("allow", allow_command),
+        ("deny", allow_command),
+        ("allowed", allow_command),
+        ("stats", stats_command),
     ):
         application.add_handler(CommandHandler(name, handler, filters=new))
     application.add_handler(MessageHandler(new & filters.COMMAND, unknown_command))

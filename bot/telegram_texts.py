@@ -7,6 +7,10 @@ COMMANDS = (
     ("settings", "이 채팅의 현재 설정 보기"),
     ("reset", "이 채팅의 설정을 기본값으로 되돌리기"),
     ("start", "봇 소개"),
+    ("allow", "(관리자) 허용: 이 채팅, 또는 chat <id> / user <id>"),
+    ("deny", "(관리자) 차단: 이 채팅, 또는 chat <id> / user <id>"),
+    ("allowed", "(관리자) 허용·차단 목록 보기"),
+    ("stats", "(관리자) 최근 7일 사용 통계"),
 )
 
 START_TEXT = (
@@ -14,6 +18,10 @@ START_TEXT = (
     "예: /gen 긍정 아 정말 top_p=0.9\n"
     "모든 설정과 예시는 /help 에 있습니다.\n\n"
     "(I continue Korean text in the sentiment you ask for. Try /gen 긍정 아 정말)"
+)
+ADMIN_HELP = (
+    "\n\n관리자(admin_user_ids) 명령: /allow · /deny — 인자 없이 이 채팅, 또는 chat <id> / user <id>; /allowed 목록; "
+    "/stats 최근 7일 통계 (admins: allowlists at run time, stats)"
 )
 HELP_EXTRA = (
     "\n\n이 채팅의 기본값 바꾸기: /set top_p=0.9 temperature=0.8\n"

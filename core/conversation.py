@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from core.access import REFUSAL, Access, Verdict
-from core.errors import NotAllowed, RateLimited, ShuttingDown, UserError
+from core import admin
+from core.access import REFUSAL, Access, StoredAccess, Verdict
+from core.errors import NotAllowed, QuotaExceeded, RateLimited, ShuttingDown, UserError
 from core.followups import parse_button, reply_continuation
 from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
 from core.knobs import knob_specs, resolve_key, validate_knobs
@@ -121,14 +122,20 @@ def error_text(exc: BaseException, where: str) -> str | None:
 
 # ---- the conversation -----------------------------------------------------------------------------------------
 class Conversation:
-    def __init__(self, core: BotCore, access: Access | None = None):
+    def __init__(self, core: BotCore, access: Access | StoredAccess | None = None, admins: frozenset[str] = frozenset()):
         self.core = core
         self.backend = core.engine
         self.access = access or Access({})
+        self.admins = admins  # user keys ("telegram:123")
+
+    def is_admin(self, who: Who) -> bool:
+        return who.user is not None and who.user in self.admins
 
     # ---- the doors ---------------------------------------------------------------------------------------------
     def check_access(self, who: Who) -> None:
-        """The allowlist; adapters call it for every command, the doors call it first."""
+        """The allowlist (admins always pass); adapters call it for every command, the doors call it first."""
+        if self.is_admin(who):
+            return
         verdict = self.access.check(**who.ids)
         if verdict is not Verdict.ALLOW:
             self._refused(who, "not_allowed")
@@ -219,15 +226,47 @@ class Conversation:
             self._refused(who, "shutdown")
             raise ShuttingDown("봇이 다시 시작하는 중입니다. 잠시 후 다시 시도해 주세요. (the bot is restarting)")
         if who.user is None:
+            self._log(who, "admitted")
             return
         try:
             self.core.limiter.check(who.user)
         except RateLimited:
             self._refused(who, "rate_limited")
             raise
+        quota = self.core.settings.limits.daily_requests_per_user
+        if quota and self.core.store.admitted_on(admin.today(), who.user) >= quota:
+            self._refused(who, "quota")
+            raise QuotaExceeded(admin.quota_text(quota))
+        self._log(who, "admitted")
 
     def _refused(self, who: Who, outcome: str) -> None:
         self.backend.telemetry.refused(who.chat, outcome)
+        self._log(who, outcome)
+
+    def _log(self, who: Who, outcome: str, seconds: float | None = None) -> None:
+        """The store's request log, behind quotas and /stats (it survives restarts, unlike the metrics)."""
+        self.core.store.log_request(admin.today(), who.chat.partition(":")[0], who.user, outcome, seconds)
+
+    # ---- admins: the allowlists at run time, and the request log -----------------------------------------------
+    def _require_admin(self, who: Who) -> StoredAccess:
+        if not self.is_admin(who):
+            self._refused(who, "not_allowed")
+            raise NotAllowed(admin.NOT_ADMIN)
+        if not isinstance(self.access, StoredAccess):
+            raise UserError("이 봇의 허용 목록은 설정 파일로만 바꿀 수 있습니다. (allowlists come from the settings here)")
+        return self.access
+
+    def manage_access(self, who: Who, args: str, allowed: bool | None) -> str:
+        """/allow (True), /deny (False), /allowed (None): the answer. Without an argument, this chat is the target."""
+        access = self._require_admin(who)
+        if allowed is not None:
+            kind, id_ = admin.parse_target(args, access.kinds, who.ids)
+            access.set(kind, id_, allowed)
+        return admin.render_access(access.entries(), access.kinds)
+
+    def stats(self, who: Who) -> str:
+        self._require_admin(who)
+        return admin.render_stats(self.core.store.request_rows(admin.since()))
 
     # ---- the one streamed-reply loop ---------------------------------------------------------------------------
     async def reply(self, target: ReplyTarget, prepared: PreparedRequest, what: str = "/gen",
@@ -239,7 +278,8 @@ class Conversation:
         typing = asyncio.create_task(_keep_typing(target))
         stream = self.backend.stream(prepared)
         stop_key, stop = self.core.stops.open(asker)
-        next_at = time.monotonic() + target.edit_interval
+        started = time.monotonic()
+        next_at = started + target.edit_interval
         last: Generation | None = None
         try:
             while True:
@@ -250,6 +290,7 @@ class Conversation:
                     typing.cancel()  # no "typing…" after the answer is there
                     key = self.core.followups.remember(gen, len(prepared.prompt_ids))
                     await shown.show(Reply(self.render(gen, target.style), gen, Buttons(key, len(gen.continuations))))
+                    self._log(Who(prepared.request.origin or "internal", asker), "ok", time.monotonic() - started)
                     return gen
                 last = gen
                 if time.monotonic() >= next_at and target.spare():

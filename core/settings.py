@@ -75,6 +75,7 @@ class LimitsSettings(BaseModel):
     queue_size: int = Field(64, ge=1, le=10_000)
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # an hour: offline evaluation runs long batches
     user_interval_s: float = Field(2.0, ge=0, le=3600, description="per-user minimum seconds between generations")
+    daily_requests_per_user: int = Field(0, ge=0, le=1_000_000, description="generations per user per UTC day; 0 = no cap")
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=600, description="on SIGTERM, how long in-flight generations may finish"
     )
@@ -116,6 +117,7 @@ class TelegramSettings(_TokenMixin):
     allowed_chat_ids: list[int] = []  # empty lists = everyone; otherwise a chat or a user on a list may use the bot
     allowed_user_ids: list[int] = []
     refusal: Literal["reply", "ignore"] = "reply"  # what everyone else gets: a polite Korean refusal, or nothing
+    admin_user_ids: list[int] = []  # may /allow, /deny, /allowed, /stats, and are never refused by the allowlists
     base_url: str = "https://api.telegram.org/bot"
     base_file_url: str = "https://api.telegram.org/file/bot"
     webhook_url: str = ""
@@ -128,6 +130,7 @@ class DiscordSettings(_TokenMixin):
     allowed_guild_ids: list[int] = []  # empty lists = everyone; otherwise a server or a channel on a list
     allowed_channel_ids: list[int] = []
     refusal: Literal["reply", "ignore"] = "reply"
+    admin_user_ids: list[int] = []  # may !allow, !deny, !allowed, !stats, and are never refused by the allowlists
     prefix: str = "!"
     guild_id: int | None = None
 

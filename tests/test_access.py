@@ -132,7 +132,8 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
             async def send_message(self, text: str, ephemeral: bool = False, **_: object) -> None:
                 answers.append((text, ephemeral))
 
-        interaction = type("I", (), {"guild_id": config.guilds[0].id, "channel_id": other.id, "response": Response()})()
+        interaction = type("I", (), {"guild_id": config.guilds[0].id, "channel_id": other.id, "response": Response(),
+                                     "user": type("U", (), {"id": 99})()})()
         bot.access = Access({"guild": [], "channel": [allowed.id]}, "reply")
         assert await bot.tree.interaction_check(interaction) is False and answers == [(REFUSAL, True)]
         interaction.channel_id = allowed.id

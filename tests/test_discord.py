@@ -317,7 +317,7 @@ async def press(view: discord.ui.View, item: discord.ui.Item, interaction: FakeI
 
 async def test_slash_options_carry_ranges_korean_descriptions_and_choices(dbot):
     names = {c.name for c in dbot.tree.get_commands()}
-    assert names == {"gen", "set", "reset", "settings", "help"}
+    assert names == {"gen", "set", "reset", "settings", "help", "allow", "deny", "allowed", "stats"}
     gen = dbot.tree.get_command("gen")
     options = {p.name: p for p in gen.parameters}
     assert options["prompt"].required and not options["label"].required
