@@ -120,6 +120,7 @@ class InteractionTarget(_Views):
 
     async def send(self, reply: Reply) -> None:
         if reply.error:
+            self.view(reply)  # ends a stop button's view, if the error came mid-stream
             with contextlib.suppress(discord.HTTPException):
                 await self.interaction.delete_original_response()
             await self.interaction.followup.send(fit(reply.text), ephemeral=True, allowed_mentions=NO_MENTIONS)

@@ -148,6 +148,14 @@ class ChatStore:
         except sqlite3.Error as exc:  # bookkeeping must not fail a request
             log.error("store %s: could not log a request: %s", self.path, exc)
 
+    def prune_log(self, before_day: str) -> None:
+        """Forget the request log before `before_day` (quotas need today, /stats a week)."""
+        try:
+            with self._lock, self._db:
+                self._db.execute("DELETE FROM request_log WHERE day < ?", (before_day,))
+        except sqlite3.Error as exc:
+            log.error("store %s: could not prune the request log: %s", self.path, exc)
+
     def admitted_on(self, day: str, user: str) -> int:
         """Requests `user` was admitted for on `day`; 0 when the store cannot be read (the quota is not a reason to
         stop generating)."""

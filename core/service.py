@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from core.admin import since
 from core.chat_store import ChatStore
 from core.engine import Engine
 from core.errors import UserError
@@ -16,6 +17,8 @@ from core.knobs import Knobs, knob_specs, resolve_key, validate_knobs
 from core.rate_limit import UserRateLimiter
 from core.settings import Settings
 from core.stops import Stops
+
+LOG_DAYS = 31  # the request log kept at start: /stats reads a week, the quota today
 
 
 @dataclass
@@ -32,10 +35,12 @@ class BotCore:
 
     @classmethod
     def create(cls, settings: Settings, engine: Engine) -> BotCore:
+        store = ChatStore(settings.store.path)
+        store.prune_log(since(LOG_DAYS))
         return cls(
             settings,
             engine,
-            ChatStore(settings.store.path),
+            store,
             UserRateLimiter(settings.limits.user_interval_s),
             FollowUps(),
         )

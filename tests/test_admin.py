@@ -184,3 +184,12 @@ def test_discord_admins_come_from_the_settings(tiny_dir, tmp_path, core):
     settings = make_settings(tiny_dir, tmp_path, discord={"admin_user_ids": [123]})
     bot = create_bot(type(core)(settings, core.engine, core.store, core.limiter, core.followups), sync_commands=False)
     assert bot.conversation.admins == frozenset({"discord:123"})
+
+
+def test_old_log_rows_are_pruned(tmp_path):
+    store = ChatStore(tmp_path / "s.sqlite3")
+    store.log_request("2000-01-01", "telegram", "telegram:1", "admitted")
+    store.log_request(admin.today(), "telegram", "telegram:1", "admitted")
+    store.prune_log(admin.since(31))
+    assert [row[0] for row in store.request_rows("1999-01-01")] == [admin.today()]
+    store.close()
