@@ -1,8 +1,9 @@
 """One generation from a user's request to the final reply, the same for every front end.
 
-Four doors lead in, each with the same checks in the same order (allowlist, parse, prompt length, rate limit;
-every refusal counted): `from_text` (`/gen …`, `!gen …`), `from_fields` (Discord slash options, `/api` JSON),
-`from_button` (regenerate, continue) and `from_reply` (a reply to one of the bot's results continues it). Each returns a PreparedRequest or raises a UserError; `reply` then streams it
+Four doors lead in, each with the same checks in the same order (allowlist, parse, prompt length, rate limit,
+daily quota; every refusal counted): `from_text` (`/gen …`, `!gen …`, inline queries), `from_fields` (Discord slash
+options, `/api` JSON), `from_button` (regenerate, continue, stop) and `from_reply` (a reply to one of the bot's
+results continues it). Each returns a PreparedRequest or raises a UserError; `reply` then streams it
 to a ReplyTarget — the small protocol an adapter implements — throttled, rendered, with follow-up buttons, and with
 every error turned into a reply. The conversation depends only on the generation-backend interface
 (`prepare`, `stream`, `defaults`, `limits`, `telemetry`), never on a platform or on torch.
