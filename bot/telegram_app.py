@@ -104,6 +104,8 @@ async def serve(core: BotCore, stop: asyncio.Event) -> None:
             await application.updater.start_polling(allowed_updates=ALLOWED_UPDATES)
         mode = "webhook" if webhook else "long polling"
         log.info("telegram bot @%s running (%s)", application.bot.username, mode)
+        if not application.bot.supports_inline_queries:
+            log.info("telegram: inline mode is off for @%s; BotFather's /setinline turns it on", application.bot.username)
         await _first(core.draining, stop)
         if application.updater and application.updater.running:
             # Stop fetching; PTB confirms the offset of every fetched update, so a restart goes on from the next one.
