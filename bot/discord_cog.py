@@ -60,11 +60,14 @@ class GenCog(commands.Cog):
         self.conversation: Conversation = bot.conversation
         self.specs = knob_specs(core.settings.limits)
         head = [inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=str),
-                inspect.Parameter("label", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str])]
+                inspect.Parameter("label", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str]),
+                inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                  annotation=Optional[app_commands.Range[str, 1, 40]])]
         self._dynamic = [
             build_slash("gen", "감성을 골라 한국어 문장을 이어 씁니다 (generate Korean text in a sentiment)",
                         self.gen_slash, self.specs, head,
-                        {"prompt": "이어 쓸 문장 (예: 아 정말)", "label": "감성 라벨: 긍정 또는 부정 (생략하면 프롬프트 그대로 이어 씀)"},
+                        {"prompt": "이어 쓸 문장 (예: 아 정말)", "label": "감성 라벨: 긍정 또는 부정 (생략하면 프롬프트 그대로 이어 씀)",
+                         "model": "이 요청만 쓸 모델 (생략하면 채널의 모델; 목록은 /model)"},
                         {"label": LABEL_CHOICES}),
             build_slash("set", "이 채널의 기본 설정을 바꿉니다 (set this channel's defaults)", self.set_slash,
                         self.specs),
@@ -127,8 +130,9 @@ class GenCog(commands.Cog):
 
     def help_for(self, channel_id: int, command: str) -> str:
         prefix = self.bot.command_prefix_text
+        steered, model = self.core.help_model(f"discord:{channel_id}")
         body = help_text(self.core.chat_knobs(f"discord:{channel_id}"), self.core.settings.limits, command,
-                         steered=self.core.engine.sentiment)
+                         steered=steered, model=model)
         return fit(body + f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, "
                    f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE} · 쓰는 중에는 "
                    f"{STOP}(요청한 사람만)\n"
@@ -202,6 +206,18 @@ class GenCog(commands.Cog):
     async def allowed_prefix(self, ctx: commands.Context) -> None:
         await answer(ctx, self.conversation.manage_access(self.who_ctx(ctx), "", None))
 
+    @commands.command(name="model", aliases=["모델"])
+    async def model_prefix(self, ctx: commands.Context, *, args: str = "") -> None:
+        """!model (the list) | !model <name> (this channel's)"""
+        await answer(ctx, self.conversation.choose_model(self.who_ctx(ctx), args, f"{self.bot.command_prefix_text}model"))
+
+    @app_commands.command(name="model", description="모델 목록, 이 채널의 모델 바꾸기 (models; switch this channel's)")
+    @app_commands.describe(name="바꿀 모델 이름 (생략하면 목록만)")
+    async def model_slash(self, interaction: discord.Interaction,
+                          name: Optional[app_commands.Range[str, 1, 40]] = None) -> None:
+        text = self.conversation.choose_model(self.who(interaction), name or "")
+        await interaction.response.send_message(fit(text), allowed_mentions=NO_MENTIONS)
+
     @commands.command(name="stats")
     async def stats_prefix(self, ctx: commands.Context) -> None:
         await answer(ctx, self.conversation.stats(self.who_ctx(ctx)))
@@ -257,10 +273,11 @@ class GenCog(commands.Cog):
         await answer(ctx, self.show_settings(ctx.channel.id, "이 채널의 기본 설정을 초기화했습니다 (reset):"))
 
     # ---- slash commands and buttons ----------------------------------------------------------------------------
-    async def gen_slash(self, interaction: discord.Interaction, prompt: str, label: str | None = None, **knobs: object) -> None:
+    async def gen_slash(self, interaction: discord.Interaction, prompt: str, label: str | None = None,
+                        model: str | None = None, **knobs: object) -> None:
         # Typed options go to the core as fields: the prompt is never re-read for `key=value`.
         asker = self.who(interaction)
-        prepared = self.conversation.from_fields({"prompt": prompt, "label": label, **knobs}, asker)
+        prepared = self.conversation.from_fields({"prompt": prompt, "label": label, "model": model, **knobs}, asker)
         await interaction.response.defer(thinking=True)  # before Discord's 3-second deadline
         await self.reply(self.interaction_target(interaction), prepared, asker)
 

@@ -183,8 +183,10 @@ async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> No
     conversation = _conversation(context)
     core = conversation.core
     extra = HELP_EXTRA + (ADMIN_HELP if conversation.admins else "")
-    await _answer(update, context, help_text(core.chat_knobs(_who(update).chat), core.settings.limits, "/gen",
-                                               steered=core.engine.sentiment) + extra)
+    chat = _who(update).chat
+    steered, model = core.help_model(chat)
+    await _answer(update, context, help_text(core.chat_knobs(chat), core.settings.limits, "/gen", steered=steered,
+                                             model=model) + extra)
 
 
 def _replied_to_us(message, bot_id: int) -> str | None:  # noqa: ANN001 (telegram.Message)
@@ -229,6 +231,11 @@ async def allow_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
     command, _, args = split_command(update.effective_message.text or "")
     allowed = {"allow": True, "deny": False}.get(command)
     await _answer(update, context, _conversation(context).manage_access(_who(update), args, allowed))
+
+
+async def model_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    _, _, args = split_command(update.effective_message.text or "")
+    await _answer(update, context, _conversation(context).choose_model(_who(update), args))
 
 
 async def stats_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -340,6 +347,7 @@ def add_handlers(application: Application) -> None:
         ("set", set_command),
         ("reset", reset_command),
         ("settings", settings_command),
+        ("model", model_command),
         ("allow", allow_command),
         ("deny", allow_command),
         ("allowed", allow_command),

@@ -54,7 +54,8 @@ async def inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) -> No
     if gen is None:
         prepared = conversation.from_text(query, who, candidates=CANDIDATES)
         try:
-            gen = await asyncio.wait_for(conversation.backend.generate(prepared), DEADLINE_S - core.inline.debounce_s)
+            gen = await asyncio.wait_for(conversation.backend_of(prepared.request).generate(prepared),
+                                         DEADLINE_S - core.inline.debounce_s)
         except TimeoutError:  # cancelled, so the engine frees its rows; a late answer would be refused anyway
             log.info("telegram inline: not answered within %.0f s", DEADLINE_S)
             return

@@ -6,6 +6,7 @@ COMMANDS = (
     ("set", "이 채팅의 기본 설정 바꾸기 — 예: /set top_p=0.9"),
     ("settings", "이 채팅의 현재 설정 보기"),
     ("reset", "이 채팅의 설정을 기본값으로 되돌리기"),
+    ("model", "모델 목록, 이 채팅의 모델 바꾸기 — 예: /model nsmc-small"),
     ("start", "봇 소개"),
     ("allow", "(관리자) 허용: 이 채팅, 또는 chat <id> / user <id>"),
     ("deny", "(관리자) 차단: 이 채팅, 또는 chat <id> / user <id>"),

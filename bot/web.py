@@ -126,7 +126,8 @@ async def api(request: web.Request) -> web.Response:
     except _Refused as refused:
         return refused.response
     try:
-        result = await request.app[CONVERSATION_KEY].backend.generate(prepared)  # counted from here on by the engine
+        conversation = request.app[CONVERSATION_KEY]
+        result = await conversation.backend_of(prepared.request).generate(prepared)  # counted from here by the engine
     except BusyError as exc:
         return _error(429, str(exc))
     except (RequestTimeout, ShuttingDown, EngineUnavailable) as exc:
@@ -219,7 +220,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def page(request: web.Request) -> web.Response:
     backend = request.app[CONVERSATION_KEY].backend
     html = resources.files("bot").joinpath("web_page.html").read_text(encoding="utf-8")
+    served = request.app[CONVERSATION_KEY].core.served
     config = {
+        "models": [{"name": name, "steered": getattr(b, "sentiment", True)} for name, b in served.backends.items()],
+        "model": served.default,
         "defaults": backend.defaults.as_dict(),
         "knobs": {
             name: {"min": spec.low, "max": spec.high, "int": spec.kind is int, "range": spec.range_ko(), "help": spec.help_ko}

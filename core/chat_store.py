@@ -61,6 +61,7 @@ class ChatStore:
                                  "id INTEGER NOT NULL, allowed INTEGER NOT NULL, PRIMARY KEY (platform, kind, id))")
                 self._db.execute("CREATE TABLE IF NOT EXISTS request_log (day TEXT NOT NULL, platform TEXT NOT NULL, "
                                  "user TEXT, outcome TEXT NOT NULL, seconds REAL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS chat_model (chat TEXT PRIMARY KEY, model TEXT NOT NULL)")
                 self._db.execute("CREATE INDEX IF NOT EXISTS request_log_user ON request_log (day, user, outcome)")
                 self._db.execute("INSERT OR REPLACE INTO chat_knobs (chat, knobs) VALUES (?, '{}')", (_PROBE,))
                 self._db.execute("DELETE FROM chat_knobs WHERE chat = ?", (_PROBE,))
@@ -114,6 +115,24 @@ class ChatStore:
             except StoreError:
                 pass  # logged; the stale value is ignored again next time
             return defaults
+
+    # ---- the chat's model (/model) ---------------------------------------------------------------------------------
+    def chat_model(self, chat: str) -> str | None:
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT model FROM chat_model WHERE chat = ?", (chat,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("store %s: could not read a chat's model: %s", self.path, exc)
+            return None  # the default model serves
+        return row[0] if row else None
+
+    def set_chat_model(self, chat: str, model: str) -> None:
+        try:
+            with self._lock, self._db:
+                self._db.execute("INSERT INTO chat_model VALUES (?, ?) ON CONFLICT (chat) DO UPDATE SET model = "
+                                 "excluded.model", (chat, model))
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "저장하지", "save") from None
 
     # ---- allowlists at run time (platform "telegram" kinds chat/user, "discord" guild/channel) ------------------
     def seed_access(self, platform: str, lists: dict[str, list[int]]) -> None:

@@ -26,8 +26,9 @@ from core.errors import NotAllowed, QuotaExceeded, RateLimited, ShuttingDown, Us
 from core.followups import parse_button, reply_continuation
 from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
 from core.knobs import knob_specs, resolve_key, validate_knobs
+from core.models import take_model
 from core.replies import APOLOGY, render_generation
-from core.types import Generation, PreparedRequest
+from core.types import Generation, GenRequest, PreparedRequest
 
 if TYPE_CHECKING:
     from core.service import BotCore
@@ -132,6 +133,14 @@ class Conversation:
     def is_admin(self, who: Who) -> bool:
         return who.user is not None and who.user in self.admins
 
+    def backend_of(self, request: GenRequest) -> object:
+        """The backend of the request's model (`backend` is the default model's: limits, defaults, metrics)."""
+        return self.core.served.get(request.model)
+
+    def _model(self, who: Who, name: str | None) -> str:
+        """`model=` if given (it must be served), else the chat's /model choice."""
+        return self.core.served.check(name) if name else self.core.chat_model(who.chat)
+
     # ---- the doors ---------------------------------------------------------------------------------------------
     def check_access(self, who: Who) -> None:
         """The allowlist (admins always pass); adapters call it for every command, the doors call it first."""
@@ -151,7 +160,12 @@ class Conversation:
             limits = self.backend.limits
             rows = max(1, limits.max_rows_per_request // max(1, defaults.best_of))
             defaults = replace(defaults, n=max(1, min(candidates, limits.max_candidates, rows)))
-        return self._admit(who, lambda: parse_gen(args, defaults, self.backend.limits))
+
+        def parse() -> GenRequest:
+            text, name = take_model(args)
+            return replace(parse_gen(text, defaults, self.backend.limits), model=self._model(who, name))
+
+        return self._admit(who, parse)
 
     def from_fields(self, fields: Mapping[str, object], who: Who, base: str = "chat") -> PreparedRequest:
         """Typed fields: `prompt` (text, taken literally; a leading label word counts as the label when `label` is
@@ -164,6 +178,9 @@ class Conversation:
             values = dict(fields)
             prompt = values.pop("prompt", None)
             label = values.pop("label", None)
+            name = values.pop("model", None)
+            if name is not None and not isinstance(name, str):
+                raise UserError('"model"에는 모델 이름(문자열)을 넣어 주세요. ("model" must be a model name)')
             if not isinstance(prompt, str):
                 raise UserError('"prompt"에 문자열을 넣어 주세요. 예: {"prompt": "긍정 아 정말"} ("prompt" must be a string)')
             defaults = self.core.chat_knobs(who.chat) if base == "chat" else self.backend.defaults
@@ -173,7 +190,7 @@ class Conversation:
             request = request_from_text(prompt, knobs, self.backend.limits, label=_label(label))
             specs = knob_specs(self.backend.limits)
             check_best_of(request, {resolve_key(k, specs) for k, v in values.items() if v not in (None, "")})
-            return request
+            return replace(request, model=self._model(who, name))
 
         return self._admit(who, parse)
 
@@ -188,9 +205,11 @@ class Conversation:
                 self.core.stops.stop(press.key, who.user)
                 return None
             if press.candidate is None:
-                prepared = self.backend.prepare(replace(followups.regenerate(press.key), origin=who.chat))
+                request = replace(followups.regenerate(press.key), origin=who.chat)
+                prepared = self.backend_of(request).prepare(request)
             else:
-                prepared = followups.continuation(press.key, press.candidate, self.backend.prepare,
+                backend = self.core.served.get(followups.model_of(press.key))
+                prepared = followups.continuation(press.key, press.candidate, backend.prepare,
                                                   self.backend.limits.max_length)
         except UserError:
             self._refused(who, "user_error")
@@ -203,9 +222,11 @@ class Conversation:
         added (words and knobs; the chat's saved defaults apply)."""
         self.check_access(who)
         try:
-            prepared = reply_continuation(shown, args, self.core.chat_knobs(who.chat), self.backend.limits,
-                                          self.backend.prepare)
-            prepared = replace(prepared, request=replace(prepared.request, origin=who.chat))
+            text, name = take_model(args)
+            model = self._model(who, name)
+            prepared = reply_continuation(shown, text, self.core.chat_knobs(who.chat), self.backend.limits,
+                                          self.core.served.get(model).prepare)
+            prepared = replace(prepared, request=replace(prepared.request, origin=who.chat, model=model))
         except UserError:
             self._refused(who, "user_error")
             raise
@@ -215,7 +236,7 @@ class Conversation:
     def _admit(self, who: Who, parse: Callable[[], object]) -> PreparedRequest:
         try:
             request = replace(parse(), origin=who.chat)  # the origin tells metrics and logs the front end
-            prepared = self.backend.prepare(request)
+            prepared = self.backend_of(request).prepare(request)
         except UserError:
             self._refused(who, "user_error")
             raise
@@ -249,10 +270,13 @@ class Conversation:
         self.core.store.log_request(admin.today(), who.chat.partition(":")[0], who.user, outcome, seconds)
 
     # ---- admins: the allowlists at run time, and the request log -----------------------------------------------
-    def _require_admin(self, who: Who) -> StoredAccess:
+    def _admin_only(self, who: Who) -> None:
         if not self.is_admin(who):
             self._refused(who, "not_allowed")
             raise NotAllowed(admin.NOT_ADMIN)
+
+    def _require_admin(self, who: Who) -> StoredAccess:
+        self._admin_only(who)
         if not isinstance(self.access, StoredAccess):
             raise UserError("이 봇의 허용 목록은 설정 파일로만 바꿀 수 있습니다. (allowlists come from the settings here)")
         return self.access
@@ -264,6 +288,22 @@ class Conversation:
             kind, id_ = admin.parse_target(args, access.kinds, who.ids)
             access.set(kind, id_, allowed)
         return admin.render_access(access.entries(), access.kinds)
+
+    def choose_model(self, who: Who, args: str, command: str = "/model") -> str:
+        """`/model`: the models, this chat's marked; `/model <name>`: switch this chat's (admins only when admins
+        are configured)."""
+        name = args.strip()
+        if name:
+            if self.admins:
+                self._admin_only(who)
+            try:
+                self.core.set_chat_model(who.chat, name)
+            except UserError:
+                self._refused(who, "user_error")
+                raise
+        current = self.core.chat_model(who.chat)
+        return (f"모델 (models; ▶ 이 채팅):\n{self.core.served.describe(current)}\n\n"
+                f"바꾸기: {command} 이름 · 한 요청만: model=이름 (switch: {command} name; once: model=name)")
 
     def stats(self, who: Who) -> str:
         self._require_admin(who)
@@ -277,7 +317,7 @@ class Conversation:
         with its buttons; any error becomes the reply instead. Stopped, the text so far is the result, marked so."""
         shown = _Shown(target)
         typing = asyncio.create_task(_keep_typing(target))
-        stream = self.backend.stream(prepared)
+        stream = self.backend_of(prepared.request).stream(prepared)
         stop_key, stop = self.core.stops.open(asker)
         started = time.monotonic()
         next_at = started + target.edit_interval

@@ -81,6 +81,9 @@ class FollowUps:
             raise UserError(EXPIRED)
         return found
 
+    def model_of(self, key: str) -> str:
+        return self._get(key).generation.request.model
+
     def regenerate(self, key: str) -> GenRequest:
         """The same request and knobs with a fresh random seed."""
         request = self._get(key).generation.request
@@ -101,7 +104,7 @@ class FollowUps:
         written = gen.continuations[candidate]
         prompt = old.prompt + written if old.prompt else written.lstrip()
         draft = GenRequest(label=old.label, prompt=prompt, knobs=replace(old.knobs, max_length=cap + 1),
-                           origin=old.origin)
+                           origin=old.origin, model=old.model)
         prepared = prepare(draft, continuing=True)
         used = len(prepared.prompt_ids)
         if used >= cap:

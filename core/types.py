@@ -16,6 +16,7 @@ class GenRequest:
     knobs: Knobs
     # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
     origin: str = ""
+    model: str = ""  # which configured model generates it (core.models); "" = the default
 
     @property
     def model_prompt(self) -> str:

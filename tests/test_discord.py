@@ -317,7 +317,7 @@ async def press(view: discord.ui.View, item: discord.ui.Item, interaction: FakeI
 
 async def test_slash_options_carry_ranges_korean_descriptions_and_choices(dbot):
     names = {c.name for c in dbot.tree.get_commands()}
-    assert names == {"gen", "set", "reset", "settings", "help", "allow", "deny", "allowed", "stats"}
+    assert names == {"gen", "set", "reset", "settings", "help", "model", "allow", "deny", "allowed", "stats"}
     gen = dbot.tree.get_command("gen")
     options = {p.name: p for p in gen.parameters}
     assert options["prompt"].required and not options["label"].required
@@ -332,7 +332,7 @@ async def test_slash_options_carry_ranges_korean_descriptions_and_choices(dbot):
     payload = gen.to_dict(dbot.tree)  # what would be synced: valid for Discord's limits
     assert all(len(o["description"]) <= 100 and o["name"].islower() for o in payload["options"])
     set_options = {p.name for p in dbot.tree.get_command("set").parameters}
-    assert set_options == set(options) - {"prompt", "label"}
+    assert set_options == set(options) - {"prompt", "label", "model"}
 
 
 async def test_slash_ranges_follow_the_configured_limits(tiny_dir, tmp_path):

@@ -84,7 +84,7 @@ async def test_private_gen_replies_with_prompt_and_continuation(bot):
 async def test_polling_start_registers_korean_commands(bot):
     assert bot.called("deleteWebhook"), "polling mode clears a leftover webhook"
     commands = bot.called("setMyCommands")[0]["commands"]
-    assert {c["command"] for c in commands} == {"start", "help", "gen", "set", "reset", "settings", "allow", "deny",
+    assert {c["command"] for c in commands} == {"start", "help", "gen", "set", "reset", "settings", "model", "allow", "deny",
                                                 "allowed", "stats"}
     assert all(any("가" <= ch <= "힣" for ch in c["description"]) for c in commands)
 
