@@ -82,9 +82,10 @@ def parse_result(text: str) -> Shown | None:
             return None
         body = body[3:].split("\n\n2. ", 1)[0]
     for label in (POSITIVE, NEGATIVE):
-        if body == label or body.startswith(label + " "):
-            return Shown(label, body[len(label) + 1:])
-    return Shown(None, body)
+        rest = body[len(label) + 1:]
+        if body == label or (body.startswith(label + " ") and rest.strip()):
+            return Shown(label, rest)
+    return Shown(None, body)  # a label word with only spaces after it stays text: the model saw exactly that
 
 
 def shorten(text: str, limit: int) -> str:

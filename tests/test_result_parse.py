@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from core.knobs import Knobs
@@ -34,6 +34,7 @@ def generations(draw) -> tuple[Generation, bool]:
 
 
 @given(generations())
+@example((Generation(GenRequest("긍정", "", KNOBS), (" ",), (0,), 5), False))  # hypothesis found it: a label, spaces
 def test_render_then_parse_gives_back_the_first_candidates_text(case):
     gen, stopped = case
     text = render_generation(gen, 100_000, stopped=stopped)
