@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from core import admin
 from core.access import REFUSAL, Access, StoredAccess, Verdict
-from core.errors import NotAllowed, QuotaExceeded, RateLimited, ShuttingDown, UserError
+from core.errors import ClientLeft, NotAllowed, QuotaExceeded, RateLimited, ShuttingDown, UserError
 from core.followups import parse_button, reply_continuation
 from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
 from core.knobs import knob_specs, resolve_key, validate_knobs
@@ -113,7 +113,7 @@ def error_text(exc: BaseException, where: str) -> str | None:
 
     Unexpected exceptions are logged with a short request id, which the apology repeats, so a user's report can be
     found in the log."""
-    if isinstance(exc, (RateLimited, NotAllowed)) and exc.quiet:
+    if isinstance(exc, (RateLimited, NotAllowed)) and exc.quiet or isinstance(exc, ClientLeft):
         return None
     if isinstance(exc, UserError):
         return str(exc)

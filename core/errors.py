@@ -48,3 +48,7 @@ class StoreError(UserError):
 
 class QuotaExceeded(UserError):
     """The user's daily request quota is used up; the message says when it resets."""
+
+
+class ClientLeft(Exception):
+    """The reader of a reply went away (a web client closed its stream): normal, and there is nobody left to tell."""
