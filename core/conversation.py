@@ -50,6 +50,12 @@ class Who:
     chat: str
     user: str | None = None  # None: no per-user rate limit (the web API)
     ids: Mapping[str, int | None] = field(default_factory=dict)
+    client: str | None = None  # whose share of the engine it uses when not `user` (the web: "web:<address>")
+
+    @property
+    def share(self) -> str:
+        """The key the engine shares its rows fairly by: the client, else the user, else the chat."""
+        return self.client or self.user or self.chat
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,7 @@ class Conversation:
                 self.core.stops.stop(press.key, who.user)
                 return None
             if press.candidate is None:
-                request = replace(followups.regenerate(press.key), origin=who.chat)
+                request = replace(followups.regenerate(press.key), origin=who.chat, user=who.share)
                 prepared = self.backend_of(request).prepare(request)
             else:
                 backend = self.core.served.get(followups.model_of(press.key))
@@ -215,7 +221,7 @@ class Conversation:
             self._refused(who, "user_error")
             raise
         self._charge(who)
-        return prepared
+        return replace(prepared, request=replace(prepared.request, user=who.share))  # a continuation's, too
 
     def from_reply(self, shown: str, args: str, who: Who) -> PreparedRequest:
         """A reply to one of the bot's results: `shown` is the replied message's plain text, `args` what the user
@@ -226,7 +232,7 @@ class Conversation:
             model = self._model(who, name)
             prepared = reply_continuation(shown, text, self.core.chat_knobs(who.chat), self.backend.limits,
                                           self.core.served.get(model).prepare)
-            prepared = replace(prepared, request=replace(prepared.request, origin=who.chat, model=model))
+            prepared = replace(prepared, request=replace(prepared.request, origin=who.chat, model=model, user=who.share))
         except UserError:
             self._refused(who, "user_error")
             raise
@@ -235,7 +241,8 @@ class Conversation:
 
     def _admit(self, who: Who, parse: Callable[[], object]) -> PreparedRequest:
         try:
-            request = replace(parse(), origin=who.chat)  # the origin tells metrics and logs the front end
+            # The origin tells metrics and logs the front end; the user, whose fair share of the engine it uses.
+            request = replace(parse(), origin=who.chat, user=who.share)
             prepared = self.backend_of(request).prepare(request)
         except UserError:
             self._refused(who, "user_error")
