@@ -14,7 +14,7 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import make_settings, running_core
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import FakeBotAPI, finished
 from helpers import free_port as _free_port
 from helpers import subprocess_env as _env
 from tiny_model import make_end_likely
@@ -132,7 +132,7 @@ async def test_two_processes_serve_a_gen_across_v1_completions(tiny_dir, tmp_pat
         await _wait_healthy(front_url, front)
         await fake.wait_for(lambda: fake.called("getUpdates", status=None), timeout=60)
         message = fake.user_message(1001, "/gen 긍정 아 정말 seed=5 min_length=12 max_length=16")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(message)), timeout=60)
+        await fake.wait_for(lambda: any(finished(m) for m in fake.replies_to(message)), timeout=60)
         reply = fake.replies_to(message)[0]
         assert reply["text"].startswith("긍정 아 정말") and "seed=5" in reply["text"]
         # The node generated it for the engine-node API; the front end counted its own telegram request (recorded
