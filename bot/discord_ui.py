@@ -26,7 +26,7 @@ EDIT_INTERVAL_S = 1.0  # Discord allows about 5 edits per 5 s per channel; one a
 VIEW_TIMEOUT_S = 600.0  # buttons end before the 15-minute interaction token does, so the view can still be edited
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping (discord.py allows @everyone)
 REGENERATE, CONTINUE = "다시 생성", "이어 쓰기"
-SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
+SEED_MAX_CHARS = 16  # core.knobs.SEED_MAX = 2**53 - 1 has 16 digits
 
 
 # ---- translation -------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ LABEL_CHOICES = [app_commands.Choice(name=POSITIVE, value=POSITIVE), app_command
 
 def _knob_parameter(spec: KnobSpec) -> inspect.Parameter:
     if spec.name == "seed":
-        # Discord integer options stop at 2**53, but shown seeds reach 2**63-1: take text, core checks the range.
+        # Text, so an out-of-range seed gets core's sentence rather than Discord's own refusal.
         annotation = app_commands.Range[str, 1, SEED_MAX_CHARS]
     else:
         annotation = app_commands.Range[spec.kind, spec.kind(spec.low), spec.kind(spec.high)]

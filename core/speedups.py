@@ -42,10 +42,14 @@ class RowInt8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=_TINY) / 127
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("weight_scale", scale)
+        weight = weight.detach()
+        self.register_buffer("weight_int8", torch.empty(weight.shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(weight.shape[0]))
+        for rows in torch.arange(weight.shape[0]).split(_ROWS_AT_ONCE):  # a few MB of float temporaries at a time
+            part = weight[rows[0]:rows[-1] + 1].float()
+            scale = part.abs().amax(dim=1).clamp(min=_TINY) / 127
+            self.weight_int8[rows[0]:rows[-1] + 1] = part.div(scale[:, None]).round_().clamp_(-127, 127)
+            self.weight_scale[rows[0]:rows[-1] + 1] = scale
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.out_features, self.in_features = weight.shape
 
@@ -64,6 +68,7 @@ class RowInt8Linear(nn.Module):
 
 
 _TINY = torch.finfo(torch.float32).tiny  # a row of zeros keeps a finite scale (its int8 values are all 0)
+_ROWS_AT_ONCE = 1024
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

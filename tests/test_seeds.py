@@ -6,10 +6,15 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import make_settings, running_engine, shared_steps
+from aiohttp.test_utils import TestServer
+from browser import CHROMIUM, Page, chromium_page
+from conftest import make_settings, running_core, running_engine, shared_steps
 
-from core.engine import Engine
+from bot.web import create_app
+from core.engine import Engine, row_seeds
+from core.errors import UserError
 from core.grammar import GenRequest, parse_gen
+from core.knobs import SEED_MAX
 
 PROMPTS = ["아 정말", "배우들의 연기가 너무", "스토리가", "이 영화는 처음부터 끝까지", "음악이", "감독이 누구인지 모르지만 정말"]
 KNOBS = ["top_k=50", "top_k=5 temperature=0.7", "top_p=0.8", "top_k=20 repetition_penalty=1.3",
@@ -64,3 +69,45 @@ async def test_the_embedded_model_at_int8_keeps_seeds_in_a_mixed_batch(tmp_path:
         batched = await asyncio.gather(*(engine.generate(engine.prepare(r)) for r in requests))
         assert [a.continuations for a in alone] == [b.continuations for b in batched]
         assert shared_steps(engine, 1) > 0
+
+
+async def test_drawn_seeds_fit_javascript_and_the_range_is_checked(tiny_dir: Path, tmp_path: Path):
+    assert SEED_MAX == 2**53 - 1
+    assert max(row_seeds(SEED_MAX, 3, 4)) <= SEED_MAX
+    async with running_engine(make_settings(tiny_dir, tmp_path)) as engine:
+        drawn = [await engine.generate(parse_gen("긍정 아 n=2 best_of=2 min_length=8 max_length=8", engine.defaults, engine.limits))
+                 for _ in range(5)]
+        assert all(0 <= s <= SEED_MAX for g in drawn for s in g.seeds)
+        with pytest.raises(UserError, match="seed"):
+            parse_gen(f"아 seed={2**53}", engine.defaults, engine.limits)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_the_page_shows_each_candidates_seed_and_typed_back_it_gives_the_same_text(tiny_dir: Path, tmp_path: Path):
+    """Drawn seeds (no seed asked), the chat's best_of 4, two candidates, int8: each candidate's shown seed, sent
+    again from the page (seed, n=1, best_of=1), gives that candidate's text."""
+    settings = make_settings(tiny_dir, tmp_path, generation={"best_of": 4})
+    async with running_core(settings) as core, TestServer(create_app(core), host="127.0.0.1") as server, \
+            chromium_page(tmp_path / "profile") as page:
+        await page.goto(f"http://127.0.0.1:{server.port}/?label=%EA%B8%8D%EC%A0%95&prompt=%EC%95%84%20%EC%A0%95%EB%A7%90"
+                        "&n=2&min_length=14&max_length=20&run=1")
+        await page.wait_for("document.getElementById('results').dataset.done === '1'")
+        shown = await page.evaluate("""[...document.querySelectorAll('.candidate')].map((c) =>
+            [c.querySelector('.continuation').textContent, c.querySelector('.again').dataset.seed])""")
+        assert len(shown) == 2 and all(int(seed) > 0 for _, seed in shown)
+        # The first candidate by its button, the second by typing its seed into the form.
+        await page.evaluate("document.querySelector('.candidate .again button').click()")
+        first = await _single_result(page)
+        await page.evaluate(f"""document.getElementById('seed').value = '{shown[1][1]}';
+            document.getElementById('n').value = '1'; document.getElementById('best_of').value = '1';
+            document.getElementById('submit').click()""")
+        second = await _single_result(page)
+    assert [first, second] == [[text, seed, "1", "1"] for text, seed in shown]
+
+
+async def _single_result(page: Page) -> list[str]:
+    await page.wait_for("document.getElementById('results').dataset.done === '1' && "
+                        "document.querySelectorAll('.candidate').length === 1")
+    return await page.evaluate("""[document.querySelector('.continuation').textContent,
+        document.getElementById('seed').value, document.getElementById('n').value,
+        document.getElementById('best_of').value]""")
