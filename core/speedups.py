@@ -55,10 +55,10 @@ class RowInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=_TINY)
-        acc = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (torch's int8 GEMM)
+        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).div_(127).clamp_(min=_TINY)
+        acc = torch._int_mm(rows.div(scale).round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (torch's int8 GEMM)
         # Separate multiplies and adds (no fused multiply-add): each is correctly rounded wherever a kernel splits it.
-        out = acc.to(torch.float32).mul_(scale).mul_(self.weight_scale)
+        out = torch.mul(acc, self.weight_scale).mul_(scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
@@ -113,28 +113,39 @@ def _rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is None or attention_mask.dim() != 4 or (q_len != 1 and q_len != k_len):
         return sdpa(module, query, key, value, attention_mask, **kwargs)
-    valid = attention_mask[:, 0].any(dim=1)  # the keys some query of the row may see: its unpadded tokens
-    positions = torch.arange(k_len, device=valid.device)
-    first, last, count = torch.stack([torch.where(valid, positions, k_len).amin(dim=1),
-                                      torch.where(valid, positions, -1).amax(dim=1), valid.sum(dim=1)]).tolist()
-    if any(f + n - 1 != la for f, la, n in zip(first, last, count)):
+    runs = getattr(attention_mask, "row_runs", None)  # every layer of a forward pass gets the same mask tensor
+    if runs is None:
+        runs = attention_mask.row_runs = _row_runs(attention_mask)
+    if not runs:
         return sdpa(module, query, key, value, attention_mask, **kwargs)  # not one span per row: not the engine's
     out = query.new_zeros(query.shape[0], q_len, query.shape[1], value.shape[-1])
-    row = 0
-    while row < len(first):
-        end = row + 1
-        while end < len(first) and (first[end], count[end]) == (first[row], count[row]):
-            end += 1
-        start, stop = first[row], first[row] + count[row]
+    for begin, end, start, stop in runs:
         keys = slice(start, stop)
         queries = keys if q_len == k_len else slice(0, 1)
         if q_len == 1 and stop != k_len:  # the query itself is padding: its output is never read
-            row = end
             continue
-        part, _ = sdpa(module, query[row:end, :, queries], key[row:end, :, keys], value[row:end, :, keys], None, **kwargs)
-        out[row:end, queries] = part
-        row = end
+        part, _ = sdpa(module, query[begin:end, :, queries], key[begin:end, :, keys], value[begin:end, :, keys], None,
+                       **kwargs)
+        out[begin:end, queries] = part
     return out, None
+
+
+def _row_runs(attention_mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first key, end key) of each run of neighbouring rows with the same unpadded keys; empty
+    when a row's keys are not one span."""
+    valid = attention_mask[:, 0].any(dim=1)  # the keys some query of the row may see: its unpadded tokens
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    first, last, count = torch.stack([torch.where(valid, positions, valid.shape[1]).amin(dim=1),
+                                      torch.where(valid, positions, -1).amax(dim=1), valid.sum(dim=1)]).tolist()
+    if any(f + n - 1 != la or n == 0 for f, la, n in zip(first, last, count)):
+        return []
+    runs: list[tuple[int, int, int, int]] = []
+    for row, (f, n) in enumerate(zip(first, count)):
+        if runs and runs[-1][2:] == (f, f + n):
+            runs[-1] = (runs[-1][0], row + 1, f, f + n)
+        else:
+            runs.append((row, row + 1, f, f + n))
+    return runs
 
 
 def _return_freed_memory() -> None:
