@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,13 +53,26 @@ class RowInt8Linear(nn.Module):
             self.weight_scale[rows[0]:rows[-1] + 1] = scale
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.out_features, self.in_features = weight.shape
+        self.packed = _fbgemm_pack(self.weight_int8, self.weight_scale)
+        if self.packed is not None:
+            self.weight_int8 = None  # fbgemm keeps its own copy, in the layout its kernels read
+
+    @property
+    def int8_weight(self) -> torch.Tensor:
+        return self.weight_int8 if self.packed is None else torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).div_(127).clamp_(min=_TINY)
-        acc = torch._int_mm(rows.div(scale).round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (torch's int8 GEMM)
+        levels = rows.div(scale).round_()  # integers in [-127, 127]
+        if self.packed is not None:
+            # fbgemm quantizes with scale 1 (exact: they are integers already), sums int8 products in int32 and
+            # multiplies by the channel scale: float(acc) * weight_scale, as the line below.
+            out = _FBGEMM_LINEAR(levels, 1.0, 128, self.packed).mul_(scale)
+        else:
+            acc = torch._int_mm(levels.to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (torch's int8 GEMM)
+            out = torch.mul(acc, self.weight_scale).mul_(scale)
         # Separate multiplies and adds (no fused multiply-add): each is correctly rounded wherever a kernel splits it.
-        out = torch.mul(acc, self.weight_scale).mul_(scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
@@ -69,6 +83,21 @@ class RowInt8Linear(nn.Module):
 
 _TINY = torch.finfo(torch.float32).tiny  # a row of zeros keeps a finite scale (its int8 values are all 0)
 _ROWS_AT_ONCE = 1024
+_FBGEMM_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+
+
+def _fbgemm_pack(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject | None:
+    """fbgemm's prepacked int8 weights where this torch has fbgemm (x86), else None (`torch._int_mm` then).
+
+    Measured on KoGPT2-base's shapes (2 cores): the same exact int32 products as `torch._int_mm`, about 3x faster
+    for the 51,200-wide lm_head at one row, because the weights are packed once instead of at every call."""
+    if _FBGEMM_LINEAR is None or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao; only packing uses one
+        qweight = torch._make_per_channel_quantized_tensor(  # noqa: SLF001 (wraps the int8 values, no copy of floats)
+            weight_int8, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

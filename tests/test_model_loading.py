@@ -225,5 +225,5 @@ def test_int8_from_safetensors_never_builds_the_fp32_model(tiny_dir: Path, monke
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", refuse)
     loaded = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8"))
     assert not any(p.is_meta for p in loaded.model.parameters())
-    assert loaded.model.lm_head.weight_int8.dtype == torch.int8
+    assert loaded.model.lm_head.int8_weight.dtype == torch.int8
     assert torch.isfinite(loaded.model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

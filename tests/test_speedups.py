@@ -19,7 +19,7 @@ def test_int8_linear_is_the_exact_integer_product_rescaled():
     x = torch.randn(5, 96) * torch.tensor([0.01, 1.0, 30.0, 0.0, 2.0])[:, None]  # scales far apart, and a zero row
     scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(x / scale)
-    exact = (q.double() @ layer.weight_int8.double().t()).float()  # integers: exact in float64
+    exact = (q.double() @ layer.int8_weight.double().t()).float()  # integers: exact in float64
     expected = exact * layer.weight_scale * scale + layer.bias
     assert torch.equal(layer(x), expected)
     assert torch.equal(layer(x)[3], layer.bias)  # a zero row gives the bias, not NaN
