@@ -63,7 +63,7 @@ class RowInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).div_(127).clamp_(min=_TINY)
+        scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=_TINY)  # (an inf-norm is 8x slower)
         levels = rows.div(scale).round_()  # integers in [-127, 127]
         if self.packed is not None:
             # fbgemm quantizes with scale 1 (exact: they are integers already), sums int8 products in int32 and
