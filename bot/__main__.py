@@ -16,6 +16,7 @@ import time
 # OpenMP; the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from bot.log_limits import limit_repeats
 from core.errors import ModelLoadError, UserError
 from core.settings import Settings, SettingsError, load_settings
 
@@ -42,10 +43,13 @@ def _quiet_libraries() -> None:
 
 def preflight(settings: Settings) -> list[str]:
     """Everything that can be checked without the model, checked before the minutes its load may take: secrets
-    (token files are read here) and the store (opened, and a write tried). Returns the enabled front ends' names."""
+    (token files are read here), the store (opened, and a write tried), and that a remote backend is not this bot's
+    own engine node. Returns the enabled front ends' names."""
     from bot.runner import enabled_front_ends
     from core.chat_store import ChatStore
+    from core.hops import check_not_own_node
 
+    check_not_own_node(settings)
     fronts = [fe.name for fe in enabled_front_ends(settings)]
     ChatStore(settings.store.path).close()
     return fronts
@@ -55,34 +59,44 @@ async def _main(check: bool) -> int:
     from bot.runner import install_signal_handlers, run_front_ends
     from core.backends import start_backend
     from core.grammar import parse_gen
+    from core.models import start_models
     from core.service import BotCore
 
     settings = load_settings()
     fronts = preflight(settings)
     started = time.monotonic()
-    engine = await start_backend(settings)
-    log.info("model loaded from %s in %.1f s", engine.source, time.monotonic() - started)
+    models = await start_models(settings.per_model(), start_backend)
+    engine = models.get(None)
+    log.info("models loaded in %.1f s: %s", time.monotonic() - started,
+             ", ".join(f"{name} ({backend.source})" for name, backend in models.backends.items()))
     try:
         if check:
             request = parse_gen("긍정 아 정말 max_length=16 min_length=1 seed=0", engine.defaults, settings.limits)
             started = time.monotonic()
             result = await engine.generate(engine.prepare(request))
             print(f"model: {engine.source}")
+            for name, why in models.failed.items():
+                print(f"model {name}: failed to load: {why}")
             if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
-            print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
+            # The reply's own length: new_tokens counts every sampled row (best_of candidates included).
+            tokens = len(engine.tokenizer(result.continuations[0], add_special_tokens=False)["input_ids"])
+            print(f"generation: {result.texts()[0]!r} ({tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"store: {settings.store.path} (writable)")
             print(f"front ends enabled: {', '.join(fronts) or 'none'}")
+            if models.failed:  # the others would serve, but the settings name a model that does not load
+                print("check: failed", file=sys.stderr)
+                return 1
             print("check: ok")
             return 0
-        core = BotCore.create(settings, engine)
+        core = BotCore.create(settings, engine, models)
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ok = await run_front_ends(core, stop)
         core.store.close()
         return 0 if ok else 1
     finally:
-        await engine.stop()
+        await models.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_repeats()
     _quiet_libraries()
     try:
         return asyncio.run(_main(args.check))

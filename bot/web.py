@@ -1,7 +1,8 @@
 """The tutorial's web page and its JSON API, on aiohttp (already a dependency of discord.py).
 
 `POST /api` answers the tutorial's JSON at once; `POST /api/stream` takes the same body and answers JSON lines as the
-text grows (`{"partial": …}` … then the final object, or `{"error": …}`). Every error, aiohttp's own included, is
+text grows (`{"partial": …, "stop": key}` … then the final object, or `{"error": …}`); `POST /api/stop
+{"stop": key}` ends that stream early with the text so far (`"stopped": true`). Every error, aiohttp's own included, is
 JSON `{"error": …}`. A body must arrive in time; the connection-level bounds are in bot/web_server.py.
 """
 
@@ -14,13 +15,15 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
+from bot.auth import TOKEN_KEY, authorised, guarded
+from bot.client_address import PROXIES_KEY, client_key
 from bot.openai_api import add_routes as add_openai_routes
-from bot.web_server import GuardedRunner, dumps
+from bot.web_body import MAX_BODY, TOO_LARGE, TOO_SLOW, BodyRefused, check_text, read_json
+from bot.web_server import GuardedRunner, client_left, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
-from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
-from core.grammar import reject_broken_text
+from core.errors import BusyError, ClientLeft, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.followups import stop_data
 from core.knobs import knob_specs
 from core.service import BotCore
 from core.types import Generation
@@ -28,16 +31,15 @@ from core.types import Generation
 log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = web.AppKey("conversation", Conversation)
-MAX_BODY = 64 * 1024
-BODY_TIMEOUT_S = 10.0  # and its body this long after the headers
+PUBLIC_PAGE_KEY = web.AppKey("public_page", bool)
+UNAUTHORISED = "API 토큰이 없거나 틀립니다. Authorization: Bearer <토큰> 헤더를 보내 주세요. (missing or wrong bearer token)"
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
-WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
-    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
+    404: "없는 주소입니다. /, /api, /api/stream, /api/stop, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
     405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
-    408: "요청 본문이 제때 도착하지 않았습니다. (request body too slow)",
-    413: f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)",
+    408: TOO_SLOW,
+    413: TOO_LARGE,
     431: "요청 헤더가 너무 큽니다. (request headers too large)",
 }
 
@@ -58,19 +60,6 @@ def _result(gen: Generation) -> dict:
     return out
 
 
-def _check_text(value: object) -> None:
-    """Every string in the body, keys included, is valid Unicode (JSON's `\\ud800` escapes can make one that is not)."""
-    if isinstance(value, str):
-        reject_broken_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item)
-
-
 class _Refused(Exception):
     def __init__(self, response: web.Response):
         self.response = response
@@ -85,35 +74,19 @@ async def _prepared(request: web.Request, base: str):  # noqa: ANN202
         return _Refused(_error(status, message))
 
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            raw = await request.read()
-        payload = json.loads(raw.decode("utf-8"))
-    except web.HTTPRequestEntityTooLarge:
-        raise refuse(413, STATUS_TEXT[413]) from None
-    except TimeoutError:
-        request.content.feed_eof()  # no lingering for the rest of a body that does not come
-        refused = refuse(408, STATUS_TEXT[408])
-        refused.response.force_close()
-        raise refused from None
-    except RequestPayloadError:
-        # The rest of the body cannot be read either: mark it finished, or aiohttp drops the connection (and this
-        # answer) trying to drain it.
-        request.content.feed_eof()
-        refused = refuse(400, "요청 본문을 풀 수 없습니다 (Content-Encoding이 맞지 않음). (cannot decode the body)")
-        refused.response.force_close()
-        raise refused from None
-    except UnicodeDecodeError:
-        raise refuse(400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)") from None
-    except (ValueError, RecursionError):  # malformed JSON, or an integer past Python's digit limit
-        raise refuse(400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)') from None
+        payload = await read_json(request, example='{"prompt": "긍정 아 정말"}')
+    except BodyRefused as exc:
+        conversation.backend.telemetry.refused("web", "user_error")
+        raise _Refused(exc.response(_error)) from None
     if not isinstance(payload, dict):
         raise refuse(422, '요청 본문은 JSON 객체여야 합니다. 예: {"prompt": "긍정 아 정말"} (body must be a JSON object)')
     try:
-        _check_text(payload)
+        check_text(payload)
     except UserError as exc:
         raise refuse(422, str(exc)) from None
     try:
-        return conversation.from_fields(payload, WHO, base=base)  # the door counts its own refusals
+        who = Who(chat="web", client=client_key(request))
+        return conversation.from_fields(payload, who, base=base)  # the door counts its own refusals
     except UserError as exc:
         raise _Refused(_error(422, str(exc))) from None
 
@@ -124,7 +97,8 @@ async def api(request: web.Request) -> web.Response:
     except _Refused as refused:
         return refused.response
     try:
-        result = await request.app[CONVERSATION_KEY].backend.generate(prepared)  # counted from here on by the engine
+        conversation = request.app[CONVERSATION_KEY]
+        result = await conversation.backend_of(prepared.request).generate(prepared)  # counted from here by the engine
     except BusyError as exc:
         return _error(429, str(exc))
     except (RequestTimeout, ShuttingDown, EngineUnavailable) as exc:
@@ -142,15 +116,23 @@ class _LinesTarget:
     def __init__(self, response: web.StreamResponse):
         self.response = response
         self.edit_interval = STREAM_INTERVAL_S
+        self.gone = False  # the client closed the connection
 
     async def send(self, reply: Reply) -> None:
         if reply.error:
             line: dict = {"error": reply.text}
         elif reply.final:
             line = {**_result(reply.generation), "prompt": reply.generation.request.model_prompt}
+            if reply.stopped:
+                line["stopped"] = True
         else:
-            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt}
-        await self.response.write((dumps(line) + "\n").encode("utf-8"))
+            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt,
+                    "stop": reply.stop}
+        try:
+            await self.response.write((dumps(line) + "\n").encode("utf-8"))
+        except ConnectionResetError:
+            self.gone = True
+            raise ClientLeft from None
 
     edit = send
 
@@ -169,20 +151,48 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8",
                                            "Cache-Control": "no-store"})
     await response.prepare(request)
-    await request.app[CONVERSATION_KEY].reply(_LinesTarget(response), prepared, "web /api/stream")
-    await response.write_eof()
+    target = _LinesTarget(response)
+    await request.app[CONVERSATION_KEY].reply(target, prepared, "web /api/stream")
+    if target.gone:
+        client_left(request, "/api/stream")
+    else:
+        await response.write_eof()
     return response
 
 
+async def api_stop(request: web.Request) -> web.Response:
+    """`{"stop": "<key>"}` from a /api/stream partial: that stream ends with the text so far, marked stopped. The key
+    went only to whoever asked, so holding it is the permission."""
+    conversation = request.app[CONVERSATION_KEY]
+    try:
+        payload = await read_json(request, example='{"stop": "<키>"}')  # the one body reader every route uses
+    except BodyRefused as exc:
+        conversation.backend.telemetry.refused("web", "user_error")
+        return exc.response(_error)
+    key = payload.get("stop") if isinstance(payload, dict) else None
+    if not isinstance(key, str):
+        conversation.backend.telemetry.refused("web", "user_error")
+        return _error(422, '요청 본문은 {"stop": "<키>"} 이어야 합니다 (/api/stream의 "stop" 값). (body must be {"stop": key})')
+    try:
+        conversation.from_button(stop_data(key), Who(chat="web", client=client_key(request)))  # the door: strict parse, counted
+    except UserError as exc:
+        return _error(422, str(exc))
+    return _json({"stopping": True})
+
+
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the generation backend can answer (the local worker is alive, or the remote server is reachable);
-    503 otherwise, so a load balancer or orchestrator stops sending chats here."""
+    """200 while the generation backend can take a request (the local worker is alive, or the remote server is
+    reachable); 503 otherwise, so a load balancer stops sending work here: `degraded` (it cannot answer) or
+    `saturated` (its queue is full: a new request would be refused as busy; the process itself is fine)."""
     backend = request.app[CONVERSATION_KEY].backend
     engine = await backend.health()
-    body = {"status": "ok" if engine["ok"] else "degraded", "queue_depth": backend.queue_depth, "engine": engine}
-    if not engine["ok"]:
+    status = "degraded" if not engine["ok"] else "saturated" if engine.get("saturated") else "ok"
+    body = {"status": status, "queue_depth": backend.queue_depth, "engine": engine}
+    if status == "degraded":
         body["error"] = "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
-    return _json(body, 200 if engine["ok"] else 503)
+    elif status == "saturated":
+        body["error"] = "대기열이 가득 찼습니다. 새 요청은 거절됩니다. (saturated: the queue is full, new requests are refused)"
+    return _json(body, 200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -194,7 +204,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def page(request: web.Request) -> web.Response:
     backend = request.app[CONVERSATION_KEY].backend
     html = resources.files("bot").joinpath("web_page.html").read_text(encoding="utf-8")
+    served = request.app[CONVERSATION_KEY].core.served
     config = {
+        "models": [{"name": name, "steered": getattr(b, "sentiment", True)} for name, b in served.backends.items()],
+        "model": served.default,
         "defaults": backend.defaults.as_dict(),
         "knobs": {
             name: {"min": spec.low, "max": spec.high, "int": spec.kind is int, "range": spec.range_ko(), "help": spec.help_ko}
@@ -207,6 +220,15 @@ async def page(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
+    """With `web.api_token` set, the generation routes (and the page, unless public) answer 401 without it. /v1/*
+    answers its own 401 in the OpenAI error shape (bot/openai_api.py)."""
+    if guarded(request, request.app[PUBLIC_PAGE_KEY]) and not request.path.startswith("/v1/") and not authorised(request):
+        return web.json_response({"error": UNAUTHORISED}, status=401, headers={"WWW-Authenticate": "Bearer"}, dumps=dumps)
+    return await handler(request)
+
+
+@web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
     """404, 405, 413 … and anything unexpected answer JSON `{"error": …}` (an apology with a request id for a 500)."""
     try:
@@ -216,15 +238,22 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             raise
         return _error(exc.status, STATUS_TEXT.get(exc.status, f"{exc.status} {exc.reason}"))
     except asyncio.CancelledError:
+        # The server cancels a handler whose client went away (bot/web_server.py): normal, one INFO line.
+        if request.transport is None or request.transport.is_closing():
+            client_left(request, request.path)
         raise
     except Exception as exc:  # noqa: BLE001
         return _error(500, error_text(exc, f"web {request.method} {request.path}"))
 
 
 def create_app(core: BotCore) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors, require_token])
     app[CONVERSATION_KEY] = Conversation(core)
+    app[TOKEN_KEY] = core.settings.web.api_secret()  # read once, when the settings were loaded
+    app[PUBLIC_PAGE_KEY] = core.settings.web.public_page
+    app[PROXIES_KEY] = core.settings.web.proxy_networks()
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
+                    web.post("/api/stop", api_stop),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
     add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app

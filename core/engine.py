@@ -1,9 +1,10 @@
 """The one generation engine every front end shares.
 
-Requests go into a bounded queue; a single worker thread owns the model and decodes every admitted row together
-(continuous batching): requests that arrive together are prefilled together and join the running batch at the next
-step, each row samples with its own knobs and its own seeded generator, and a row that ends (eos or its max_length)
-is answered at once and leaves the batch. The event loop never runs model code.
+Requests wait in a bounded queue, one per user served in turn (core/scheduler.py); a single worker thread owns the
+model and decodes every admitted row together (continuous batching): requests that arrive together are prefilled
+together and join the running batch at the next step, each row samples with its own knobs and its own seeded
+generator, and a row that ends (eos or its max_length) is answered at once and leaves the batch. The event loop never
+runs model code.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import Cache, GPT2LMHeadModel
 
-from core import rerank
+from core import logprobs, rerank
 from core.devices import device_of, usable_cpus
 from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
 from core.knobs import SEED_MAX, Knobs, default_knobs
@@ -29,10 +29,11 @@ from core.kv_cache import growing_cache
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, next_tokens
+from core.scheduler import FairQueue, QueueFull, UserQueueFull
 from core.settings import Settings
 from core.telemetry import Telemetry
 from core.thread_tuner import ThreadTuner, candidates_for
-from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
+from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 SEED_STRIDE = 0x9E3779B97F4A7C15 % (SEED_MAX + 1)  # the golden-ratio constant: candidates' seeds spread apart
@@ -57,6 +58,9 @@ class _Job:
     own_logprobs: list[float] = field(default_factory=list)
     picks: tuple[list[int], tuple[float, ...]] | None = None  # the rerank's choice and confidences, once done
     prompt_text: str | None = None  # the prompt decoded, cached for cutting it off each continuation
+    # Only when the request asks (the engine node): each candidate's sampled tokens' and the prompt's log-probabilities
+    token_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -84,7 +88,7 @@ class Engine:
                 f"limits.max_length({self.limits.max_length})가 모델의 위치 수({positions})보다 큽니다. "
                 f"(limits.max_length exceeds the model's {positions} positions)"
             )
-        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=self.limits.queue_size)
+        self._queue: FairQueue[_Job] = FairQueue(self.limits.queue_size, self.limits.max_queued_rows_per_user)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._jobs: set[_Job] = set()  # submitted and not yet answered (event-loop side)
@@ -115,19 +119,26 @@ class Engine:
         left = [job for job in self._jobs if not job.future.done()]
         for job in left:
             job.cancelled = True  # the worker drops its rows at the next step
+            self._queue.remove(job)
             _set_exception(job.future, ShuttingDown(RESTARTING))
         return len(left)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
+
+    @property
+    def saturated(self) -> bool:
+        """Whether a new request would be refused as busy: the queue is full."""
+        return len(self._queue) >= self.limits.queue_size
 
     backend = "local"
 
     async def health(self) -> dict:
         """For /healthz: whether the worker thread that owns the model is alive."""
         alive = self._thread is not None and self._thread.is_alive()
-        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(device_of(self.model))}
+        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "queue_size": self.limits.queue_size,
+                "saturated": self.saturated, "device": str(device_of(self.model))}
 
     # ---- public API ------------------------------------------------------------------------------------------
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
@@ -181,12 +192,13 @@ class Engine:
             self.telemetry.finished(request, "shutdown")
             raise ShuttingDown(RESTARTING)
         try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+            # Fair shares by who asked (the adapters' user key). Requests nobody is named for are the operator's own
+            # (evaluation, --check, scripts): they share one queue, held to queue_size only.
+            self._queue.put(request.user or "internal", job, request.rows, request.knobs.max_length - len(job.prompt_ids),
+                            capped=bool(request.user))
+        except (QueueFull, UserQueueFull) as exc:
             self.telemetry.finished(request, "busy")
-            raise BusyError(
-                "지금 요청이 너무 많습니다. 잠시 후 다시 시도해 주세요. (busy: too many requests, try again shortly)"
-            ) from None
+            raise busy_error(exc) from None
         self._jobs.add(job)
         job.future.add_done_callback(lambda _: self._jobs.discard(job))
         return job
@@ -217,6 +229,7 @@ class Engine:
         job.cancelled = True
         job.future.cancel()
         self._jobs.discard(job)
+        self._queue.remove(job)  # a waiting job leaves the queue (and its user's share) at once
 
     def _finished(self, job: _Job, outcome: str) -> None:
         # Tokens of a timed-out or cancelled job were computed too; the worker only appends, so reading is safe.
@@ -232,7 +245,13 @@ class Engine:
         else:  # a partial: most are dropped by the reader's throttle, so decode only the ones it reads
             texts = _Decoded(lambda: tuple(self._continuation(job, ids) for ids in generated), len(generated))
         seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
-        return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
+        ends = tuple(("stop" if job.stopped[i] else "length") if job.finished[i] else None for i in chosen)
+        scored = None
+        if job.request.logprobs is not None:
+            scored = tuple(tuple(job.token_logprobs[i][: len(generated[k]) + (ends[k] == "stop")])
+                           for k, i in enumerate(chosen))
+        return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence,
+                          tuple(map(tuple, generated)), ends, scored, job.prompt_logprobs)
 
     def _rerank(self, jobs: list[_Job]) -> None:
         """Pick the best of each group of `best_of` rows by the label score, for every job that finished this step:
@@ -282,9 +301,9 @@ class Engine:
         tuner = ThreadTuner(candidates, torch.set_num_threads)
         batch = _Batch(self.model)
         rows: list[_Row] = []
-        while not (self._stopping.is_set() and not rows and self._queue.empty()):
+        while not (self._stopping.is_set() and not rows and not len(self._queue)):
             try:
-                new_jobs = self._admit(len(rows))
+                new_jobs = self._admit(rows)
                 if new_jobs:
                     rows.extend(self._prefill_jobs(new_jobs, batch, len(rows)))
                 rows = self._retire(rows, batch)
@@ -355,27 +374,15 @@ class Engine:
             job.cancelled = True
         return self._retire(rows, batch)
 
-    def _admit(self, active: int) -> list[_Job]:
-        """Take waiting jobs that fit the batch; wait a short window for company when the engine is idle."""
-        jobs: list[_Job] = []
-        capacity = self.limits.max_batch_size - active
-        try:
-            if active == 0:
-                jobs.append(self._queue.get(timeout=0.1))
-                capacity -= jobs[0].request.rows
-                deadline = time.monotonic() + self.limits.batch_window_ms / 1000
-                while capacity > 0 and (left := deadline - time.monotonic()) > 0:
-                    job = self._queue.get(timeout=left)
-                    jobs.append(job)
-                    capacity -= job.request.rows
-            while capacity > 0:
-                head = self._queue.queue[0] if self._queue.queue else None
-                if head is None or head.request.rows > capacity:
-                    break
-                jobs.append(self._queue.get_nowait())
-                capacity -= head.request.rows
-        except queue.Empty:
-            pass
+    def _admit(self, rows: list[_Row]) -> list[_Job]:
+        """Take waiting jobs that fit the batch, fairly across users; wait a short window for company when idle."""
+        if not rows:
+            if not self._queue.wait(0.1):
+                return []
+            if self.limits.batch_window_ms:
+                self._queue.wait(self.limits.batch_window_ms / 1000, self.limits.max_batch_size)
+        remaining = [row.job.request.knobs.max_length - len(row.tokens) for row in rows]
+        jobs = self._queue.take(self.limits.max_batch_size - len(rows), remaining)
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
@@ -390,6 +397,15 @@ class Engine:
             job.finished = [False] * n
             job.stopped = [False] * n
             job.own_logprobs = [0.0] * n
+            job.token_logprobs = [[] for _ in range(n)]
+            if job.request.prompt_logprobs is not None:
+                try:
+                    job.prompt_logprobs = logprobs.prompt_logprobs(self.model, job.prompt_ids,
+                                                                   job.request.prompt_logprobs)
+                except Exception as exc:  # this job alone fails; the others start
+                    log.exception("scoring a prompt of %d tokens failed", len(job.prompt_ids))
+                    self._fail(job, exc)
+                    job.cancelled = True
             for candidate, seed in enumerate(job.seeds):
                 rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
         self._advance(rows, logits)
@@ -405,6 +421,11 @@ class Engine:
         knobs = [row.job.request.knobs for row in rows]
         tokens = next_tokens(ids, logits, knobs, [row.generator for row in rows], self.eos_id)
         self._add_own_logprobs(rows, logits, tokens)
+        if wanted := [i for i, row in enumerate(rows) if row.job.request.logprobs is not None]:
+            scored = logprobs.token_logprobs(logits[torch.tensor(wanted)], [tokens[i] for i in wanted],
+                                             [rows[i].job.request.logprobs for i in wanted])
+            for i, entry in zip(wanted, scored):
+                rows[i].job.token_logprobs[rows[i].candidate].append(entry)
         touched: dict[_Job, None] = {}
         for row, token in zip(rows, tokens):
             job = row.job
@@ -448,6 +469,16 @@ class Engine:
         if len(keep) != len(rows):
             batch.select(keep)
         return [rows[i] for i in keep]
+
+
+def busy_error(exc: QueueFull | UserQueueFull) -> BusyError:
+    """The refusal's sentence: the whole queue is full, or this user's own share of it."""
+    if isinstance(exc, UserQueueFull):
+        return BusyError(
+            f"이미 기다리는 요청이 너무 많습니다 (사용자당 대기 {exc.cap}줄까지). 앞의 요청이 끝난 뒤 다시 시도해 주세요. "
+            f"(busy: at most {exc.cap} rows per user may wait; try again when your earlier requests are done)"
+        )
+    return BusyError("지금 요청이 너무 많습니다. 잠시 후 다시 시도해 주세요. (busy: too many requests, try again shortly)")
 
 
 def row_seeds(base: int, n: int, best_of: int) -> list[int]:

@@ -34,6 +34,7 @@ from core.errors import (
     ShuttingDown,
     UserError,
 )
+from core.hops import outgoing_headers
 from core.knobs import SEED_MAX, Knobs, default_knobs
 from core.prompt_rules import check_prompt_ids
 from core.settings import Settings
@@ -358,7 +359,8 @@ class RemoteEngine:
     async def _post(self, body: dict, stream: bool, on_delta: Callable[[str], object]) -> tuple[str, int | None]:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         try:
-            async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout) as resp:
+            async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout,
+                                         headers=outgoing_headers()) as resp:
                 if resp.status >= 500:
                     raise _Retryable(f"HTTP {resp.status}")
                 if resp.status == 429:
