@@ -115,7 +115,7 @@ class GenCog(commands.Cog):
     def help_for(self, channel_id: int, command: str) -> str:
         prefix = self.bot.command_prefix_text
         body = help_text(self.core.chat_knobs(f"discord:{channel_id}"), self.core.settings.limits, command,
-                         steered=self.core.engine.sentiment)
+                         steered=self.core.engine.sentiment, notice=self.core.engine.notice)
         return fit(body + f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, "
                    f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE}")
 

@@ -152,7 +152,8 @@ async def start_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
 async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     core = _conversation(context).core
     await _answer(update, context, help_text(core.chat_knobs(_who(update).chat), core.settings.limits, "/gen",
-                                               steered=core.engine.sentiment) + HELP_EXTRA)
+                                               steered=core.engine.sentiment, notice=core.engine.notice)
+                         + HELP_EXTRA)
 
 
 async def gen_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -181,7 +181,9 @@ async def healthz(request: web.Request) -> web.Response:
     engine = await backend.health()
     body = {"status": "ok" if engine["ok"] else "degraded", "queue_depth": backend.queue_depth, "engine": engine}
     if not engine["ok"]:
-        body["error"] = "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
+        body["error"] = engine.get("error") or "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
+    if backend.notice:
+        body["notice"] = backend.notice
     return _json(body, 200 if engine["ok"] else 503)
 
 

@@ -60,10 +60,11 @@ UNSTEERED = ("⚠️ 지금 모델은 감정 라벨로 학습되지 않아 긍�
 
 
 def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", escape: Callable[[str], str] = _plain,
-              steered: bool = True) -> str:
+              steered: bool = True, notice: str = "") -> str:
     """The grammar, every knob with its range and default, and examples for both labels; a warning first when the
-    served model never learned the label words (`steered` False)."""
+    served model never learned the label words (`steered` False) and the backend's `notice` (what it cannot do)."""
     lines = [UNSTEERED, ""] if not steered else []
+    lines += [notice, ""] if notice else []
     lines += [
         f"{command} [긍정|부정] 프롬프트 [key=value …]",
         "라벨: 긍정(pos, positive, 👍) / 부정(neg, negative, 👎) — 생략하면 프롬프트 그대로 이어 씁니다.",

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from core.backend import Backend
 from core.chat_store import ChatStore
-from core.engine import Engine
 from core.errors import UserError
 from core.followups import FollowUps
 from core.grammar import parse_settings_args
@@ -19,7 +19,7 @@ from core.settings import Settings
 @dataclass
 class BotCore:
     settings: Settings
-    engine: Engine  # or any backend with the same interface (prepare, generate, stream, defaults, limits, …)
+    engine: Backend  # the local engine or a remote server: core/backend.py is all front ends may use of it
     store: ChatStore
     limiter: UserRateLimiter
     followups: FollowUps
@@ -27,7 +27,7 @@ class BotCore:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    def create(cls, settings: Settings, engine: Engine) -> BotCore:
+    def create(cls, settings: Settings, engine: Backend) -> BotCore:
         return cls(
             settings,
             engine,
