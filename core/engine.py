@@ -140,7 +140,11 @@ class Engine:
 
         A bare GenRequest is prepared first (a convenience for scripts and tests; serving code prepares once itself)."""
         if isinstance(prepared, GenRequest):
-            prepared = self.prepare(prepared)
+            try:
+                prepared = self.prepare(prepared)
+            except UserError:
+                self.telemetry.finished(prepared, "user_error")
+                raise
         job = self._submit(prepared, streaming=False)
         return await self._await(job)
 

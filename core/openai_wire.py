@@ -144,7 +144,7 @@ async def parse_json(data: bytes) -> object:
 async def events(resp: aiohttp.ClientResponse, max_events: int) -> AsyncIterator[dict]:
     """A server-sent event stream's `data: {json}` payloads, up to `[DONE]`; at most `max_events` events (each line
     is bounded by aiohttp's reader), or a WireError."""
-    seen = 0
+    seen = lines = 0
     while True:
         try:
             raw = await resp.content.readline()
@@ -152,12 +152,15 @@ async def events(resp: aiohttp.ClientResponse, max_events: int) -> AsyncIterator
             raise WireError(f"stream line too long: {exc}") from None
         if not raw:
             raise WireError("the stream ended without [DONE]")
-        seen += 1
-        if seen > 2 * max_events + 8:  # blank separators and comments count too
+        lines += 1
+        if lines > 2 * max_events + 8:  # blank separators and comments count too
             raise WireError(f"stream of more than {max_events} events")
         line = raw.decode("utf-8", errors="replace").strip()
         if not line.startswith("data:"):
             continue
+        seen += 1
+        if seen > max_events:
+            raise WireError(f"stream of more than {max_events} events")
         data = line[len("data:"):].strip()
         if data == "[DONE]":
             return

@@ -358,7 +358,10 @@ class RemoteEngine:
         payload = await self._attempts_of(
             wire.scoring_body(self.model_name, sequences, not self.extensions), False, wire.answer_limit(total + 8),
             len(sequences) + 1, deadline, None)
-        answer = wire.validated(wire.Completion, payload)
+        try:
+            answer = wire.validated(wire.Completion, payload)
+        except wire.WireError as exc:
+            raise self._malformed(str(exc)) from None
         by_index = {choice.index: choice for choice in answer.choices}
         scores = []
         for i, (candidate, sequence) in enumerate(zip(candidates, sequences)):
@@ -388,6 +391,12 @@ class RemoteEngine:
         return self._read_candidate(result, budget)
 
     def _read_candidate(self, result: object, budget: int) -> _Candidate:
+        try:
+            return self._candidate_of(result, budget)
+        except wire.WireError as exc:
+            raise self._malformed(str(exc)) from None
+
+    def _candidate_of(self, result: object, budget: int) -> _Candidate:
         if isinstance(result, _Streamed):
             choices = result.choices
             usage = result.usage

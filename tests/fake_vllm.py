@@ -75,7 +75,8 @@ class FakeVLLM:
         self.answer: object = None  # when set, every completion is answered with this JSON (a misbehaving server)
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
-        self.failures: list[int | str] = []  # statuses, "drop" (close the connection) or "hang" (never answer)
+        # statuses, "drop" (close the connection), "hang" (never answer) or "flood" (an endless event stream)
+        self.failures: list[int | str] = []
         self._closing = asyncio.Event()  # releases hanging handlers at close
         self.app = web.Application()
         self.app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
@@ -136,6 +137,13 @@ class FakeVLLM:
                 return web.Response()
             if failure == "hang":
                 await self._closing.wait()
+            if failure == "flood":  # an event stream far longer than max_tokens allows
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await response.prepare(request)
+                chunk = json.dumps({"choices": [{"index": 0, "text": "가", "finish_reason": None}]})
+                for _ in range(100_000):
+                    await response.write(f"data: {chunk}\n\n".encode())
+                return response
             return web.json_response({"error": {"message": f"fake failure {failure}"}}, status=int(failure))
         if not self._authorised(request):
             return web.json_response({"error": {"message": "Unauthorized"}}, status=401)
