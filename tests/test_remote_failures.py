@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import make_settings
 from fake_vllm import FakeVLLM
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bot.web import create_app
 from core import openai_wire, remote_engine
@@ -232,13 +233,13 @@ class _Tokenizer:
     def __len__(self) -> int:
         return 100
 
-    def __call__(self, text, add_special_tokens=False):  # noqa: ANN001
+    def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(range(len(text)))}
 
-    def convert_tokens_to_ids(self, token):  # noqa: ANN001
+    def convert_tokens_to_ids(self, token):
         return 3
 
-    def convert_ids_to_tokens(self, index):  # noqa: ANN001
+    def convert_ids_to_tokens(self, index):
         return "x"
 
 
