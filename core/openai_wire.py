@@ -107,9 +107,9 @@ def completion_body(model: str, prompt_ids: Sequence[int], knobs: Knobs, seed: i
 
 def scoring_body(model: str, sequences: Sequence[Sequence[int]], token_ids: bool) -> dict:
     """Log-probabilities of given token sequences, all in one request: echo each prompt with its logprobs (one
-    greedy token is generated and ignored; vLLM needs max_tokens >= 1 outside its echo-only special case)."""
-    body = {"model": model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "temperature": 0.0, "n": 1,
-            "echo": True, "logprobs": 0, "stream": False}
+    token is generated and ignored; vLLM needs max_tokens >= 1 outside its echo-only special case)."""
+    body = {"model": model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "n": 1, "echo": True,
+            "logprobs": 0, "stream": False}
     if token_ids:
         body["return_tokens_as_token_ids"] = True
     return body

@@ -172,6 +172,7 @@ class RemoteEngine:
         (it may come up later: /healthz says so meanwhile)."""
         await self._probe()
         if self._state is not None and self._state.remote == "model not served":
+            await self.stop()
             raise ModelLoadError(self._state.error)
         if self._state is not None and not self._state.ok:
             log.warning("remote engine %s: %s", self.base_url, self._state.error)
