@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -104,14 +105,14 @@ async def test_the_bot_over_real_vllm_keeps_its_promises(vllm, tmp_path):
             body = {"prompt": "부정 배우들 연기가", "n": 2, "best_of": 4, "seed": 1234, "max_length": 30}
             first = await (await client.post("/api", json=body)).json()
             again = await (await client.post("/api", json=body)).json()
-            assert len(first["continuations"]) == 2 and len(first["confidence"]) == 2
-            assert first["continuations"] == again["continuations"] and first["seeds"] == again["seeds"]
+            assert len(first["results"]) == 2 and len(first["confidence"]) == 2
+            assert first["results"] == again["results"] and first["seeds"] == again["seeds"]
             # a pick's seed reproduces it alone, streamed
             alone = {"prompt": "부정 배우들 연기가", "best_of": 1, "seed": first["seeds"][0], "max_length": 30}
             resp = await client.post("/api/stream", json=alone)
-            lines = [line for line in (await resp.text()).splitlines() if line]
-            assert resp.status == 200 and len(lines) >= 2
-            assert first["continuations"][0] in lines[-1]
+            lines = [json.loads(line) for line in (await resp.text()).splitlines() if line]
+            assert resp.status == 200 and "partial" in lines[0] and len(lines) >= 2
+            assert lines[-1]["results"] == first["results"][:1] and lines[-1]["seeds"] == first["seeds"][:1]
 
         # vLLM restarted mid-run: a request in flight hears "restarting or unreachable" (not a timeout) …
         long = engine.prepare(parse_gen("긍정 아 정말 best_of=1 max_length=128 min_length=127", engine.defaults,
@@ -133,7 +134,7 @@ async def test_the_bot_over_real_vllm_keeps_its_promises(vllm, tmp_path):
             await asyncio.sleep(0.5)
         after = await engine.generate(engine.prepare(parse_gen(
             "부정 배우들 연기가 n=2 best_of=4 seed=1234 max_length=30", engine.defaults, engine.limits)))
-        assert list(after.continuations) == first["continuations"]
+        assert list(after.texts()) == first["results"]
     finally:
         core.store.close()
         await engine.stop()
