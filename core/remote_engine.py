@@ -276,6 +276,8 @@ class RemoteEngine:
                 index, delta = deltas.get_nowait()
                 texts[index] += delta
                 yield Generation(request, tuple(texts), tuple(seeds[:request.knobs.n]), 0, False)
+            if task.cancelled():  # stopped under it (the bot is stopping)
+                raise ShuttingDown(RESTARTING)
             final: Generation = task.result()
             new_tokens, delivered = final.new_tokens, True
             yield final
@@ -334,10 +336,10 @@ class RemoteEngine:
         if request.best_of > 1 and not self.logprobs:
             raise UserError(NO_BEST_OF)
         k = request.best_of
-        candidates = list(await asyncio.gather(*(
+        candidates = await _all([
             self._candidate(prepared, row, seed, deadline, on_delta if k == 1 else None)
             for row, seed in enumerate(seeds)
-        )))
+        ])
         new_tokens = sum(c.count for c in candidates)
         if k == 1:
             return Generation(request, tuple(c.text for c in candidates), tuple(seeds), new_tokens, True)
@@ -639,6 +641,16 @@ async def _json_or_none(resp: aiohttp.ClientResponse) -> object:
     with contextlib.suppress(wire.WireError, aiohttp.ClientError):
         return await wire.read_json(resp, wire.BASE_BYTES)
     return None
+
+
+async def _all(coros: list) -> list:
+    """Every row's result; when one fails, the others are cancelled (not left running against the remote)."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -19,7 +19,7 @@ from bot.web import create_app
 from core import openai_wire, remote_engine
 from core.backend import BUSY
 from core.backends import start_backend
-from core.errors import BusyError, EngineUnavailable, ModelLoadError, RequestTimeout
+from core.errors import BusyError, EngineUnavailable, ModelLoadError, RequestTimeout, UserError
 from core.grammar import parse_gen
 from core.remote_engine import KEY_REFUSED, MALFORMED, UNREACHABLE, RemoteEngine
 from core.service import BotCore
@@ -266,3 +266,18 @@ def test_any_answer_is_read_or_refused_with_the_sentence(tiny_dir, tmp_path, pay
         pass  # the caller turns it into MALFORMED
     else:
         assert isinstance(candidate.text, str) and 0 <= candidate.count <= 9
+
+
+async def test_a_failing_row_stops_its_sibling_rows(remote, vllm):
+    vllm.failures = [400, "hang"]  # one row is refused while the other is still waiting for the remote
+    with pytest.raises(UserError, match="거절했습니다"):
+        await remote.generate(req(remote, "긍정 아 정말 n=2"))
+
+    def rows_left() -> list:
+        return [t for t in asyncio.all_tasks() if "_candidate" in repr(t.get_coro())]
+
+    for _ in range(100):
+        if not rows_left():
+            break
+        await asyncio.sleep(0)
+    assert rows_left() == []
