@@ -257,6 +257,7 @@ class RemoteEngine:
         task = self._spawn(self._run(prepared, seeds, deadline, deltas.put_nowait if updates else None))
         error: BaseException | None = None
         new_tokens, delivered = 0, False
+        getter: asyncio.Future | None = None
         try:
             while not task.done():
                 getter = asyncio.ensure_future(deltas.get())
@@ -286,6 +287,8 @@ class RemoteEngine:
             raise
         finally:
             task.cancel()
+            if getter is not None:
+                getter.cancel()  # the reader was cancelled while waiting: no task left pending
             self._flights.discard(flight)
             outcome = "ok" if delivered else outcome_of(error)  # closed after its final item: the normal end
             self.telemetry.finished(request, outcome, time.monotonic() - started, new_tokens)

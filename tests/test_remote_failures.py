@@ -281,3 +281,24 @@ async def test_a_failing_row_stops_its_sibling_rows(remote, vllm):
             break
         await asyncio.sleep(0)
     assert rows_left() == []
+
+
+async def test_a_reader_cancelled_while_waiting_leaves_nothing_pending(remote, vllm):
+    vllm.failures = ["hang"]
+    stream = remote.stream(remote.prepare(req(remote)))
+    reader = asyncio.ensure_future(anext(stream))
+    await arrived(vllm, 1)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+
+    def left() -> list:
+        return [t for t in asyncio.all_tasks() if "Queue.get" in repr(t.get_coro()) or "_run" in repr(t.get_coro())]
+
+    for _ in range(100):
+        if not left():
+            break
+        await asyncio.sleep(0)
+    assert left() == [] and remote.queue_depth == 0
+    metrics = remote.telemetry.metrics.render()[0].decode()
+    assert 'bot_requests_total{frontend="internal",outcome="cancelled"} 1.0' in metrics
