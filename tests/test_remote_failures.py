@@ -302,3 +302,20 @@ async def test_a_reader_cancelled_while_waiting_leaves_nothing_pending(remote, v
     assert left() == [] and remote.queue_depth == 0
     metrics = remote.telemetry.metrics.render()[0].decode()
     assert 'bot_requests_total{frontend="internal",outcome="cancelled"} 1.0' in metrics
+
+
+async def test_python_m_bot_says_which_models_the_remote_serves(tiny_dir, tmp_path, vllm):
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
+    env.update(HF_HUB_OFFLINE="1", BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_ENGINE__BACKEND="openai",
+               BOT_ENGINE__URL=vllm.url, BOT_ENGINE__API_KEY=KEY, BOT_ENGINE__MODEL="kogpt2-wrong",
+               BOT_STORE__PATH=str(tmp_path / "s.db"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--check", cwd=Path(__file__).resolve().parents[1], env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode != 0
+    assert "it serves: kogpt2" in err.decode() and "Traceback" not in err.decode()
