@@ -16,6 +16,7 @@ import time
 # OpenMP; the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from bot.log_limits import limit_repeats
 from core.errors import ModelLoadError, UserError
 from core.settings import Settings, SettingsError, load_settings
 
@@ -42,10 +43,13 @@ def _quiet_libraries() -> None:
 
 def preflight(settings: Settings) -> list[str]:
     """Everything that can be checked without the model, checked before the minutes its load may take: secrets
-    (token files are read here) and the store (opened, and a write tried). Returns the enabled front ends' names."""
+    (token files are read here), the store (opened, and a write tried), and that a remote backend is not this bot's
+    own engine node. Returns the enabled front ends' names."""
     from bot.runner import enabled_front_ends
     from core.chat_store import ChatStore
+    from core.hops import check_not_own_node
 
+    check_not_own_node(settings)
     fronts = [fe.name for fe in enabled_front_ends(settings)]
     ChatStore(settings.store.path).close()
     return fronts
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_repeats()
     _quiet_libraries()
     try:
         return asyncio.run(_main(args.check))

@@ -1,46 +1,40 @@
 """The bot as an engine node: `POST /v1/completions` and `GET /v1/models` in the OpenAI dialect as vLLM speaks it.
 
 One machine with the model serves many front-end processes (`[engine] backend = "openai"`) through a stock load
-balancer. The subset: `prompt` (text or token ids), `max_tokens`, `min_tokens`, `temperature`, `top_p`, `top_k`,
-`repetition_penalty`, `seed`, `n`, `stream` (server-sent events), and `no_repeat_ngram_size` as an extension. A field
-outside it is refused with a 400 naming it, never ignored. Lengths here count new tokens, as in OpenAI's API; the bot's
-own knobs count the prompt too, so they are converted with the model's tokenizer. Optional bearer token:
-`web.api_token` (or `api_token_file`).
+balancer. Request fields: `prompt` (a string, a list of token ids, or a list of either: one completion per prompt),
+`max_tokens` (0 only with `echo`: the prompt scored, nothing generated), `min_tokens`, `temperature` (0 = greedy),
+`top_p`, `top_k` (0 or -1 = off), `repetition_penalty`, `seed`, `n`, `stream` (server-sent events), `echo`, `logprobs`
+(0-20), vLLM's `prompt_logprobs` (0-20), `return_tokens_as_token_ids` and `return_token_ids`, and
+`no_repeat_ngram_size` as an extension. Log-probabilities are of the model's raw distribution (log-softmax of its
+logits before temperature, top-k/top-p and penalties), as vLLM reports them by default. A field outside this is
+refused with a 400 naming it, never ignored. Lengths here count new tokens, as in OpenAI's API; `usage` counts each
+completion's new tokens without the end-of-text token. Optional bearer token: `web.api_token` (or `api_token_file`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import secrets
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from core.errors import (
-    BusyError,
-    EngineUnavailable,
-    RequestTimeout,
-    ShuttingDown,
-    UserError,
-)
-from core.knobs import VOCAB_TOP_K_MAX, validate_knobs
+from bot import openai_response as answer
+from bot.openai_request import Completion, model_id, parse_completion
+from bot.web_body import BodyRefused, check_text, read_json
+from bot.web_server import client_left, dumps
+from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.hops import HOP_HEADER, MAX_HOPS, incoming_hops
 from core.remote_engine import ENGINE_NODE_OWNER
 from core.service import BotCore
-from core.types import Generation, GenRequest
+from core.types import Generation, PreparedRequest
 
 log = logging.getLogger(__name__)
 
 NODE_KEY = web.AppKey("openai_core", BotCore)
-KNOB_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "no_repeat_ngram_size")
-ACCEPTED = {"model", "prompt", "max_tokens", "min_tokens", "stream", *KNOB_FIELDS}
-# Accepted only at the value that means "off", since that is what the engine does anyway.
-NEUTRAL = {"echo": (False,), "logprobs": (None,), "stop": (None, [], ""), "suffix": (None, ""), "user": None,
-           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "stream_options": None, "best_of": (None, 1)}
-OPENAI_DEFAULT_MAX_TOKENS = 16
 
 
 def add_routes(app: web.Application, core: BotCore) -> None:
@@ -49,23 +43,20 @@ def add_routes(app: web.Application, core: BotCore) -> None:
     app.add_routes([web.post("/v1/completions", completions), web.get("/v1/models", models)])
 
 
-def model_id(core: BotCore) -> str:
-    """The served model's name: the checkpoint's file or directory name, else model.pretrained."""
-    checkpoint = core.settings.model.checkpoint.strip()
-    return Path(checkpoint).name if checkpoint else core.settings.model.pretrained
-
-
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return web.json_response(body, status=status, dumps=dumps)
 
 
 def _authorised(request: web.Request, core: BotCore) -> bool:
+    """`Authorization: Bearer <token>`; the scheme's case does not matter (RFC 9110), the token's does."""
     token = core.settings.web.api_secret()
     if not token:
         return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as the bytes they were.
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, token.encode())
 
 
 def _unauthorised() -> web.Response:
@@ -78,72 +69,31 @@ async def models(request: web.Request) -> web.Response:
         return _unauthorised()
     entry = {"id": model_id(core), "object": "model", "created": 0, "owned_by": ENGINE_NODE_OWNER,
              "max_model_len": core.settings.limits.max_length}
-    return web.json_response({"object": "list", "data": [entry]})
+    return web.json_response({"object": "list", "data": [entry]}, dumps=dumps)
 
-
-def parse_completion(body: object, core: BotCore) -> tuple[GenRequest, int, bool]:
-    """The bot's request, the prompt's token count, and whether to stream; UserError naming what is wrong."""
-    if not isinstance(body, dict):
-        raise UserError("요청 본문은 JSON 객체여야 합니다. (body must be a JSON object)")
-    unknown = sorted(k for k in body if k not in ACCEPTED and k not in NEUTRAL)
-    ignored = sorted(k for k, ok in NEUTRAL.items() if k in body and ok is not None and body[k] not in ok)
-    if unknown or ignored:
-        names = ", ".join(unknown + ignored)
-        raise UserError(f"이 서버는 {names}을(를) 지원하지 않습니다. (unsupported field(s): {names})")
-    name = body.get("model")
-    if name not in (None, "", model_id(core)):
-        raise LookupError(f"모델 '{name}'이(가) 없습니다. 이 서버의 모델: {model_id(core)} (the model does not exist)")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = len(core.engine.tokenizer)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise UserError(f"prompt의 토큰 id는 0 이상 {vocab} 미만이어야 합니다. (token ids must be in [0, {vocab}))")
-        prompt = core.engine.tokenizer.decode(prompt, skip_special_tokens=False)
-    if not isinstance(prompt, str):
-        raise UserError("prompt는 문자열 하나 또는 토큰 id 목록 하나여야 합니다. (prompt must be one string or one "
-                        "list of token ids)")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise UserError("stream은 true 또는 false여야 합니다. (stream must be a boolean)")
-    ids = core.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    raw = {k: body[k] for k in KNOB_FIELDS if body.get(k) is not None}
-    if raw.get("top_k") in (-1, 0):  # vLLM's "no top-k"
-        raw["top_k"] = VOCAB_TOP_K_MAX
-    max_tokens = body.get("max_tokens", OPENAI_DEFAULT_MAX_TOKENS)
-    min_tokens = body.get("min_tokens", 0)
-    for field, value in (("max_tokens", max_tokens), ("min_tokens", min_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise UserError(f"{field}는 0 이상의 정수여야 합니다. ({field} must be a non-negative integer)")
-    raw["max_length"] = len(ids) + max(1, max_tokens)
-    raw["min_length"] = min(len(ids) + min_tokens, raw["max_length"])
-    knobs = validate_knobs(raw, core.engine.defaults, core.settings.limits)
-    request = GenRequest(label=None, prompt=prompt, knobs=knobs, origin="openai")
-    core.engine.prepare(request)  # the length rules, before anything is generated
-    return request, len(ids), stream
-
-
-def _finish_reason(core: BotCore, gen: Generation, index: int, prompt_tokens: int) -> str:
-    used = len(core.engine.tokenizer(gen.continuations[index], add_special_tokens=False)["input_ids"])
-    return "length" if prompt_tokens + used >= gen.request.knobs.max_length else "stop"
-
-
-def _usage(gen: Generation, prompt_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": gen.new_tokens,
-            "total_tokens": prompt_tokens + gen.new_tokens}
-
+def _hops(request: web.Request) -> int:
+    """The hop count the request came with; UserError when it is not a count or the request has looped."""
+    raw = request.headers.get(HOP_HEADER, "0").strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 3:
+        raise UserError(f"{HOP_HEADER} 헤더는 0 이상의 정수여야 합니다. ({HOP_HEADER} must be a non-negative integer)")
+    hops = int(raw)
+    if hops >= MAX_HOPS:
+        raise UserError(f"요청이 봇 엔진 노드를 {hops}번 거쳐 왔습니다. engine.url이 돌고 도는지 확인하세요. (the request "
+                        f"has passed through {hops} bot engine nodes: engine.url settings form a loop)")
+    return hops
 
 async def completions(request: web.Request) -> web.StreamResponse:
     core = request.app[NODE_KEY]
     if not _authorised(request, core):
         return _unauthorised()
     try:
-        body = json.loads((await request.read()).decode("utf-8"))
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, "요청이 너무 큽니다. (request body too large)")
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return _error(400, "요청 본문이 올바른 JSON이 아닙니다. (malformed JSON)")
-    try:
-        gen_request, prompt_tokens, stream = parse_completion(body, core)
+        hops = _hops(request)
+        body = await read_json(request)
+        check_text(body)
+        completion = parse_completion(body, core)
+    except BodyRefused as exc:
+        core.engine.telemetry.refused("openai", "user_error")
+        return exc.response(_error)
     except LookupError as exc:
         core.engine.telemetry.refused("openai", "user_error")
         return _error(404, str(exc.args[0]), "NotFoundError", "model")
@@ -151,17 +101,35 @@ async def completions(request: web.Request) -> web.StreamResponse:
         core.engine.telemetry.refused("openai", "user_error")
         return _error(400, str(exc))
     ident, created, name = f"cmpl-{secrets.token_hex(12)}", int(time.time()), model_id(core)
-    if stream:
-        return await _stream(request, core, gen_request, prompt_tokens, ident, created, name)
+    token = incoming_hops.set(hops)  # a remote backend's requests from here on carry hops + 1
     try:
-        gen = await core.engine.generate(gen_request)
-    except Exception as exc:  # noqa: BLE001 (mapped to a status; unexpected ones are logged there)
-        return _engine_error(exc)
-    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": _finish_reason(core, gen, i, prompt_tokens)}
-               for i, text in enumerate(gen.continuations)]
+        if completion.stream:
+            return await _stream(request, core, completion, ident, created, name)
+        try:
+            gens = await _generate_all(core, completion.prepared)
+        except Exception as exc:  # noqa: BLE001 (mapped to a status; unexpected ones are logged there)
+            return _engine_error(exc)
+    finally:
+        incoming_hops.reset(token)
+    choices, new_tokens = answer.choices(completion, gens, core)
+    prompt_tokens = sum(len(p.prompt_ids) for p in completion.prepared)
     return web.json_response({"id": ident, "object": "text_completion", "created": created, "model": name,
-                              "choices": choices, "usage": _usage(gen, prompt_tokens)},
-                             dumps=lambda o: json.dumps(o, ensure_ascii=False))
+                              "choices": choices, "usage": answer.usage(prompt_tokens, new_tokens)}, dumps=dumps)
+
+
+async def _generate_all(core: BotCore, prepared: Sequence[PreparedRequest]) -> list[Generation]:
+    """Every prompt's generation, side by side in the engine's batch; the first failure cancels the rest."""
+    tasks = [asyncio.ensure_future(core.engine.generate(p)) for p in prepared]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    failed = next((t.exception() for t in tasks if not t.cancelled() and t.exception() is not None), None)
+    if failed is not None:
+        raise failed
+    return [task.result() for task in tasks]
 
 
 def _engine_error(exc: Exception) -> web.Response:
@@ -177,10 +145,34 @@ def _engine_error(exc: Exception) -> web.Response:
     return _error(500, "생성 중 오류가 났습니다. (generation failed)", "server_error")
 
 
-async def _stream(request: web.Request, core: BotCore, gen_request: GenRequest, prompt_tokens: int,
-                  ident: str, created: int, name: str) -> web.StreamResponse:
-    """Server-sent events as vLLM sends them: one `data: {chunk}` per text delta, then `data: [DONE]`."""
-    updates = core.engine.stream(core.engine.prepare(gen_request))  # stream takes a PreparedRequest
+async def _merged(streams: Sequence[AsyncIterator[Generation]]) -> AsyncIterator[tuple[int, Generation]]:
+    """(prompt index, update) from several engine streams as each comes; every stream is closed on the way out."""
+    pending = {asyncio.ensure_future(anext(s)): k for k, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                k = pending.pop(task)
+                try:
+                    gen = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield k, gen
+                pending[asyncio.ensure_future(anext(streams[k]))] = k
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _stream(request: web.Request, core: BotCore, completion: Completion, ident: str, created: int,
+                  name: str) -> web.StreamResponse:
+    """Server-sent events as vLLM sends them: `data: {chunk}` per text delta (with its tokens' log-probabilities when
+    asked; prompt p's i-th choice at index p × n + i), a last chunk per choice with its finish_reason, one usage
+    chunk, then `data: [DONE]`."""
+    updates = _merged([core.engine.stream(p) for p in completion.prepared])
     try:
         first = await anext(updates)  # errors before any text still get a proper status code
     except Exception as exc:  # noqa: BLE001
@@ -188,38 +180,79 @@ async def _stream(request: web.Request, core: BotCore, gen_request: GenRequest, 
         return _engine_error(exc)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    sent = [""] * gen_request.knobs.n
+    n = completion.prepared[0].request.knobs.n
+    choices = n * len(completion.prepared)
+    sent, tokens_sent, offsets = [""] * choices, [0] * choices, [0] * choices
+    echoed, finished = [False] * len(completion.prepared), [0] * len(completion.prepared)
+    text = answer.Tokens(core, completion.as_ids)
 
     async def send(payload: dict | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        data = payload if isinstance(payload, str) else dumps(payload)
         await response.write(f"data: {data}\n\n".encode())
 
-    async def emit(gen: Generation) -> None:
-        for i, text in enumerate(gen.continuations):
+    async def chunk(i: int, delta: str, positions: list, finish: str | None = None) -> None:
+        choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        if completion.logprobs is not None:
+            choice["logprobs"] = answer.logprobs_block(positions, completion.logprobs, text, offsets[i])
+        offsets[i] += len(delta)
+        await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [choice]})
+
+    async def emit(p: int, gen: Generation) -> None:
+        if completion.echo and not echoed[p]:
+            echoed[p] = True
+            for i in range(p * n, (p + 1) * n):
+                await chunk(i, completion.texts[p], answer.prompt_positions(completion.prepared[p], gen))
+        if completion.scoring_only:
+            if not finished[p]:
+                finished[p] = 1
+                for i in range(p * n, (p + 1) * n):
+                    await chunk(i, "", [], "length")
+            return
+        for j, continuation in enumerate(gen.continuations):
+            i = p * n + j
             # A trailing "�" is half a character that the next step completes: hold it back until then.
-            stable = text if gen.done else text.rstrip("�")
-            if stable.startswith(sent[i]) and len(stable) > len(sent[i]):
-                delta, sent[i] = stable[len(sent[i]):], stable
-                await send({"id": ident, "object": "text_completion", "created": created, "model": name,
-                            "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": None}]})
+            stable = continuation if gen.done else continuation.rstrip("�")
+            positions = answer.sampled_positions(gen, j)[tokens_sent[i]:]
+            grew = stable.startswith(sent[i]) and len(stable) > len(sent[i])
+            if grew or (positions and completion.logprobs is not None and not gen.done):
+                delta = stable[len(sent[i]):] if grew else ""
+                sent[i] = stable if grew else sent[i]
+                tokens_sent[i] += len(positions)
+                await chunk(i, delta, positions)
+                positions = []
+            if gen.done:
+                tokens_sent[i] += len(positions)
+                await chunk(i, "", positions, answer.finish_reason(gen, j))
         if gen.done:
-            for i in range(len(gen.continuations)):
-                await send({"id": ident, "object": "text_completion", "created": created, "model": name,
-                            "choices": [{"index": i, "text": "", "logprobs": None,
-                                         "finish_reason": _finish_reason(core, gen, i, prompt_tokens)}]})
-            await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [],
-                        "usage": _usage(gen, prompt_tokens)})
+            finished[p] = answer.new_tokens(gen)
 
     try:
-        await emit(first)
-        async for gen in updates:
-            await emit(gen)
+        update = first
+        while True:
+            await emit(*update)
+            if completion.scoring_only and all(finished):  # every prompt scored: nothing more to wait for
+                break
+            try:
+                update = await anext(updates)
+            except StopAsyncIteration:
+                break
+        prompt_tokens = sum(len(p.prompt_ids) for p in completion.prepared)
+        new_tokens = 0 if completion.scoring_only else sum(finished)
+        await send({"id": ident, "object": "text_completion", "created": created, "model": name, "choices": [],
+                    "usage": answer.usage(prompt_tokens, new_tokens)})
         await send("[DONE]")
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception as exc:  # noqa: BLE001 (the status line is gone: the error goes in the stream, as vLLM does)
-        await send({"error": {"message": str(exc) if isinstance(exc, UserError) else "generation failed",
-                              "type": "server_error", "code": 503}})
+    except ConnectionResetError:
+        client_left(request, "/v1/completions")
+        return response
+    except Exception as exc:  # the status line is gone: the error goes in the stream, as vLLM does
+        if not isinstance(exc, UserError):
+            log.error("engine-node stream failed", exc_info=exc)
+        try:
+            await send({"error": {"message": str(exc) if isinstance(exc, UserError) else "generation failed",
+                                  "type": "server_error", "code": 503}})
+        except ConnectionResetError:
+            client_left(request, "/v1/completions")
+            return response
     finally:
         await updates.aclose()
     await response.write_eof()

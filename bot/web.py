@@ -14,13 +14,12 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from bot.openai_api import add_routes as add_openai_routes
-from bot.web_server import GuardedRunner, dumps
+from bot.web_body import MAX_BODY, TOO_LARGE, TOO_SLOW, BodyRefused, check_text, read_json
+from bot.web_server import GuardedRunner, client_left, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
-from core.errors import BusyError, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
-from core.grammar import reject_broken_text
+from core.errors import BusyError, ClientLeft, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
 from core.knobs import knob_specs
 from core.service import BotCore
 from core.types import Generation
@@ -28,16 +27,14 @@ from core.types import Generation
 log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = web.AppKey("conversation", Conversation)
-MAX_BODY = 64 * 1024
-BODY_TIMEOUT_S = 10.0  # and its body this long after the headers
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
 WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
     404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
     405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
-    408: "요청 본문이 제때 도착하지 않았습니다. (request body too slow)",
-    413: f"요청이 너무 큽니다 (최대 {MAX_BODY // 1024} KiB). (request body too large)",
+    408: TOO_SLOW,
+    413: TOO_LARGE,
     431: "요청 헤더가 너무 큽니다. (request headers too large)",
 }
 
@@ -58,19 +55,6 @@ def _result(gen: Generation) -> dict:
     return out
 
 
-def _check_text(value: object) -> None:
-    """Every string in the body, keys included, is valid Unicode (JSON's `\\ud800` escapes can make one that is not)."""
-    if isinstance(value, str):
-        reject_broken_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item)
-
-
 class _Refused(Exception):
     def __init__(self, response: web.Response):
         self.response = response
@@ -85,31 +69,14 @@ async def _prepared(request: web.Request, base: str):  # noqa: ANN202
         return _Refused(_error(status, message))
 
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            raw = await request.read()
-        payload = json.loads(raw.decode("utf-8"))
-    except web.HTTPRequestEntityTooLarge:
-        raise refuse(413, STATUS_TEXT[413]) from None
-    except TimeoutError:
-        request.content.feed_eof()  # no lingering for the rest of a body that does not come
-        refused = refuse(408, STATUS_TEXT[408])
-        refused.response.force_close()
-        raise refused from None
-    except RequestPayloadError:
-        # The rest of the body cannot be read either: mark it finished, or aiohttp drops the connection (and this
-        # answer) trying to drain it.
-        request.content.feed_eof()
-        refused = refuse(400, "요청 본문을 풀 수 없습니다 (Content-Encoding이 맞지 않음). (cannot decode the body)")
-        refused.response.force_close()
-        raise refused from None
-    except UnicodeDecodeError:
-        raise refuse(400, "요청 본문이 UTF-8이 아닙니다. (body is not UTF-8)") from None
-    except (ValueError, RecursionError):  # malformed JSON, or an integer past Python's digit limit
-        raise refuse(400, '요청 본문이 올바른 JSON이 아닙니다. 예: {"prompt": "긍정 아 정말"} (malformed JSON)') from None
+        payload = await read_json(request, example='{"prompt": "긍정 아 정말"}')
+    except BodyRefused as exc:
+        conversation.backend.telemetry.refused("web", "user_error")
+        raise _Refused(exc.response(_error)) from None
     if not isinstance(payload, dict):
         raise refuse(422, '요청 본문은 JSON 객체여야 합니다. 예: {"prompt": "긍정 아 정말"} (body must be a JSON object)')
     try:
-        _check_text(payload)
+        check_text(payload)
     except UserError as exc:
         raise refuse(422, str(exc)) from None
     try:
@@ -142,6 +109,7 @@ class _LinesTarget:
     def __init__(self, response: web.StreamResponse):
         self.response = response
         self.edit_interval = STREAM_INTERVAL_S
+        self.gone = False  # the client closed the connection
 
     async def send(self, reply: Reply) -> None:
         if reply.error:
@@ -150,7 +118,11 @@ class _LinesTarget:
             line = {**_result(reply.generation), "prompt": reply.generation.request.model_prompt}
         else:
             line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt}
-        await self.response.write((dumps(line) + "\n").encode("utf-8"))
+        try:
+            await self.response.write((dumps(line) + "\n").encode("utf-8"))
+        except ConnectionResetError:
+            self.gone = True
+            raise ClientLeft from None
 
     edit = send
 
@@ -169,8 +141,12 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8",
                                            "Cache-Control": "no-store"})
     await response.prepare(request)
-    await request.app[CONVERSATION_KEY].reply(_LinesTarget(response), prepared, "web /api/stream")
-    await response.write_eof()
+    target = _LinesTarget(response)
+    await request.app[CONVERSATION_KEY].reply(target, prepared, "web /api/stream")
+    if target.gone:
+        client_left(request, "/api/stream")
+    else:
+        await response.write_eof()
     return response
 
 

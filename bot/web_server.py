@@ -7,15 +7,20 @@ of half-sent requests cannot use up the file descriptors and `/healthz` stays an
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 
 from aiohttp import web, web_protocol, web_server
 
 from core.conversation import error_text
 
+log = logging.getLogger(__name__)
+
 HEADER_TIMEOUT_S = 10.0  # a request's headers must be complete this long after the connection opens
 KEEPALIVE_TIMEOUT_S = 15.0  # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 512  # beyond this, the oldest connection still sending its headers is closed
+MAX_CONNECTIONS = 512  # beyond this, the oldest connection still sending its headers or body is closed
 LOW_LEVEL_TEXT = {  # errors aiohttp's parser finds before any handler runs
     400: "요청을 이해할 수 없습니다. (bad request)",
     413: "요청이 너무 큽니다. (request too large)",
@@ -33,8 +38,30 @@ def dumps(payload: object) -> str:
     return text
 
 
+def client_left(request: web.Request, route: str) -> None:
+    """A client closing its stream early is normal: one INFO line, no traceback."""
+    log.info("client %s left %s before the end", request.remote or "?", route)
+
+
+@contextlib.contextmanager
+def reading_body(request: web.Request) -> Iterator[None]:
+    """While a handler waits for the request's body, its connection counts as still sending (the first to be closed
+    past MAX_CONNECTIONS), so half-sent bodies cannot hold every file descriptor until their deadline."""
+    handler = request.protocol
+    guarded = isinstance(handler, _GuardedHandler)
+    if guarded:
+        handler.body_pending = True
+    try:
+        yield
+    finally:
+        if guarded:
+            handler.body_pending = False
+
+
 class _GuardedHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler with a deadline for the request's headers and JSON for its own errors."""
+
+    body_pending = False  # a handler is waiting for this request's body (reading_body)
 
     def connection_made(self, transport) -> None:  # noqa: ANN001
         super().connection_made(transport)
@@ -85,7 +112,8 @@ class _GuardedServer(web_server.Server):
         self._open += 1
         self._waiting[handler] = None
         if self._open > MAX_CONNECTIONS:
-            stale = next((h for h in self._waiting if h is not handler and h.headers_due is not None), None)
+            stale = next((h for h in self._waiting
+                          if h is not handler and (h.headers_due is not None or h.body_pending)), None)
             if stale is not None and stale.transport is not None:
                 stale.transport.close()
 

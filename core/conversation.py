@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from core.access import REFUSAL, Access, Verdict
-from core.errors import NotAllowed, RateLimited, ShuttingDown, UserError
+from core.errors import ClientLeft, NotAllowed, RateLimited, ShuttingDown, UserError
 from core.followups import parse_button
 from core.grammar import check_best_of, normalise_label, parse_gen, request_from_text
 from core.knobs import knob_specs, resolve_key, validate_knobs
@@ -107,7 +107,7 @@ def error_text(exc: BaseException, where: str) -> str | None:
 
     Unexpected exceptions are logged with a short request id, which the apology repeats, so a user's report can be
     found in the log."""
-    if isinstance(exc, (RateLimited, NotAllowed)) and exc.quiet:
+    if isinstance(exc, (RateLimited, NotAllowed)) and exc.quiet or isinstance(exc, ClientLeft):
         return None
     if isinstance(exc, UserError):
         return str(exc)

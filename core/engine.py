@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import Cache, GPT2LMHeadModel
 
-from core import rerank
+from core import logprobs, rerank
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
 from core.devices import device_of, usable_cpus
 from core.errors import BusyError, ShuttingDown, UserError
@@ -32,7 +32,7 @@ from core.sampling import PAD_ID, next_tokens
 from core.settings import Settings
 from core.telemetry import Telemetry
 from core.thread_tuner import ThreadTuner, candidates_for
-from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest
+from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 __all__ = ["RESTARTING", "Engine", "row_seeds", "start_engine"]  # the shared names stay importable from here
@@ -55,6 +55,9 @@ class _Job:
     own_logprobs: list[float] = field(default_factory=list)
     picks: tuple[list[int], tuple[float, ...]] | None = None  # the rerank's choice and confidences, once done
     prompt_text: str | None = None  # the prompt decoded, cached for cutting it off each continuation
+    # Only when the request asks (the engine node): each candidate's sampled tokens' and the prompt's log-probabilities
+    token_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -227,7 +230,13 @@ class Engine:
         else:  # a partial: most are dropped by the reader's throttle, so decode only the ones it reads
             texts = _Decoded(lambda: tuple(self._continuation(job, ids) for ids in generated), len(generated))
         seeds = tuple(job.seeds[i] for i in chosen)  # each pick's own seed reproduces it with best_of=1
-        return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence)
+        ends = tuple(("stop" if job.stopped[i] else "length") if job.finished[i] else None for i in chosen)
+        scored = None
+        if job.request.logprobs is not None:
+            scored = tuple(tuple(job.token_logprobs[i][: len(generated[k]) + (ends[k] == "stop")])
+                           for k, i in enumerate(chosen))
+        return Generation(job.request, texts, seeds, sum(map(len, job.generated)), done, confidence,
+                          tuple(map(tuple, generated)), ends, scored, job.prompt_logprobs)
 
     def _rerank(self, jobs: list[_Job]) -> None:
         """Pick the best of each group of `best_of` rows by the label score, for every job that finished this step:
@@ -383,6 +392,15 @@ class Engine:
             job.finished = [False] * n
             job.stopped = [False] * n
             job.own_logprobs = [0.0] * n
+            job.token_logprobs = [[] for _ in range(n)]
+            if job.request.prompt_logprobs is not None:
+                try:
+                    job.prompt_logprobs = logprobs.prompt_logprobs(self.model, job.prompt_ids,
+                                                                   job.request.prompt_logprobs)
+                except Exception as exc:  # this job alone fails; the others start
+                    log.exception("scoring a prompt of %d tokens failed", len(job.prompt_ids))
+                    self._fail(job, exc)
+                    job.cancelled = True
             for candidate, seed in enumerate(job.seeds):
                 rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
         self._advance(rows, logits)
@@ -398,6 +416,11 @@ class Engine:
         knobs = [row.job.request.knobs for row in rows]
         tokens = next_tokens(ids, logits, knobs, [row.generator for row in rows], self.eos_id)
         self._add_own_logprobs(rows, logits, tokens)
+        if wanted := [i for i, row in enumerate(rows) if row.job.request.logprobs is not None]:
+            scored = logprobs.token_logprobs(logits[torch.tensor(wanted)], [tokens[i] for i in wanted],
+                                             [rows[i].job.request.logprobs for i in wanted])
+            for i, entry in zip(wanted, scored):
+                rows[i].job.token_logprobs[rows[i].candidate].append(entry)
         touched: dict[_Job, None] = {}
         for row, token in zip(rows, tokens):
             job = row.job

@@ -44,3 +44,7 @@ class EngineUnavailable(UserError):
 class StoreError(UserError):
     """The per-chat settings store cannot be used (read-only, full disk, corrupt, a directory). Not the user's doing,
     but the reply says what failed rather than a generic apology about generation."""
+
+
+class ClientLeft(Exception):
+    """The reader of a reply went away (a web client closed its stream): normal, and there is nobody left to tell."""

@@ -76,8 +76,8 @@ def reject_broken_text(text: str) -> None:
         raise UserError(BROKEN_TEXT.format(code=ord(bad)))
 
 
-def check_prompt(prompt: str, limits: LimitsSettings) -> str:
-    """No control characters, at most `max_prompt_chars`; runs of spaces become one. Every front end uses it."""
+def reject_control_chars(prompt: str) -> None:
+    """Valid Unicode without control characters (newlines and tabs allowed), else a UserError naming the first."""
     reject_broken_text(prompt)
     bad = next((ch for ch in prompt if unicodedata.category(ch) == "Cc" and ch not in "\n\t"), None)
     if bad is not None:
@@ -85,6 +85,11 @@ def check_prompt(prompt: str, limits: LimitsSettings) -> str:
             f"프롬프트에 제어 문자(U+{ord(bad):04X})가 들어 있습니다. 지우고 다시 보내 주세요. "
             f"(the prompt contains a control character)"
         )
+
+
+def check_prompt(prompt: str, limits: LimitsSettings) -> str:
+    """No control characters, at most `max_prompt_chars`; runs of spaces become one. Every front end uses it."""
+    reject_control_chars(prompt)
     if len(prompt) > limits.max_prompt_chars:
         raise UserError(
             f"프롬프트가 너무 깁니다: {len(prompt)}자. 최대 {limits.max_prompt_chars}자까지 가능합니다. "

@@ -80,9 +80,9 @@ def validated(model: type[BaseModel], payload: object) -> BaseModel:
 def completion_body(model: str, prompt_ids: Sequence[int], knobs: Knobs, seed: int, stream: bool, extensions: bool,
                     logprobs: bool) -> dict:
     """One candidate's body in vLLM's fields (lengths there count new tokens only). `logprobs`: also each sampled
-    token's log-probability under the model's own distribution (vLLM's default raw logprobs), and from vLLM the
-    tokens as `token_id:N` (`return_tokens_as_token_ids`; an engine node, `extensions`, names its tokenizer's
-    pieces), so they can be scored again exactly."""
+    token's log-probability under the model's own distribution (vLLM's default raw logprobs), and the tokens as
+    `token_id:N` (`return_tokens_as_token_ids`, which vLLM and the engine node both take), so they can be scored
+    again exactly."""
     body = {
         "model": model,
         "prompt": list(prompt_ids),
@@ -100,19 +100,15 @@ def completion_body(model: str, prompt_ids: Sequence[int], knobs: Knobs, seed: i
         body["no_repeat_ngram_size"] = knobs.no_repeat_ngram_size
     if logprobs:
         body["logprobs"] = 0
-        if not extensions:
-            body["return_tokens_as_token_ids"] = True
-    return body
-
-
-def scoring_body(model: str, sequences: Sequence[Sequence[int]], token_ids: bool) -> dict:
-    """Log-probabilities of given token sequences, all in one request: echo each prompt with its logprobs (one
-    token is generated and ignored; vLLM needs max_tokens >= 1 outside its echo-only special case)."""
-    body = {"model": model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "n": 1, "echo": True,
-            "logprobs": 0, "stream": False}
-    if token_ids:
         body["return_tokens_as_token_ids"] = True
     return body
+
+
+def scoring_body(model: str, sequences: Sequence[Sequence[int]]) -> dict:
+    """Log-probabilities of given token sequences, all in one request: echo each prompt with its logprobs (one
+    token is generated and ignored; vLLM needs max_tokens >= 1 outside its echo-only special case)."""
+    return {"model": model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "n": 1, "echo": True,
+            "logprobs": 0, "return_tokens_as_token_ids": True, "stream": False}
 
 
 def answer_limit(tokens: int) -> int:

@@ -38,6 +38,7 @@ from core import openai_wire as wire
 from core import rerank_rule
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, wait_pending
 from core.errors import BusyError, EngineUnavailable, ModelLoadError, RequestTimeout, ShuttingDown, UserError
+from core.hops import outgoing_headers
 from core.knobs import Knobs, default_knobs
 from core.prompt_rules import check_prompt_ids
 from core.settings import Settings
@@ -362,7 +363,7 @@ class RemoteEngine:
             raise EngineUnavailable(MALFORMED)
         total = sum(map(len, sequences))
         payload = await self._attempts_of(
-            wire.scoring_body(self.model_name, sequences, not self.extensions), False, wire.answer_limit(total + 8),
+            wire.scoring_body(self.model_name, sequences), False, wire.answer_limit(total + 8),
             len(sequences) + 1, deadline, None)
         try:
             answer = wire.validated(wire.Completion, payload)
@@ -494,7 +495,8 @@ class RemoteEngine:
                     on_delta: Callable[[str], None] | None) -> object:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout) as resp:
+            async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout,
+                                         headers=outgoing_headers()) as resp:
                 await self._check_status(resp)
                 if not stream:
                     return await wire.read_json(resp, limit)
@@ -603,7 +605,7 @@ class RemoteEngine:
         """One echo request of two tokens: the remote returns their log-probabilities (and tokens this client can
         map back to ids), or it cannot rerank. None: unknown yet (it failed for another reason)."""
         ids = list(self.tokenizer(POSITIVE, add_special_tokens=False)["input_ids"]) or [0]
-        body = wire.scoring_body(self.model_name, [ids], not self.extensions)
+        body = wire.scoring_body(self.model_name, [ids])
         async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout) as resp:
             if resp.status in (400, 422):
                 return False

@@ -16,6 +16,10 @@ class GenRequest:
     knobs: Knobs
     # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
     origin: str = ""
+    # The engine node's log-probabilities (None: not asked): each sampled token's, with this many top alternatives;
+    # and the prompt tokens', with this many alternatives.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def model_prompt(self) -> str:
@@ -34,6 +38,17 @@ class GenRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution (raw logits, before any sampling knob), its rank
+    there (1 = most likely), and the `top` most likely tokens at that position as (id, log-probability)."""
+
+    token: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Generation:
     """What a request produced: one continuation per candidate, and the seeds that reproduce them."""
 
@@ -44,6 +59,14 @@ class Generation:
     done: bool = True
     # With a label: per result, how surely the model reads it as that label, P(label | text) from the rerank score.
     confidence: tuple[float, ...] | None = None
+    # Per result: its new token ids (the end-of-text token not among them), and why it ended: "stop" (the model's
+    # end-of-text token), "length" (max_length), None while still running.
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    finish_reasons: tuple[str | None, ...] = ()
+    # Only when the request asked: per result, one entry per sampled token (an ending end-of-text token included);
+    # and the prompt's tokens from the second on.
+    logprobs: tuple[tuple[TokenLogprob, ...], ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     def texts(self) -> tuple[str, ...]:
         """The model prompt followed by each continuation (the tutorial's `result`)."""
