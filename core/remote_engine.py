@@ -332,8 +332,10 @@ class RemoteEngine:
     async def _run(self, prepared: PreparedRequest, seeds: list[int], deadline: float,
                    on_delta: Callable[[tuple[int, str]], None] | None) -> Generation:
         request = prepared.request
-        if self.extensions is None or (request.best_of > 1 and self.logprobs is None):
-            await self._probe()
+        rerank = request.best_of > 1
+        if (not self.model_name or (request.knobs.no_repeat_ngram_size and self.extensions is None)
+                or (rerank and self.logprobs is None)):
+            await self._probe(logprobs=rerank)
             if self._state is not None and not self._state.ok:
                 raise EngineUnavailable(self._state.error or UNREACHABLE)
         self._refuse_unsupported(request.knobs)
@@ -555,14 +557,16 @@ class RemoteEngine:
             if flight.failed_probes >= needed and not flight.abort.done():
                 flight.abort.set_exception(EngineUnavailable(state.error or UNREACHABLE))
 
-    async def _probe(self) -> None:
-        """One probe at a time; a caller that waited for another's takes its finding."""
+    async def _probe(self, logprobs: bool = True) -> None:
+        """One probe at a time; a caller that waited for another's takes its finding. `logprobs`: also ask whether
+        the remote returns log-probabilities, while that is unknown (a request to it: not while serving one that
+        does not need it, which a node relaying to itself would see as one more request)."""
         seen = self._state
         async with self._probe_lock:
             if self._state is seen or self._state is None:
-                await self._probe_now()
+                await self._probe_now(logprobs)
 
-    async def _probe_now(self) -> None:
+    async def _probe_now(self, logprobs: bool) -> None:
         """GET /v1/models (the key, the model, an engine node?) and vLLM's /health (draining or dead engine: 503);
         the first time the remote answers, whether it returns log-probabilities."""
         timeout = aiohttp.ClientTimeout(total=min(PROBE_TIMEOUT_S, self.config.timeout_s))
@@ -572,7 +576,7 @@ class RemoteEngine:
                 async with self._http().get(self.root_url + "/health", timeout=timeout) as resp:
                     if resp.status >= 500:
                         state = _State(False, "draining", UNREACHABLE, f"/health answered {resp.status}")
-            if state.ok and self.logprobs is None:
+            if state.ok and self.logprobs is None and logprobs:
                 self.logprobs = await self._probe_logprobs(timeout)
                 if self.logprobs is False:
                     self.defaults = replace(self.defaults, best_of=1)
@@ -606,7 +610,8 @@ class RemoteEngine:
         map back to ids), or it cannot rerank. None: unknown yet (it failed for another reason)."""
         ids = list(self.tokenizer(POSITIVE, add_special_tokens=False)["input_ids"]) or [0]
         body = wire.scoring_body(self.model_name, [ids])
-        async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout) as resp:
+        async with self._http().post(self.base_url + "/completions", json=body, timeout=timeout,
+                                     headers=outgoing_headers()) as resp:
             if resp.status in (400, 422):
                 return False
             if resp.status != 200:
