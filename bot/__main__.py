@@ -74,7 +74,9 @@ async def _main(check: bool) -> int:
             print(f"model: {engine.source}")
             if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
-            print(f"generation: {result.texts()[0]!r} ({result.new_tokens} tokens, {time.monotonic() - started:.2f} s)")
+            # The reply's own length: new_tokens counts every sampled row (best_of candidates included).
+            tokens = len(engine.tokenizer(result.continuations[0], add_special_tokens=False)["input_ids"])
+            print(f"generation: {result.texts()[0]!r} ({tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"store: {settings.store.path} (writable)")
             print(f"front ends enabled: {', '.join(fronts) or 'none'}")
             print("check: ok")

@@ -8,14 +8,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 
 
 def healthy(url: str, timeout: float = 4.0) -> bool:
+    """Alive: `ok`, or `saturated` (a full queue is load, not a fault: restarting would only drop the queue)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
-    except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code == 503 and json.loads(err.read()).get("status") == "saturated"
+        except (OSError, ValueError):
+            return False
+    except (OSError, ValueError):  # refused, timed out, not JSON
         return False
 
 

@@ -14,15 +14,17 @@ completion's new tokens without the end-of-text token. Optional bearer token: `w
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 from aiohttp import web
 
 from bot import openai_response as answer
+from bot.auth import TOKEN_KEY, authorised
+from bot.client_address import client_key
 from bot.openai_request import Completion, model_id, parse_completion
 from bot.web_body import BodyRefused, check_text, read_json
 from bot.web_server import client_left, dumps
@@ -40,6 +42,8 @@ NODE_KEY = web.AppKey("openai_core", BotCore)
 def add_routes(app: web.Application, core: BotCore) -> None:
     """The engine-node API on the web front end's app (bot/web.py calls this)."""
     app[NODE_KEY] = core
+    if TOKEN_KEY not in app:
+        app[TOKEN_KEY] = core.settings.web.api_secret()
     app.add_routes([web.post("/v1/completions", completions), web.get("/v1/models", models)])
 
 
@@ -49,14 +53,9 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 def _authorised(request: web.Request, core: BotCore) -> bool:
-    """`Authorization: Bearer <token>`; the scheme's case does not matter (RFC 9110), the token's does."""
-    token = core.settings.web.api_secret()
-    if not token:
-        return True
-    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-    # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as the bytes they were.
-    given_bytes = given.strip().encode("utf-8", "surrogateescape")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, token.encode())
+    """`Authorization: Bearer <token>` (bot/auth.py: the token read at start, shared with /api; the scheme's case does
+    not matter, the token's does)."""
+    return authorised(request)
 
 
 def _unauthorised() -> web.Response:
@@ -100,6 +99,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except UserError as exc:
         core.engine.telemetry.refused("openai", "user_error")
         return _error(400, str(exc))
+    user = client_key(request)  # the engine's fair share is the client's
+    completion = replace(completion, prepared=tuple(replace(p, request=replace(p.request, user=user))
+                                                    for p in completion.prepared))
     ident, created, name = f"cmpl-{secrets.token_hex(12)}", int(time.time()), model_id(core)
     token = incoming_hops.set(hops)  # a remote backend's requests from here on carry hops + 1
     try:

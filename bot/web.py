@@ -15,6 +15,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from bot.auth import TOKEN_KEY, authorised, guarded
+from bot.client_address import PROXIES_KEY, client_key
 from bot.openai_api import add_routes as add_openai_routes
 from bot.web_body import MAX_BODY, TOO_LARGE, TOO_SLOW, BodyRefused, check_text, read_json
 from bot.web_server import GuardedRunner, client_left, dumps
@@ -27,8 +29,9 @@ from core.types import Generation
 log = logging.getLogger(__name__)
 
 CONVERSATION_KEY = web.AppKey("conversation", Conversation)
+PUBLIC_PAGE_KEY = web.AppKey("public_page", bool)
+UNAUTHORISED = "API 토큰이 없거나 틀립니다. Authorization: Bearer <토큰> 헤더를 보내 주세요. (missing or wrong bearer token)"
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
-WHO = Who(chat="web")
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
     404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
@@ -80,7 +83,8 @@ async def _prepared(request: web.Request, base: str):  # noqa: ANN202
     except UserError as exc:
         raise refuse(422, str(exc)) from None
     try:
-        return conversation.from_fields(payload, WHO, base=base)  # the door counts its own refusals
+        who = Who(chat="web", client=client_key(request))
+        return conversation.from_fields(payload, who, base=base)  # the door counts its own refusals
     except UserError as exc:
         raise _Refused(_error(422, str(exc))) from None
 
@@ -151,16 +155,20 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the generation backend can answer (the local worker is alive, or the remote server is reachable);
-    503 otherwise, so a load balancer or orchestrator stops sending chats here."""
+    """200 while the generation backend can take a request (the local worker is alive, or the remote server is
+    reachable); 503 otherwise, so a load balancer stops sending work here: `degraded` (it cannot answer) or
+    `saturated` (its queue is full: a new request would be refused as busy; the process itself is fine)."""
     backend = request.app[CONVERSATION_KEY].backend
     engine = await backend.health()
-    body = {"status": "ok" if engine["ok"] else "degraded", "queue_depth": backend.queue_depth, "engine": engine}
-    if not engine["ok"]:
+    status = "degraded" if not engine["ok"] else "saturated" if engine.get("saturated") else "ok"
+    body = {"status": status, "queue_depth": backend.queue_depth, "engine": engine}
+    if status == "degraded":
         body["error"] = engine.get("error") or "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
+    elif status == "saturated":
+        body["error"] = "대기열이 가득 찼습니다. 새 요청은 거절됩니다. (saturated: the queue is full, new requests are refused)"
     if backend.notice:
         body["notice"] = backend.notice
-    return _json(body, 200 if engine["ok"] else 503)
+    return _json(body, 200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -185,6 +193,15 @@ async def page(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
+    """With `web.api_token` set, the generation routes (and the page, unless public) answer 401 without it. /v1/*
+    answers its own 401 in the OpenAI error shape (bot/openai_api.py)."""
+    if guarded(request, request.app[PUBLIC_PAGE_KEY]) and not request.path.startswith("/v1/") and not authorised(request):
+        return web.json_response({"error": UNAUTHORISED}, status=401, headers={"WWW-Authenticate": "Bearer"}, dumps=dumps)
+    return await handler(request)
+
+
+@web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # noqa: ANN201
     """404, 405, 413 … and anything unexpected answer JSON `{"error": …}` (an apology with a request id for a 500)."""
     try:
@@ -194,14 +211,20 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             raise
         return _error(exc.status, STATUS_TEXT.get(exc.status, f"{exc.status} {exc.reason}"))
     except asyncio.CancelledError:
+        # The server cancels a handler whose client went away (bot/web_server.py): normal, one INFO line.
+        if request.transport is None or request.transport.is_closing():
+            client_left(request, request.path)
         raise
     except Exception as exc:  # noqa: BLE001
         return _error(500, error_text(exc, f"web {request.method} {request.path}"))
 
 
 def create_app(core: BotCore) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors, require_token])
     app[CONVERSATION_KEY] = Conversation(core)
+    app[TOKEN_KEY] = core.settings.web.api_secret()  # read once, when the settings were loaded
+    app[PUBLIC_PAGE_KEY] = core.settings.web.public_page
+    app[PROXIES_KEY] = core.settings.web.proxy_networks()
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
     add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models

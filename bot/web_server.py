@@ -126,4 +126,6 @@ class GuardedRunner(web.AppRunner):
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
         kwargs = {**server._kwargs, "keepalive_timeout": KEEPALIVE_TIMEOUT_S}  # noqa: SLF001
-        return _GuardedServer(server.request_handler, request_factory=server.request_factory, loop=server._loop, **kwargs)  # noqa: SLF001
+        # A client that goes away cancels its handler, so the engine stops generating what nobody will read.
+        return _GuardedServer(server.request_handler, request_factory=server.request_factory, loop=server._loop,  # noqa: SLF001
+                              handler_cancellation=True, **kwargs)

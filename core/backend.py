@@ -45,6 +45,11 @@ class Backend(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
+    @property
+    def saturated(self) -> bool:
+        """Whether a new request would now be refused as busy (/healthz says "saturated")."""
+        ...
+
     def start(self) -> None: ...
 
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:

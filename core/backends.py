@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.backend import Backend
+from core.errors import ModelLoadError
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,5 +37,9 @@ def load_counting_tokenizer(settings: Settings) -> PreTrainedTokenizerFast:
 
     source = settings.engine.tokenizer.strip() or settings.model.pretrained
     if Path(source).is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=source, **SPECIAL_TOKENS)
+        try:
+            return PreTrainedTokenizerFast(tokenizer_file=source, **SPECIAL_TOKENS)
+        except Exception as exc:  # noqa: BLE001 (the tokenizers library raises its own types for a broken file)
+            raise ModelLoadError(f"engine.tokenizer {source}을(를) 토크나이저로 읽을 수 없습니다 (tokenizer.json이어야 "
+                                 f"합니다). (cannot read engine.tokenizer as a tokenizer.json: {exc})") from None
     return load_tokenizer(source)

@@ -47,6 +47,12 @@ class Who:
     chat: str
     user: str | None = None  # None: no per-user rate limit (the web API)
     ids: Mapping[str, int | None] = field(default_factory=dict)
+    client: str | None = None  # whose share of the engine it uses when not `user` (the web: "web:<address>")
+
+    @property
+    def share(self) -> str:
+        """The key the engine shares its rows fairly by: the client, else the user, else the chat."""
+        return self.client or self.user or self.chat
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ class Conversation:
         try:
             press = parse_button(data)
             if press.candidate is None:
-                prepared = self.backend.prepare(replace(followups.regenerate(press.key), origin=who.chat))
+                prepared = self.backend.prepare(replace(followups.regenerate(press.key), origin=who.chat, user=who.share))
             else:
                 prepared = followups.continuation(press.key, press.candidate, self.backend.prepare,
                                                   self.backend.limits.max_length)
@@ -175,11 +181,12 @@ class Conversation:
             self._refused(who, "user_error")
             raise
         self._charge(who)
-        return prepared
+        return replace(prepared, request=replace(prepared.request, user=who.share))  # a continuation's, too
 
     def _admit(self, who: Who, parse: Callable[[], object]) -> PreparedRequest:
         try:
-            request = replace(parse(), origin=who.chat)  # the origin tells metrics and logs the front end
+            # The origin tells metrics and logs the front end; the user, whose fair share of the engine it uses.
+            request = replace(parse(), origin=who.chat, user=who.share)
             prepared = self.backend.prepare(request)
         except UserError:
             self._refused(who, "user_error")

@@ -1,9 +1,10 @@
 """The one generation engine every front end shares.
 
-Requests go into a bounded queue; a single worker thread owns the model and decodes every admitted row together
-(continuous batching): requests that arrive together are prefilled together and join the running batch at the next
-step, each row samples with its own knobs and its own seeded generator, and a row that ends (eos or its max_length)
-is answered at once and leaves the batch. The event loop never runs model code.
+Requests wait in a bounded queue, one per user served in turn (core/scheduler.py); a single worker thread owns the
+model and decodes every admitted row together (continuous batching): requests that arrive together are prefilled
+together and join the running batch at the next step, each row samples with its own knobs and its own seeded
+generator, and a row that ends (eos or its max_length) is answered at once and leaves the batch. The event loop never
+runs model code.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +29,7 @@ from core.kv_cache import growing_cache
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, next_tokens
+from core.scheduler import FairQueue, QueueFull, UserQueueFull
 from core.settings import Settings
 from core.telemetry import Telemetry
 from core.thread_tuner import ThreadTuner, candidates_for
@@ -85,7 +86,7 @@ class Engine:
                 f"limits.max_length({self.limits.max_length})가 모델의 위치 수({positions})보다 큽니다. "
                 f"(limits.max_length exceeds the model's {positions} positions)"
             )
-        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=self.limits.queue_size)
+        self._queue: FairQueue[_Job] = FairQueue(self.limits.queue_size, self.limits.max_queued_rows_per_user)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._jobs: set[_Job] = set()  # submitted and not yet answered (event-loop side)
@@ -114,12 +115,18 @@ class Engine:
         left = [job for job in self._jobs if not job.future.done()]
         for job in left:
             job.cancelled = True  # the worker drops its rows at the next step
+            self._queue.remove(job)
             _set_exception(job.future, ShuttingDown(RESTARTING))
         return len(left)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
+
+    @property
+    def saturated(self) -> bool:
+        """Whether a new request would be refused as busy: the queue is full."""
+        return len(self._queue) >= self.limits.queue_size
 
     backend = "local"
     notice = ""  # nothing this backend cannot do
@@ -127,7 +134,8 @@ class Engine:
     async def health(self) -> dict:
         """For /healthz: whether the worker thread that owns the model is alive."""
         alive = self._thread is not None and self._thread.is_alive()
-        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "device": str(device_of(self.model))}
+        return {"backend": self.backend, "ok": alive, "queue_depth": self.queue_depth, "queue_size": self.limits.queue_size,
+                "saturated": self.saturated, "device": str(device_of(self.model))}
 
     # ---- public API ------------------------------------------------------------------------------------------
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
@@ -184,10 +192,13 @@ class Engine:
             self.telemetry.finished(request, "shutdown")
             raise ShuttingDown(RESTARTING)
         try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+            # Fair shares by who asked (the adapters' user key). Requests nobody is named for are the operator's own
+            # (evaluation, --check, scripts): they share one queue, held to queue_size only.
+            self._queue.put(request.user or "internal", job, request.rows, request.knobs.max_length - len(job.prompt_ids),
+                            capped=bool(request.user))
+        except (QueueFull, UserQueueFull) as exc:
             self.telemetry.finished(request, "busy")
-            raise BusyError(BUSY) from None
+            raise busy_error(exc) from None
         self._jobs.add(job)
         job.future.add_done_callback(lambda _: self._jobs.discard(job))
         return job
@@ -215,6 +226,7 @@ class Engine:
         job.cancelled = True
         job.future.cancel()
         self._jobs.discard(job)
+        self._queue.remove(job)  # a waiting job leaves the queue (and its user's share) at once
 
     def _finished(self, job: _Job, outcome: str) -> None:
         # Tokens of a timed-out or cancelled job were computed too; the worker only appends, so reading is safe.
@@ -286,9 +298,9 @@ class Engine:
         tuner = ThreadTuner(candidates, torch.set_num_threads)
         batch = _Batch(self.model)
         rows: list[_Row] = []
-        while not (self._stopping.is_set() and not rows and self._queue.empty()):
+        while not (self._stopping.is_set() and not rows and not len(self._queue)):
             try:
-                new_jobs = self._admit(len(rows))
+                new_jobs = self._admit(rows)
                 if new_jobs:
                     rows.extend(self._prefill_jobs(new_jobs, batch, len(rows)))
                 rows = self._retire(rows, batch)
@@ -357,27 +369,15 @@ class Engine:
             job.cancelled = True
         return self._retire(rows, batch)
 
-    def _admit(self, active: int) -> list[_Job]:
-        """Take waiting jobs that fit the batch; wait a short window for company when the engine is idle."""
-        jobs: list[_Job] = []
-        capacity = self.limits.max_batch_size - active
-        try:
-            if active == 0:
-                jobs.append(self._queue.get(timeout=0.1))
-                capacity -= jobs[0].request.rows
-                deadline = time.monotonic() + self.limits.batch_window_ms / 1000
-                while capacity > 0 and (left := deadline - time.monotonic()) > 0:
-                    job = self._queue.get(timeout=left)
-                    jobs.append(job)
-                    capacity -= job.request.rows
-            while capacity > 0:
-                head = self._queue.queue[0] if self._queue.queue else None
-                if head is None or head.request.rows > capacity:
-                    break
-                jobs.append(self._queue.get_nowait())
-                capacity -= head.request.rows
-        except queue.Empty:
-            pass
+    def _admit(self, rows: list[_Row]) -> list[_Job]:
+        """Take waiting jobs that fit the batch, fairly across users; wait a short window for company when idle."""
+        if not rows:
+            if not self._queue.wait(0.1):
+                return []
+            if self.limits.batch_window_ms:
+                self._queue.wait(self.limits.batch_window_ms / 1000, self.limits.max_batch_size)
+        remaining = [row.job.request.knobs.max_length - len(row.tokens) for row in rows]
+        jobs = self._queue.take(self.limits.max_batch_size - len(rows), remaining)
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
@@ -464,6 +464,17 @@ class Engine:
         if len(keep) != len(rows):
             batch.select(keep)
         return [rows[i] for i in keep]
+
+
+def busy_error(exc: QueueFull | UserQueueFull) -> BusyError:
+    """The refusal's sentence: the whole queue is full, or this user's own share of it."""
+    if isinstance(exc, UserQueueFull):
+        return BusyError(
+            f"이미 기다리는 요청이 너무 많습니다 (사용자당 대기 {exc.cap}줄까지). 앞의 요청이 끝난 뒤 다시 시도해 주세요. "
+            f"(busy: at most {exc.cap} rows per user may wait; try again when your earlier requests are done)"
+        )
+    return BusyError(BUSY)
+
 
 
 async def start_engine(settings: Settings) -> Engine:

@@ -203,6 +203,11 @@ class RemoteEngine:
     def queue_depth(self) -> int:
         return len(self._flights)
 
+    @property
+    def saturated(self) -> bool:
+        """Whether a new request would be refused as busy, as the local engine says it."""
+        return len(self._flights) >= self.limits.queue_size
+
     async def health(self) -> dict:
         """The last probe's finding (a probe runs now only if none has yet): /healthz never calls the remote."""
         if self._state is None:
@@ -210,6 +215,7 @@ class RemoteEngine:
         state = self._state
         assert state is not None
         body = {"backend": self.backend, "ok": state.ok, "remote": state.remote, "queue_depth": self.queue_depth,
+                "queue_size": self.limits.queue_size, "saturated": self.saturated,
                 "checked_s_ago": round(time.monotonic() - state.at, 1), "best_of": self.logprobs is not False}
         if state.error:
             body["error"] = state.error

@@ -8,14 +8,16 @@ Unknown keys, in the file or as BOT_* variables, are errors that name the key an
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -44,7 +46,7 @@ class ModelSettings(BaseModel):
     checkpoint: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = a GPU when torch sees one
     quantize: Literal["auto", "none", "int8"] = "auto"  # auto = int8 on the CPU, none (bf16/fp16) on a GPU
-    threads: int = Field(0, ge=0, description="torch threads; 0 = the CPUs this process may use")
+    threads: int = Field(0, ge=0, le=1024, description="torch threads; 0 = the CPUs this process may use")
 
 
 class GenerationSettings(BaseModel):
@@ -73,6 +75,9 @@ class LimitsSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_window_ms: int = Field(10, ge=0, le=1000)
     queue_size: int = Field(64, ge=1, le=10_000)
+    max_queued_rows_per_user: int = Field(
+        32, ge=1, le=100_000, description="rows one user may have waiting (one request always may); beyond: busy"
+    )
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # an hour: offline evaluation runs long batches
     user_interval_s: float = Field(2.0, ge=0, le=3600, description="per-user minimum seconds between generations")
     shutdown_grace_s: float = Field(
@@ -80,36 +85,115 @@ class LimitsSettings(BaseModel):
     )
 
 
-class WebSettings(BaseModel):
+class _Secrets(BaseModel):
+    """A section with secrets: each is read once, when the settings are loaded (a file, then, must be a readable,
+    non-empty UTF-8 regular file), so no request ever touches the file system for one."""
+
+    _secrets: dict[str, str | None] = PrivateAttr(default_factory=dict)
+
+    def _load(self, name: str, value: SecretStr | None, path: str, field_name: str) -> None:
+        self._secrets[name] = _read_secret(value, path, field_name)
+
+    def _secret(self, name: str, value: SecretStr | None) -> str | None:
+        # The value itself when set (also after a model_copy(update=…), which validates nothing), else the file's.
+        if value is not None and value.get_secret_value().strip():
+            return value.get_secret_value().strip()
+        return self._secrets.get(name)
+
+
+class WebSettings(_Secrets):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_token: SecretStr | None = None  # bearer token for the engine-node API (/v1/...); None = open
+    # Bearer token guarding every generation route (/api, /api/stream, /v1/*) and the page; None = open.
+    api_token: SecretStr | None = None
     api_token_file: str = ""
+    public_page: bool = False  # with a token: serve the page (not the generation routes) without one
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; others' is ignored.
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r}은(는) IP 주소나 네트워크가 아닙니다. 예: 10.0.0.1, 172.16.0.0/12 "
+                                 f"(not an IP address or network)") from None
+        return values
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(value.strip(), strict=False) for value in self.trusted_proxies]
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An empty host makes aiohttp listen on every interface: exposing the bot must be said, as 0.0.0.0.
+        if not value.strip():
+            raise ValueError("web.host가 비어 있습니다. 예: 127.0.0.1, 모든 인터페이스는 0.0.0.0 "
+                             "(web.host is empty: name an address, 0.0.0.0 for every interface)")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _read_secrets(self) -> WebSettings:
+        self._load("api", self.api_token, self.api_token_file, "api_token_file")
+        return self
 
     def api_secret(self) -> str | None:
-        return _read_secret(self.api_token, self.api_token_file, "api_token_file")
+        return self._secret("api", self.api_token)
 
 
-class _TokenMixin(BaseModel):
+class _TokenMixin(_Secrets):
     token: SecretStr | None = None
     token_file: str = ""
 
+    @model_validator(mode="after")
+    def _read_secrets(self) -> _TokenMixin:
+        self._load("token", self.token, self.token_file, "token_file")
+        return self
+
     def secret(self) -> str | None:
-        """The token from `token`, else from `token_file` (a mounted secret)."""
-        return _read_secret(self.token, self.token_file, "token_file")
+        """The token from `token`, else from `token_file` (a mounted secret), as read at start."""
+        return self._secret("token", self.token)
 
 
 def _read_secret(value: SecretStr | None, path: str, field_name: str) -> str | None:
+    """The secret from `value`, else from the file `path`; ValueError with one sentence when it cannot be used."""
     if value is not None and value.get_secret_value().strip():
-        return value.get_secret_value().strip()
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SettingsError(f"{field_name} {path!r}을(를) 읽을 수 없습니다: {exc.strerror}") from None
-        return text or None
-    return None
+        text = value.get_secret_value().strip()
+        if not _is_utf8(text):
+            raise ValueError(f"{field_name.removesuffix('_file')}이(가) UTF-8이 아닙니다. (the secret is not UTF-8)")
+        return text
+    if not path:
+        return None
+    file = Path(path)
+    try:
+        # Not a FIFO or a device: reading one could wait forever.
+        if not file.exists():
+            raise ValueError(f"{field_name} {path!r}이(가) 없습니다. ({field_name} does not exist)")
+        if not file.is_file():
+            raise ValueError(f"{field_name} {path!r}은(는) 일반 파일이 아닙니다 (디렉터리, FIFO …). "
+                             f"({field_name} is not a regular file)")
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{field_name} {path!r}을(를) 읽을 수 없습니다: {exc.strerror} ({field_name} is unreadable)") from None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{field_name} {path!r}이(가) UTF-8이 아닙니다. ({field_name} is not UTF-8)") from None
+    if not text:
+        raise ValueError(f"{field_name} {path!r}이(가) 비어 있습니다. 비밀 값을 넣거나 설정을 지우세요. "
+                         f"({field_name} is empty: an empty secret would switch authentication off)")
+    return text
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # an environment variable's undecodable bytes arrive as lone surrogates
+        return False
+    return True
 
 
 class TelegramSettings(_TokenMixin):
@@ -132,7 +216,7 @@ class DiscordSettings(_TokenMixin):
     guild_id: int | None = None
 
 
-class EngineSettings(BaseModel):
+class EngineSettings(_Secrets):
     """Where generation runs: in this process ("local"), or an OpenAI-compatible `/v1/completions` server ("openai":
     vLLM, or another bot's engine node)."""
 
@@ -146,8 +230,8 @@ class EngineSettings(BaseModel):
     retries: int = Field(2, ge=0, le=10, description="extra attempts after a connection error or a 5xx")
 
     def secret(self) -> str | None:
-        """The API key from `api_key`, else from `api_key_file` (a mounted secret)."""
-        return _read_secret(self.api_key, self.api_key_file, "api_key_file")
+        """The API key from `api_key`, else from `api_key_file` (a mounted secret), as read at start."""
+        return self._secret("api_key", self.api_key)
 
     @model_validator(mode="after")
     def _url_for_remote(self) -> EngineSettings:
@@ -155,7 +239,23 @@ class EngineSettings(BaseModel):
             raise ValueError(
                 'backend = "openai"에는 url이 필요합니다 (예: http://vllm:8000). (backend "openai" needs engine.url)'
             )
+        if self.url.strip():
+            _check_url(self.url.strip(), "engine.url")
+        self._load("api_key", self.api_key, self.api_key_file, "api_key_file")
         return self
+
+
+def _check_url(url: str, name: str) -> None:
+    """An http(s) URL with a host, or ValueError with one sentence."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is not a number or out of range)
+    except ValueError as exc:
+        raise ValueError(f"{name} {url!r}은(는) 올바른 URL이 아닙니다 ({exc}). 예: http://vllm:8000 "
+                         f"({name} is not a valid URL)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name} {url!r}에는 http:// 또는 https://와 호스트가 필요합니다. 예: http://vllm:8000 "
+                         f"({name} needs an http or https scheme and a host)")
 
 
 class StoreSettings(BaseModel):
@@ -279,7 +379,11 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(f"BOT_SETTINGS가 가리키는 설정 파일 {path!r}이(가) 없습니다.")
     check_variables(os.environ, "환경 변수 (environment)")
     if Path(env_file()).is_file():
-        check_variables(dotenv_values(env_file()), f"{env_file()} 파일")
+        try:
+            variables = dotenv_values(env_file(), encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SettingsError(f"{env_file()} 파일이 UTF-8이 아닙니다. ({env_file()} is not UTF-8)") from None
+        check_variables(variables, f"{env_file()} 파일")
     try:
         return Settings(**overrides)
     except ValidationError as exc:

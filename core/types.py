@@ -16,6 +16,8 @@ class GenRequest:
     knobs: Knobs
     # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
     origin: str = ""
+    # Who asked ("telegram:42", "web:203.0.113.7"; "" = internal): the engine shares its rows fairly by this key.
+    user: str = ""
     # The engine node's log-probabilities (None: not asked): each sampled token's, with this many top alternatives;
     # and the prompt tokens', with this many alternatives.
     logprobs: int | None = None

@@ -69,6 +69,7 @@ async def test_it_keeps_the_declared_contract(backend):
     assert backend.backend in ("local", "openai") and backend.limits.max_length > 0
     health = await backend.health()
     assert health["ok"] is True and health["backend"] == backend.backend
+    assert health["saturated"] is backend.saturated is False and health["queue_size"] == backend.limits.queue_size
 
 
 async def test_n_candidates_come_with_the_seeds_that_made_them(backend):

@@ -164,4 +164,5 @@ def test_bf16_model_gives_float32_logits_on_the_cpu(fp32_engine: Engine):
 
 async def test_health_reports_the_local_backend(engine: Engine):
     health = await engine.health()
-    assert health == {"backend": "local", "ok": True, "queue_depth": 0, "device": "cpu"}
+    assert health == {"backend": "local", "ok": True, "queue_depth": 0, "queue_size": engine.limits.queue_size,
+                      "saturated": False, "device": "cpu"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,13 @@ def test_check_succeeds_with_a_local_model(tiny_dir: Path, ckpt: Path, tmp_path:
                          env=_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_MODEL__CHECKPOINT=str(ckpt)))
     assert out.returncode == 0, out.stderr
     assert "check: ok" in out.stdout and "긍정 아 정말" in out.stdout
+    # The reply's own token count (issue 19 item 15), not the sum over the chat default's best_of rows: at most the
+    # check's max_length=16 minus the prompt.
+    from transformers import AutoTokenizer
+
+    prompt = len(AutoTokenizer.from_pretrained(tiny_dir)("긍정 아 정말", add_special_tokens=False)["input_ids"])
+    tokens = int(re.search(r"\((\d+) tokens,", out.stdout).group(1))
+    assert 0 <= tokens <= 16 - prompt, out.stdout
 
 
 def test_check_fails_with_one_sentence(tmp_path: Path):

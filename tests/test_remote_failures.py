@@ -142,6 +142,7 @@ async def test_queue_size_admits_as_the_local_engine_does(tiny_dir, tmp_path, vl
     try:
         held = [asyncio.ensure_future(engine.generate(req(engine))) for _ in range(2)]
         await arrived(vllm, 2)
+        assert (await engine.health())["saturated"] is True
         with pytest.raises(BusyError) as refused:
             await engine.generate(req(engine))
         assert str(refused.value) == BUSY and len(vllm.samples) == 2  # refused here, not sent

@@ -6,7 +6,11 @@
 Data: `--data-dir DIR` (ratings_train.txt, ratings_test.txt) or, without it, NSMC downloaded once into a cache.
 
 Each example is `"긍정 " + review + "</s>"` (or `"부정 "`), as in the tutorial, plus the end-of-text token so the
-model learns where a review ends. The output directory loads in the bot unchanged (BOT_MODEL__CHECKPOINT=<out>).
+model learns where a review ends.
+
+Serve the result, unchanged (the output directory is a Hugging Face model directory with its tokenizer):
+
+    BOT_MODEL__PRETRAINED=<out> python -m bot
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     p.add_argument("--max-tokens", type=int, default=48, help="truncate examples to this many tokens")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 scratch, 5e-5 fine-tune)")
-    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--warmup-steps", type=int, default=200,
+                   help=f"learning-rate warm-up, at most {WARMUP_SHARE * 100:g}%% of the run's steps (as --max-minutes allows)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = epochs decide)")
     p.add_argument("--max-minutes", type=float, default=0, help="time budget; the schedule is fitted to it")
@@ -155,6 +160,21 @@ def mean_nll(model: GPT2LMHeadModel, examples: list[list[int]], pad_id: int, dev
     return total / max(1, count)
 
 
+WARMUP_SHARE = 0.05  # the warm-up's share of a run at most, so a short run reaches its peak and anneals on time
+
+
+def planned_steps(step: int, total: int, elapsed: float, budget_s: float) -> int:
+    """The steps this run will make: `total`, or fewer when the time budget ends it first (at the pace so far)."""
+    if not budget_s or step == 0 or elapsed <= 0:
+        return total
+    return max(step, min(total, int(step * budget_s / elapsed)))
+
+
+def warmup_for(requested: int, planned: int) -> int:
+    """--warmup-steps, held to WARMUP_SHARE of the planned steps."""
+    return max(1, min(requested, int(WARMUP_SHARE * planned)))
+
+
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak as `progress` goes from 0 to 1."""
     if step < warmup:
@@ -193,6 +213,16 @@ def save(model, tokenizer, out: Path, meta: dict, lightning: bool, dtype: str = 
         state = {f"model.{k}": v for k, v in model.state_dict().items()}
         torch.save({"epoch": meta["epoch"], "global_step": meta["step"], "state_dict": state},
                    out / f"epoch={meta['epoch']}-val_loss={meta['val_loss']:.4f}.ckpt")
+    readable_by_all(out)
+
+
+def readable_by_all(out: Path) -> None:
+    """Files 0644, the folder 0755: safetensors writes 0600, which a container's own user (uid 10001) cannot read
+    from a mounted model folder."""
+    out.chmod(0o755)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def train(args: TrainArgs) -> dict:
@@ -232,10 +262,15 @@ def train(args: TrainArgs) -> dict:
     while step < total:
         for ids, mask, labels in batches(train_ex, args.batch_size, rng, pad_id):
             elapsed = time.monotonic() - started
-            # With a time budget the schedule follows the clock, so the decay completes whatever the speed.
+            # With a time budget the schedule follows the clock, so the decay completes whatever the speed, and the
+            # warm-up and the progress bar's total follow the steps the budget allows.
             progress = max(step / total, elapsed / budget_s if budget_s else 0.0)
+            planned = planned_steps(step, total, elapsed, budget_s)
+            if bar.total != planned:
+                bar.total = planned
+                bar.refresh()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, progress, args.lr, args.warmup_steps)
+                group["lr"] = lr_at(step, progress, args.lr, warmup_for(args.warmup_steps, planned))
             loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -247,7 +282,8 @@ def train(args: TrainArgs) -> dict:
             last = step >= total or (budget_s and time.monotonic() - started >= budget_s)
             if step % args.eval_every == 0 or last:
                 val = mean_nll(model, valid_ex, pad_id, device)
-                history.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss": round(val, 4)})
+                history.append({"step": step, "train_loss": round(loss.item(), 4), "val_loss": round(val, 4),
+                                "lr": optimizer.param_groups[0]["lr"]})
                 tqdm.write(f"step {step}: train_loss {loss.item():.3f} val_loss {val:.3f}")
                 meta = {"step": step, "epoch": epoch, "val_loss": val, "args": asdict(args), "history": history}
                 if val < best:
@@ -257,7 +293,7 @@ def train(args: TrainArgs) -> dict:
                             "best": best, "spent": time.monotonic() - started, "total": total, "rng": rng.getstate()},
                            state_path)
             if last:
-                total = step
+                total = bar.total = step
                 break
         else:
             epoch += 1
