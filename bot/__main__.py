@@ -59,19 +59,24 @@ async def _main(check: bool) -> int:
     from bot.runner import install_signal_handlers, run_front_ends
     from core.backends import start_backend
     from core.grammar import parse_gen
+    from core.models import start_models
     from core.service import BotCore
 
     settings = load_settings()
     fronts = preflight(settings)
     started = time.monotonic()
-    engine = await start_backend(settings)
-    log.info("model loaded from %s in %.1f s", engine.source, time.monotonic() - started)
+    models = await start_models(settings.per_model(), start_backend)
+    engine = models.get(None)
+    log.info("models loaded in %.1f s: %s", time.monotonic() - started,
+             ", ".join(f"{name} ({backend.source})" for name, backend in models.backends.items()))
     try:
         if check:
             request = parse_gen("긍정 아 정말 max_length=16 min_length=1 seed=0", engine.defaults, settings.limits)
             started = time.monotonic()
             result = await engine.generate(engine.prepare(request))
             print(f"model: {engine.source}")
+            for name, why in models.failed.items():
+                print(f"model {name}: failed to load: {why}")
             if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
             # The reply's own length: new_tokens counts every sampled row (best_of candidates included).
@@ -79,16 +84,19 @@ async def _main(check: bool) -> int:
             print(f"generation: {result.texts()[0]!r} ({tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"store: {settings.store.path} (writable)")
             print(f"front ends enabled: {', '.join(fronts) or 'none'}")
+            if models.failed:  # the others would serve, but the settings name a model that does not load
+                print("check: failed", file=sys.stderr)
+                return 1
             print("check: ok")
             return 0
-        core = BotCore.create(settings, engine)
+        core = BotCore.create(settings, engine, models)
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ok = await run_front_ends(core, stop)
         core.store.close()
         return 0 if ok else 1
     finally:
-        await engine.stop()
+        await models.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_cog import GenCog
+from bot.discord_cog import GenCog, NotAllowed
 from bot.discord_ui import EDIT_INTERVAL_S, NO_MENTIONS, answer, refuse, who
 from core.access import Access, Verdict, discord_access
-from core.conversation import Conversation, error_text
+from core.conversation import Conversation
 from core.errors import NotAllowed as Refused
 from core.service import BotCore
 
@@ -30,12 +30,23 @@ DEFAULT_PREFIX = "!"
 REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long replies being sent may take
 
 
-class NotAllowed(commands.CheckFailure):
-    """The server or channel is outside the allowlists (core's refusal, as discord.py's check failure)."""
+class GenTree(app_commands.CommandTree):
+    """The slash command tree: the allowlist before any interaction; errors are the cog's (every command is bound to
+    GenCog, so `cog_app_command_error` has answered before `on_error` runs)."""
 
-    def __init__(self, refused: Refused):
-        super().__init__(str(refused))
-        self.refused = refused
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        try:
+            self.client.conversation.check_access(who(interaction.guild_id, interaction.channel_id, interaction.user.id))
+        except Refused as exc:
+            if not exc.quiet:
+                await refuse(interaction, str(exc))
+            return False
+        return True
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        command = interaction.command
+        if getattr(command, "binding", None) is None:  # not one of the cog's: nobody answered it
+            await super().on_error(interaction, error)
 
 
 # ---- the bot -----------------------------------------------------------------------------------------------------
@@ -53,15 +64,15 @@ class GenBot(commands.Bot):
             help_command=None,  # replaced by the cog's Korean !help
             allowed_mentions=NO_MENTIONS,
             case_insensitive=True,
+            tree_cls=GenTree,
         )
         self.command_prefix_text = prefix
         self.core = core
         self.edit_interval = edit_interval
         self.sync_commands = sync_commands
-        self.tree.error(self.on_app_command_error)
-        self.conversation = Conversation(core, discord_access(core.settings.discord))
+        admins = frozenset(f"discord:{i}" for i in core.settings.discord.admin_user_ids)
+        self.conversation = Conversation(core, discord_access(core.settings.discord, core.store), admins)
         self.add_check(self._allowed_here)
-        self.tree.interaction_check = self._interaction_allowed
 
     @property
     def access(self) -> Access:
@@ -76,15 +87,6 @@ class GenBot(commands.Bot):
             self.conversation.check_access(who(ctx.guild and ctx.guild.id, ctx.channel.id, ctx.author.id))
         except Refused as exc:
             raise NotAllowed(exc) from None
-        return True
-
-    async def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
-        try:
-            self.conversation.check_access(who(interaction.guild_id, interaction.channel_id, None))
-        except Refused as exc:
-            if not exc.quiet:
-                await refuse(interaction, str(exc))
-            return False
         return True
 
     async def setup_hook(self) -> None:
@@ -113,20 +115,13 @@ class GenBot(commands.Bot):
     # Bots, including this one, are already ignored by Bot.process_commands (`message.author.bot`).
 
     async def on_command_error(self, ctx: commands.Context, error: commands.CommandError) -> None:
-        """The one error → reply mapping for prefix commands."""
+        """Only what reaches no command: a near-miss of ours gets a suggestion. The commands' own errors are
+        answered by GenCog.cog_command_error (the default handler below then stays quiet)."""
         if isinstance(error, commands.CommandNotFound):
             if self.access.check(guild=ctx.guild and ctx.guild.id, channel=ctx.channel.id) is Verdict.ALLOW:
                 await self._suggest(ctx)
             return
-        if isinstance(error, commands.UserInputError):
-            await answer(ctx, f"명령을 이해하지 못했습니다. {self.command_prefix_text}help 를 보세요. (bad command input)")
-            return
-        await self.report(ctx, error.refused if isinstance(error, NotAllowed) else getattr(error, "original", error))
-
-    async def report(self, ctx: commands.Context, error: BaseException) -> None:
-        text = error_text(error, f"discord command {ctx.command}")
-        if text is not None:
-            await answer(ctx, text)
+        await super().on_command_error(ctx, error)
 
     async def _suggest(self, ctx: commands.Context) -> None:
         # The prefix is shared with other bots, so only near-misses of our own commands get an answer.
@@ -135,11 +130,6 @@ class GenBot(commands.Bot):
         if close:
             await answer(ctx, f"알 수 없는 명령입니다. 혹시 {self.command_prefix_text}{close[0]} 을(를) 말씀하셨나요? "
                              f"(unknown command; did you mean {self.command_prefix_text}{close[0]}?)")
-
-    async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        cog = self.get_cog("GenCog")
-        if cog is not None:
-            await cog.app_error(interaction, getattr(error, "original", error))
 
 
 def create_bot(core: BotCore, *, edit_interval: float = EDIT_INTERVAL_S, sync_commands: bool = True) -> GenBot:

@@ -4,28 +4,27 @@ slash commands generated from the knob table (a new knob becomes an option by it
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from core.conversation import Reply, Style, Who
+from core.followups import button_data, stop_data
 from core.grammar import NEGATIVE, POSITIVE
 from core.knobs import KnobSpec
 from core.replies import shorten
-
-if TYPE_CHECKING:
-    from bot.discord_cog import GenCog
 
 MESSAGE_LIMIT = 2000  # Discord's message length
 EDIT_INTERVAL_S = 1.0  # Discord allows about 5 edits per 5 s per channel; one a second leaves room for others
 VIEW_TIMEOUT_S = 600.0  # buttons end before the 15-minute interaction token does, so the view can still be edited
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping (discord.py allows @everyone)
-REGENERATE, CONTINUE = "다시 생성", "이어 쓰기"
+REGENERATE, CONTINUE, STOP = "다시 생성", "이어 쓰기", "⏹ 멈추기"
+STOPPING = "멈추는 중… 지금까지의 글을 남깁니다. (stopping)"
 SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
 
 
@@ -33,6 +32,15 @@ SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
 def escape(text: str) -> str:
     """Model output and prompts are shown literally: no markdown, no live mentions."""
     return discord.utils.escape_markdown(discord.utils.escape_mentions(text))
+
+
+_MARKUP_RE = re.compile(r"\\(.)|(\*\*)|(@\u200b)", re.DOTALL)
+
+
+def unescape(content: str) -> str:
+    """A message of ours back to the plain text `escape` and the bold prompt came from (reply to continue): escaped
+    characters unescaped, our `**` dropped, the zero-width space that defused a mention taken out."""
+    return _MARKUP_RE.sub(lambda m: m.group(1) if m.group(1) is not None else "@" if m.group(3) else "", content)
 
 
 def fit(text: str) -> str:
@@ -44,29 +52,53 @@ STYLE = Style(MESSAGE_LIMIT, escape=escape, emphasize=lambda s: f"**{s}**", noti
 
 def who(guild_id: int | None, channel_id: int | None, user_id: int | None) -> Who:
     return Who(chat=f"discord:{channel_id}", user=None if user_id is None else f"discord:{user_id}",
-               ids={"guild": guild_id, "channel": channel_id})
+               ids={"channel": channel_id, "guild": guild_id})  # the channel first: "here" for !allow
 
 
 def knobs_block(title: str, text: str) -> str:
     return fit(f"{title}\n```\n{text}\n```")
 
 
-class ChannelTarget:
+ViewFor = Callable[[Reply], Optional[discord.ui.View]]  # the buttons a reply state carries (the cog builds them)
+
+
+class _Views:
+    """A target's buttons: the stop button is one view for the whole stream (not a new one per edit), ended
+    when the reply is final."""
+
+    def __init__(self, view_for: ViewFor):
+        self.view_for = view_for
+        self.stop_view: discord.ui.View | None = None
+
+    def view(self, reply: Reply) -> discord.ui.View | None:
+        if reply.stop is not None and self.stop_view is not None:
+            return self.stop_view
+        if self.stop_view is not None:
+            self.stop_view.stop()
+            self.stop_view = None
+        view = self.view_for(reply)
+        if reply.stop is not None:
+            self.stop_view = view
+        return view
+
+
+class ChannelTarget(_Views):
     """A prefix command's answer (core.conversation.ReplyTarget): a reply to the command, edited afterwards."""
 
-    def __init__(self, cog: GenCog, ctx: commands.Context):
-        self.cog, self.ctx = cog, ctx
-        self.style, self.edit_interval = STYLE, cog.edit_interval
+    def __init__(self, ctx: commands.Context, view_for: ViewFor, edit_interval: float):
+        super().__init__(view_for)
+        self.ctx = ctx
+        self.style, self.edit_interval = STYLE, edit_interval
         self.message: discord.Message | None = None
 
     async def send(self, reply: Reply) -> None:
-        view = self.cog.view(reply.buttons)
+        view = self.view(reply)
         self.message = await answer(self.ctx, reply.text, **({"view": view} if view else {}))
         if view is not None:
             view.message = self.message
 
     async def edit(self, reply: Reply) -> None:
-        view = self.cog.view(reply.buttons)
+        view = self.view(reply)
         self.message = await self.message.edit(content=fit(reply.text), view=view, allowed_mentions=NO_MENTIONS)
         if view is not None:
             view.message = self.message
@@ -78,20 +110,22 @@ class ChannelTarget:
         return True
 
 
-class InteractionTarget:
+class InteractionTarget(_Views):
     """A deferred interaction's answer: the "thinking…" message is edited; an error is shown only to the user."""
 
-    def __init__(self, cog: GenCog, interaction: discord.Interaction):
-        self.cog, self.interaction = cog, interaction
-        self.style, self.edit_interval = STYLE, cog.edit_interval
+    def __init__(self, interaction: discord.Interaction, view_for: ViewFor, edit_interval: float):
+        super().__init__(view_for)
+        self.interaction = interaction
+        self.style, self.edit_interval = STYLE, edit_interval
 
     async def send(self, reply: Reply) -> None:
         if reply.error:
+            self.view(reply)  # ends a stop button's view, if the error came mid-stream
             with contextlib.suppress(discord.HTTPException):
                 await self.interaction.delete_original_response()
             await self.interaction.followup.send(fit(reply.text), ephemeral=True, allowed_mentions=NO_MENTIONS)
             return
-        view = self.cog.view(reply.buttons)
+        view = self.view(reply)
         message = await self.interaction.edit_original_response(content=fit(reply.text), view=view,
                                                                 allowed_mentions=NO_MENTIONS)
         if view is not None:
@@ -120,21 +154,41 @@ async def refuse(interaction: discord.Interaction, text: str) -> None:
         await interaction.response.send_message(fit(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
-class GenerationView(discord.ui.View):
-    """다시 생성 (regenerate) and 이어 쓰기 (continue, one button per candidate) under a result."""
+Press = Callable[[discord.Interaction, str], Awaitable[None]]  # (interaction, the button's payload)
+OnError = Callable[[discord.Interaction, BaseException], Awaitable[None]]
 
-    def __init__(self, cog: GenCog, key: str, candidates: int, timeout: float = VIEW_TIMEOUT_S):
+
+class PayloadView(discord.ui.View):
+    """Buttons whose payload (core.followups.button_data) is their custom_id; a press hands it to `press`, and a
+    failure goes to `on_error` (the cog's one interaction error hook) instead of discord.py's log."""
+
+    def __init__(self, press: Press, on_error: OnError, timeout: float | None = VIEW_TIMEOUT_S):
         super().__init__(timeout=timeout)
         self.message: discord.Message | None = None
-        self._button(REGENERATE, discord.ButtonStyle.primary, cog, key, None)
-        for i in range(candidates):
-            self._button(CONTINUE if candidates == 1 else f"{CONTINUE} {i + 1}", discord.ButtonStyle.secondary, cog, key, i)
+        self._press, self._on_error = press, on_error
 
-    def _button(self, label: str, style: discord.ButtonStyle, cog: GenCog, key: str, candidate: int | None) -> None:
-        button: discord.ui.Button = discord.ui.Button(label=label, style=style)
-        data = f"r:{key}" if candidate is None else f"c:{key}:{candidate}"
-        button.callback = functools.partial(cog.on_button, data=data)
+    def add(self, label: str, style: discord.ButtonStyle, data: str) -> None:
+        button: discord.ui.Button = discord.ui.Button(label=label, style=style, custom_id=data)
+
+        async def pressed(interaction: discord.Interaction) -> None:
+            await self._press(interaction, data)
+
+        button.callback = pressed
         self.add_item(button)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception, item: discord.ui.Item) -> None:
+        await self._on_error(interaction, error)
+
+
+class GenerationView(PayloadView):
+    """다시 생성 (regenerate) and 이어 쓰기 (continue, one button per candidate) under a result."""
+
+    def __init__(self, key: str, candidates: int, press: Press, on_error: OnError, timeout: float = VIEW_TIMEOUT_S):
+        super().__init__(press, on_error, timeout)
+        self.add(REGENERATE, discord.ButtonStyle.primary, button_data(key))
+        for i in range(candidates):
+            self.add(CONTINUE if candidates == 1 else f"{CONTINUE} {i + 1}", discord.ButtonStyle.secondary,
+                     button_data(key, i))
 
     async def on_timeout(self) -> None:
         # Grey the buttons out so nobody clicks a dead view; the message may be gone, which is fine.
@@ -145,7 +199,17 @@ class GenerationView(discord.ui.View):
                 await self.message.edit(view=self)
 
 
+class StopView(PayloadView):
+    """⏹ 멈추기 under a reply while it streams (only its asker may use it; the conversation checks)."""
+
+    def __init__(self, key: str, press: Press, on_error: OnError, timeout: float = VIEW_TIMEOUT_S):
+        super().__init__(press, on_error, timeout)
+        self.add(STOP, discord.ButtonStyle.danger, stop_data(key))
+
+
 # ---- slash commands ------------------------------------------------------------------------------------------------
+ACCESS_KINDS = [app_commands.Choice(name="channel (채널)", value="channel"),
+                app_commands.Choice(name="guild (서버)", value="guild")]
 LABEL_CHOICES = [app_commands.Choice(name=POSITIVE, value=POSITIVE), app_commands.Choice(name=NEGATIVE, value=NEGATIVE)]
 
 
@@ -159,12 +223,14 @@ def _knob_parameter(spec: KnobSpec) -> inspect.Parameter:
 
 
 def build_slash(name: str, description: str, callback: Callable[..., Awaitable[None]], specs: Mapping[str, KnobSpec],
-                head: list[inspect.Parameter] = (), head_descriptions: Mapping[str, str] | None = None,
+                head: list[inspect.Parameter] = (),
+                head_descriptions: Mapping[str, str] | None = None,
                 choices: Mapping[str, list[app_commands.Choice]] | None = None) -> app_commands.Command:
     """A slash command whose knob options carry today's ranges from `[limits]` (read from the signature when the
-    command is built, so the signature is assembled here at run time)."""
+    command is built, so the signature is assembled here at run time). `callback` is a cog's method; the command is
+    bound to that cog like the cog's own commands, so its errors reach the cog's `cog_app_command_error`."""
 
-    async def invoke(interaction: discord.Interaction, **options: object) -> None:
+    async def invoke(_binding: commands.Cog, interaction: discord.Interaction, **options: object) -> None:
         await callback(interaction, **options)
 
     interaction = inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
@@ -173,4 +239,6 @@ def build_slash(name: str, description: str, callback: Callable[..., Awaitable[N
     invoke = app_commands.describe(**(head_descriptions or {}), **described)(invoke)
     if choices:
         invoke = app_commands.choices(**choices)(invoke)
-    return app_commands.Command(name=name, description=description, callback=invoke)
+    command = app_commands.Command(name=name, description=description, callback=invoke)
+    command.binding = callback.__self__  # discord.py then passes the cog first, as to a method (the signature skips it)
+    return command

@@ -71,7 +71,7 @@ async def drain(core: BotCore) -> None:
     grace = core.settings.limits.shutdown_grace_s
     core.draining.set()
     log.info("stopping: finishing in-flight generations (up to %g s)", grace)
-    left = await core.engine.drain(grace)
+    left = await core.served.drain(grace)
     if left:
         log.warning("%d generations were unfinished after %g s; they were told the bot is restarting", left, grace)
 

@@ -9,11 +9,12 @@ import logging
 from aiohttp import web
 from telegram import BotCommand, Update
 from telegram.error import InvalidToken, NetworkError, TelegramError
-from telegram.ext import Application, ApplicationBuilder
+from telegram.ext import Application, ApplicationBuilder, InlineQueryHandler
 
 from bot.log_redaction import redact_token_in_logs
 from bot.telegram_bot import CONVERSATION_KEY, add_handlers
 from bot.telegram_delivery import PerChatRateLimiter
+from bot.telegram_inline import inline_query
 from bot.telegram_texts import COMMANDS
 from bot.telegram_webhook import start_webhook
 from core.access import telegram_access
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 GROUP_MESSAGES_PER_MINUTE = 20  # Telegram's flood limit for a group …
 GROUP_PERIOD_S = 60.0  # … per this many seconds
 REPLY_GRACE_S = 10.0  # at shutdown (after the engine's drain), how long queued replies may take to go out
-ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
+ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY, Update.INLINE_QUERY]
 
 
 async def _post_init(application: Application) -> None:
@@ -53,8 +54,10 @@ def build_application(core: BotCore, token: str | None = None) -> Application:
         .post_init(_post_init)
         .build()
     )
-    application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings))
+    admins = frozenset(f"telegram:{i}" for i in settings.admin_user_ids)
+    application.bot_data[CONVERSATION_KEY] = Conversation(core, telegram_access(settings, core.store), admins)
     add_handlers(application)
+    application.add_handler(InlineQueryHandler(inline_query))  # BotFather's /setinline turns these updates on
     return application
 
 
@@ -101,6 +104,8 @@ async def serve(core: BotCore, stop: asyncio.Event) -> None:
             await application.updater.start_polling(allowed_updates=ALLOWED_UPDATES)
         mode = "webhook" if webhook else "long polling"
         log.info("telegram bot @%s running (%s)", application.bot.username, mode)
+        if not application.bot.supports_inline_queries:
+            log.info("telegram: inline mode is off for @%s; BotFather's /setinline turns it on", application.bot.username)
         await _first(core.draining, stop)
         if application.updater and application.updater.running:
             # Stop fetching; PTB confirms the offset of every fetched update, so a restart goes on from the next one.

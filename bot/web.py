@@ -1,7 +1,8 @@
 """The tutorial's web page and its JSON API, on aiohttp (already a dependency of discord.py).
 
 `POST /api` answers the tutorial's JSON at once; `POST /api/stream` takes the same body and answers JSON lines as the
-text grows (`{"partial": …}` … then the final object, or `{"error": …}`). Every error, aiohttp's own included, is
+text grows (`{"partial": …, "stop": key}` … then the final object, or `{"error": …}`); `POST /api/stop
+{"stop": key}` ends that stream early with the text so far (`"stopped": true`). Every error, aiohttp's own included, is
 JSON `{"error": …}`. A body must arrive in time; the connection-level bounds are in bot/web_server.py.
 """
 
@@ -22,6 +23,7 @@ from bot.web_body import MAX_BODY, TOO_LARGE, TOO_SLOW, BodyRefused, check_text,
 from bot.web_server import GuardedRunner, client_left, dumps
 from core.conversation import Conversation, Reply, Style, Who, error_text
 from core.errors import BusyError, ClientLeft, EngineUnavailable, RequestTimeout, ShuttingDown, UserError
+from core.followups import stop_data
 from core.knobs import knob_specs
 from core.service import BotCore
 from core.types import Generation
@@ -34,7 +36,7 @@ UNAUTHORISED = "API 토큰이 없거나 틀립니다. Authorization: Bearer <토
 STREAM_INTERVAL_S = 0.1  # partial results on /api/stream at most this often
 STATUS_TEXT = {
     400: "요청을 이해할 수 없습니다. (bad request)",
-    404: "없는 주소입니다. /, /api, /api/stream, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
+    404: "없는 주소입니다. /, /api, /api/stream, /api/stop, /healthz, /metrics, /v1/completions, /v1/models 를 쓰세요. (not found)",
     405: "이 주소에서 쓸 수 없는 메서드입니다. (method not allowed)",
     408: TOO_SLOW,
     413: TOO_LARGE,
@@ -95,7 +97,8 @@ async def api(request: web.Request) -> web.Response:
     except _Refused as refused:
         return refused.response
     try:
-        result = await request.app[CONVERSATION_KEY].backend.generate(prepared)  # counted from here on by the engine
+        conversation = request.app[CONVERSATION_KEY]
+        result = await conversation.backend_of(prepared.request).generate(prepared)  # counted from here by the engine
     except BusyError as exc:
         return _error(429, str(exc))
     except (RequestTimeout, ShuttingDown, EngineUnavailable) as exc:
@@ -120,8 +123,11 @@ class _LinesTarget:
             line: dict = {"error": reply.text}
         elif reply.final:
             line = {**_result(reply.generation), "prompt": reply.generation.request.model_prompt}
+            if reply.stopped:
+                line["stopped"] = True
         else:
-            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt}
+            line = {"partial": list(reply.generation.texts()), "prompt": reply.generation.request.model_prompt,
+                    "stop": reply.stop}
         try:
             await self.response.write((dumps(line) + "\n").encode("utf-8"))
         except ConnectionResetError:
@@ -154,6 +160,26 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def api_stop(request: web.Request) -> web.Response:
+    """`{"stop": "<key>"}` from a /api/stream partial: that stream ends with the text so far, marked stopped. The key
+    went only to whoever asked, so holding it is the permission."""
+    conversation = request.app[CONVERSATION_KEY]
+    try:
+        payload = await read_json(request, example='{"stop": "<키>"}')  # the one body reader every route uses
+    except BodyRefused as exc:
+        conversation.backend.telemetry.refused("web", "user_error")
+        return exc.response(_error)
+    key = payload.get("stop") if isinstance(payload, dict) else None
+    if not isinstance(key, str):
+        conversation.backend.telemetry.refused("web", "user_error")
+        return _error(422, '요청 본문은 {"stop": "<키>"} 이어야 합니다 (/api/stream의 "stop" 값). (body must be {"stop": key})')
+    try:
+        conversation.from_button(stop_data(key), Who(chat="web", client=client_key(request)))  # the door: strict parse, counted
+    except UserError as exc:
+        return _error(422, str(exc))
+    return _json({"stopping": True})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 while the generation backend can take a request (the local worker is alive, or the remote server is
     reachable); 503 otherwise, so a load balancer stops sending work here: `degraded` (it cannot answer) or
@@ -180,7 +206,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def page(request: web.Request) -> web.Response:
     backend = request.app[CONVERSATION_KEY].backend
     html = resources.files("bot").joinpath("web_page.html").read_text(encoding="utf-8")
+    served = request.app[CONVERSATION_KEY].core.served
     config = {
+        "models": [{"name": name, "steered": getattr(b, "sentiment", True)} for name, b in served.backends.items()],
+        "model": served.default,
         "defaults": backend.defaults.as_dict(),
         "knobs": {
             name: {"min": spec.low, "max": spec.high, "int": spec.kind is int, "range": spec.range_ko(), "help": spec.help_ko}
@@ -226,6 +255,7 @@ def create_app(core: BotCore) -> web.Application:
     app[PUBLIC_PAGE_KEY] = core.settings.web.public_page
     app[PROXIES_KEY] = core.settings.web.proxy_networks()
     app.add_routes([web.get("/", page), web.post("/api", api), web.post("/api/stream", api_stream),
+                    web.post("/api/stop", api_stop),
                     web.get("/healthz", healthz), web.get("/metrics", metrics)])
     add_openai_routes(app, core)  # the engine-node API: /v1/completions, /v1/models
     return app

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.chat_store import ChatStore
 
 REFUSAL = (
     "죄송합니다, 이 봇은 여기에서 사용할 수 없습니다. 봇 관리자에게 문의해 주세요. "
@@ -48,9 +52,46 @@ class Access:
         return Verdict.REFUSE if self.refusal == "reply" else Verdict.IGNORE
 
 
-def telegram_access(settings) -> Access:  # noqa: ANN001 (TelegramSettings)
-    return Access({"chat": settings.allowed_chat_ids, "user": settings.allowed_user_ids}, settings.refusal)
+class StoredAccess:
+    """The allowlists as the store holds them, changed at run time by admins (/allow, /deny) and seeded from the
+    settings' lists. Same rule as `Access` — no allowed ids: everyone; otherwise an id on its list — plus denials:
+    a denied id is refused even when the lists are empty (a ban)."""
+
+    def __init__(self, store: ChatStore, platform: str, lists: Mapping[str, Iterable[int]], refusal: str = "reply"):
+        if refusal not in ("reply", "ignore"):
+            raise ValueError(f"refusal must be 'reply' or 'ignore', not {refusal!r}")
+        self.store, self.platform, self.kinds, self.refusal = store, platform, tuple(lists), refusal
+        store.seed_access(platform, {kind: list(ids) for kind, ids in lists.items()})
+
+    def entries(self) -> dict[tuple[str, int], bool]:
+        return self.store.access_entries(self.platform)
+
+    def set(self, kind: str, id_: int, allowed: bool) -> None:
+        self.store.set_access(self.platform, kind, id_, allowed)
+
+    def allows(self, **ids: int | None) -> bool:
+        unknown = set(ids) - set(self.kinds)
+        if unknown:
+            raise TypeError(f"unknown id kinds: {sorted(unknown)}")
+        entries = self.entries()
+        given = [(kind, i) for kind, i in ids.items() if i is not None]
+        if any(entries.get(pair) is False for pair in given):
+            return False
+        if not any(entries.values()):
+            return True
+        return any(entries.get(pair) for pair in given)
+
+    def check(self, **ids: int | None) -> Verdict:
+        if self.allows(**ids):
+            return Verdict.ALLOW
+        return Verdict.REFUSE if self.refusal == "reply" else Verdict.IGNORE
 
 
-def discord_access(settings) -> Access:  # noqa: ANN001 (DiscordSettings)
-    return Access({"guild": settings.allowed_guild_ids, "channel": settings.allowed_channel_ids}, settings.refusal)
+def telegram_access(settings, store: ChatStore | None = None) -> Access | StoredAccess:  # noqa: ANN001
+    lists = {"chat": settings.allowed_chat_ids, "user": settings.allowed_user_ids}
+    return Access(lists, settings.refusal) if store is None else StoredAccess(store, "telegram", lists, settings.refusal)
+
+
+def discord_access(settings, store: ChatStore | None = None) -> Access | StoredAccess:  # noqa: ANN001
+    lists = {"guild": settings.allowed_guild_ids, "channel": settings.allowed_channel_ids}
+    return Access(lists, settings.refusal) if store is None else StoredAccess(store, "discord", lists, settings.refusal)

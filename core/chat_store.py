@@ -1,4 +1,5 @@
-"""Per-chat default knobs (Telegram chats, Discord channels), kept in an embedded SQLite file."""
+"""The embedded SQLite store: per-chat default knobs (Telegram chats, Discord channels), the allowlists as admins
+change them at run time, and a log of requests and refusals (per-user daily quotas, /stats)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ class ChatStore:
         try:
             with self._lock, self._db:
                 self._db.execute("CREATE TABLE IF NOT EXISTS chat_knobs (chat TEXT PRIMARY KEY, knobs TEXT NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS access_list (platform TEXT NOT NULL, kind TEXT NOT NULL, "
+                                 "id INTEGER NOT NULL, allowed INTEGER NOT NULL, PRIMARY KEY (platform, kind, id))")
+                self._db.execute("CREATE TABLE IF NOT EXISTS request_log (day TEXT NOT NULL, platform TEXT NOT NULL, "
+                                 "user TEXT, outcome TEXT NOT NULL, seconds REAL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS chat_model (chat TEXT PRIMARY KEY, model TEXT NOT NULL)")
+                self._db.execute("CREATE INDEX IF NOT EXISTS request_log_user ON request_log (day, user, outcome)")
                 self._db.execute("INSERT OR REPLACE INTO chat_knobs (chat, knobs) VALUES (?, '{}')", (_PROBE,))
                 self._db.execute("DELETE FROM chat_knobs WHERE chat = ?", (_PROBE,))
         except (OSError, sqlite3.Error) as exc:
@@ -108,6 +115,85 @@ class ChatStore:
             except StoreError:
                 pass  # logged; the stale value is ignored again next time
             return defaults
+
+    # ---- the chat's model (/model) ---------------------------------------------------------------------------------
+    def chat_model(self, chat: str) -> str | None:
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT model FROM chat_model WHERE chat = ?", (chat,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("store %s: could not read a chat's model: %s", self.path, exc)
+            return None  # the default model serves
+        return row[0] if row else None
+
+    def set_chat_model(self, chat: str, model: str) -> None:
+        try:
+            with self._lock, self._db:
+                self._db.execute("INSERT INTO chat_model VALUES (?, ?) ON CONFLICT (chat) DO UPDATE SET model = "
+                                 "excluded.model", (chat, model))
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "저장하지", "save") from None
+
+    # ---- allowlists at run time (platform "telegram" kinds chat/user, "discord" guild/channel) ------------------
+    def seed_access(self, platform: str, lists: dict[str, list[int]]) -> None:
+        """The settings' lists, added once: an id an admin denied later stays denied across restarts."""
+        rows = [(platform, kind, i) for kind, ids in lists.items() for i in ids]
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR IGNORE INTO access_list VALUES (?, ?, ?, 1)", rows)
+
+    def set_access(self, platform: str, kind: str, id_: int, allowed: bool) -> None:
+        try:
+            with self._lock, self._db:
+                self._db.execute("INSERT INTO access_list VALUES (?, ?, ?, ?) ON CONFLICT (platform, kind, id) "
+                                 "DO UPDATE SET allowed = excluded.allowed", (platform, kind, id_, int(allowed)))
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "저장하지", "save") from None
+
+    def access_entries(self, platform: str) -> dict[tuple[str, int], bool]:
+        try:
+            with self._lock:
+                rows = self._db.execute("SELECT kind, id, allowed FROM access_list WHERE platform = ?",
+                                        (platform,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "읽지", "read") from None
+        return {(kind, id_): bool(allowed) for kind, id_, allowed in rows}
+
+    # ---- the request log -----------------------------------------------------------------------------------------
+    def log_request(self, day: str, platform: str, user: str | None, outcome: str, seconds: float | None = None) -> None:
+        """One admitted request ("admitted"), its end ("ok" with its latency), or a refusal (its reason)."""
+        try:
+            with self._lock, self._db:
+                self._db.execute("INSERT INTO request_log VALUES (?, ?, ?, ?, ?)", (day, platform, user, outcome, seconds))
+        except sqlite3.Error as exc:  # bookkeeping must not fail a request
+            log.error("store %s: could not log a request: %s", self.path, exc)
+
+    def prune_log(self, before_day: str) -> None:
+        """Forget the request log before `before_day` (quotas need today, /stats a week)."""
+        try:
+            with self._lock, self._db:
+                self._db.execute("DELETE FROM request_log WHERE day < ?", (before_day,))
+        except sqlite3.Error as exc:
+            log.error("store %s: could not prune the request log: %s", self.path, exc)
+
+    def admitted_on(self, day: str, user: str) -> int:
+        """Requests `user` was admitted for on `day`; 0 when the store cannot be read (the quota is not a reason to
+        stop generating)."""
+        try:
+            with self._lock:
+                (count,) = self._db.execute("SELECT COUNT(*) FROM request_log WHERE day = ? AND user = ? AND "
+                                            "outcome = 'admitted'", (day, user)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("store %s: could not read the request log: %s", self.path, exc)
+            return 0
+        return count
+
+    def request_rows(self, since_day: str) -> list[tuple[str, str, str | None, str, float | None]]:
+        try:
+            with self._lock:
+                return self._db.execute("SELECT day, platform, user, outcome, seconds FROM request_log WHERE day >= ?",
+                                        (since_day,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "읽지", "read") from None
 
     def close(self) -> None:
         with self._lock:

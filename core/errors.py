@@ -46,5 +46,9 @@ class StoreError(UserError):
     but the reply says what failed rather than a generic apology about generation."""
 
 
+class QuotaExceeded(UserError):
+    """The user's daily request quota is used up; the message says when it resets."""
+
+
 class ClientLeft(Exception):
     """The reader of a reply went away (a web client closed its stream): normal, and there is nobody left to tell."""

@@ -7,6 +7,7 @@ Every request that reaches the core is counted once, by front end and outcome:
 - user_error: refused before generating (bad knob, empty or too long prompt, malformed web body): it never
   reaches the model, so it has no latency and no tokens;
 - rate_limited: the per-user spacing of the chat bots refused it;
+- quota: the user's daily request quota (`limits.daily_requests_per_user`) is used up;
 - not_allowed: outside the allowlists (counted for generation requests);
 - shutdown: refused, or cut off after the grace period, because the bot is stopping.
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OUTCOMES = ("ok", "user_error", "rate_limited", "not_allowed", "busy", "timeout", "error", "cancelled", "shutdown")
+OUTCOMES = ("ok", "user_error", "rate_limited", "quota", "not_allowed", "busy", "timeout", "error", "cancelled", "shutdown")
 FRONT_ENDS = ("web", "telegram", "discord", "openai", "internal")  # openai: the engine-node API (/v1)
 # CPU generation of up to 128 tokens: tens of milliseconds to about a minute (the default request timeout).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)

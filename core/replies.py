@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from core.knobs import Knobs, knob_specs
 from core.settings import LimitsSettings
-from core.types import Generation
+from core.types import NEGATIVE, POSITIVE, Generation
 
 APOLOGY = "죄송합니다, 생성 중에 문제가 생겼습니다. 잠시 후 다시 시도해 주세요. (sorry, something went wrong)"
 CURSOR = " ▌"
+STOPPED = "⏹ 중지됨 (stopped)"
 
 
 def _plain(text: str) -> str:
@@ -21,19 +24,24 @@ def render_generation(
     limit: int,
     escape: Callable[[str], str] = _plain,
     emphasize: Callable[[str], str] = _plain,
+    stopped: bool = False,
 ) -> str:
     """Prompt (emphasized) then each continuation; the seed line lets users reproduce a result.
 
-    `limit` is the platform's message length; continuations are shortened (never the markup) to fit.
+    `limit` is the platform's message length; continuations are shortened (never the markup) to fit. `stopped`: the
+    user stopped it; the text so far is final and says so. `parse_result` reads the plain rendering back.
     """
     head = emphasize(escape(gen.request.model_prompt))
-    cursor = "" if gen.done else CURSOR
+    final = gen.done or stopped
+    cursor = "" if final else CURSOR
     many = len(gen.continuations) > 1
     seeds = ", ".join(str(s) for s in gen.seeds)
     sure = ""
     if gen.confidence is not None and gen.request.label:  # best_of > 1: the model's own reading of its pick, "긍정 93%"
         sure = f" · {gen.request.label} " + ", ".join(f"{c:.0%}" for c in gen.confidence)
-    footer = f"\n\nseed={seeds}{sure}" if gen.done else ""
+    if stopped and not gen.done:
+        sure = f" · {STOPPED}"
+    footer = f"\n\nseed={seeds}{sure}" if final else ""
     lines = []
     budget = max(0, limit - len(head) * len(gen.continuations) - len(footer) - 16 * len(gen.continuations))
     share = budget // max(1, len(gen.continuations))
@@ -42,6 +50,42 @@ def render_generation(
         prefix = f"{i}. " if many else ""
         lines.append(f"{prefix}{head}{body}{cursor}")
     return shorten("\n\n".join(lines) + footer, limit)
+
+
+# The footer of a finished (or stopped) result: its seeds, then anything after " · " (confidence, the stop mark).
+_FOOTER_RE = re.compile(r"\n\nseed=([0-9]+(?:, [0-9]+)*)(?: · [^\n]*)?\Z")
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A result read back from its message: the label, and the text after it (the prompt and the first candidate)."""
+
+    label: str | None
+    text: str
+
+    @property
+    def model_prompt(self) -> str:
+        return " ".join(part for part in (self.label, self.text) if part)
+
+
+def parse_result(text: str) -> Shown | None:
+    """The inverse of `render_generation` (plain style) for a finished or stopped result: the first candidate's
+    whole text without the decorations (numbering, seed line, confidence, stop mark), its label split off. None
+    when `text` is not such a result (a help text, an error, a reply still streaming). A continuation cut to fit
+    the message stays cut: the message is all there is after a restart."""
+    footer = _FOOTER_RE.search(text)
+    if footer is None:
+        return None
+    body = text[: footer.start()]
+    if len(footer.group(1).split(", ")) > 1:  # several candidates: "1. …\n\n2. …"; the first is continued
+        if not body.startswith("1. "):
+            return None
+        body = body[3:].split("\n\n2. ", 1)[0]
+    for label in (POSITIVE, NEGATIVE):
+        rest = body[len(label) + 1:]
+        if body == label or (body.startswith(label + " ") and rest.strip()):
+            return Shown(label, rest)
+    return Shown(None, body)  # a label word with only spaces after it stays text: the model saw exactly that
 
 
 def shorten(text: str, limit: int) -> str:
@@ -60,11 +104,14 @@ UNSTEERED = ("⚠️ 지금 모델은 감정 라벨로 학습되지 않아 긍�
 
 
 def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", escape: Callable[[str], str] = _plain,
-              steered: bool = True, notice: str = "") -> str:
+              steered: bool = True, model: str = "", notice: str = "") -> str:
     """The grammar, every knob with its range and default, and examples for both labels; a warning first when the
-    served model never learned the label words (`steered` False) and the backend's `notice` (what it cannot do)."""
+    served model never learned the label words (`steered` False); the backend's `notice` (what it cannot do); the
+    chat's `model` when there is a choice."""
     lines = [UNSTEERED, ""] if not steered else []
     lines += [notice, ""] if notice else []
+    if model:
+        lines += [f"모델 (model): {model} — 목록·바꾸기는 {command.replace('gen', 'model')}, 한 요청만 model=이름", ""]
     lines += [
         f"{command} [긍정|부정] 프롬프트 [key=value …]",
         "라벨: 긍정(pos, positive, 👍) / 부정(neg, negative, 👎) — 생략하면 프롬프트 그대로 이어 씁니다.",

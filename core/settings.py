@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,8 @@ class SettingsError(Exception):
 
 
 class ModelSettings(BaseModel):
+    # What chats call it (/model, model=); "" = the last part of `pretrained` (e.g. "nsmc-small").
+    name: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,40}$")
     # The embedded sentiment model (in the repository); "skt/kogpt2-base-v2" or a local copy for the full KoGPT2.
     pretrained: str = "models/nsmc-small"
     checkpoint: str = ""
@@ -80,6 +83,7 @@ class LimitsSettings(BaseModel):
     )
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # an hour: offline evaluation runs long batches
     user_interval_s: float = Field(2.0, ge=0, le=3600, description="per-user minimum seconds between generations")
+    daily_requests_per_user: int = Field(0, ge=0, le=1_000_000, description="generations per user per UTC day; 0 = no cap")
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=600, description="on SIGTERM, how long in-flight generations may finish"
     )
@@ -200,6 +204,7 @@ class TelegramSettings(_TokenMixin):
     allowed_chat_ids: list[int] = []  # empty lists = everyone; otherwise a chat or a user on a list may use the bot
     allowed_user_ids: list[int] = []
     refusal: Literal["reply", "ignore"] = "reply"  # what everyone else gets: a polite Korean refusal, or nothing
+    admin_user_ids: list[int] = []  # may /allow, /deny, /allowed, /stats, and are never refused by the allowlists
     base_url: str = "https://api.telegram.org/bot"
     base_file_url: str = "https://api.telegram.org/file/bot"
     webhook_url: str = ""
@@ -212,6 +217,7 @@ class DiscordSettings(_TokenMixin):
     allowed_guild_ids: list[int] = []  # empty lists = everyone; otherwise a server or a channel on a list
     allowed_channel_ids: list[int] = []
     refusal: Literal["reply", "ignore"] = "reply"
+    admin_user_ids: list[int] = []  # may !allow, !deny, !allowed, !stats, and are never refused by the allowlists
     prefix: str = "!"
     guild_id: int | None = None
 
@@ -270,6 +276,14 @@ class StoreSettings(BaseModel):
         return value
 
 
+class ExtraModel(BaseModel):
+    """One more model chats may choose (`[models.<name>]`): its own [model] and [engine] sections; loaded at start
+    beside the main one, so memory and start time grow only with the models listed."""
+
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BOT_",
@@ -286,6 +300,7 @@ class Settings(BaseSettings):
     discord: DiscordSettings = DiscordSettings()
     store: StoreSettings = StoreSettings()
     engine: EngineSettings = EngineSettings()
+    models: dict[str, ExtraModel] = {}  # more models by name, besides [model] (see ExtraModel)
 
     @model_validator(mode="before")
     @classmethod
@@ -295,6 +310,26 @@ class Settings(BaseSettings):
             for path, known in unknown_keys(data, cls):
                 raise ValueError(f"[{'.'.join(path[:-1]) or 'settings'}] {path[-1]}: {_unknown(path[-1], known)}")
         return data
+
+    def model_name(self) -> str:
+        return self.model.name or Path(self.model.pretrained.rstrip("/")).name or "default"
+
+    def per_model(self) -> dict[str, Settings]:
+        """Each model's name and the settings that start it (its own [model] and [engine], the rest shared)."""
+        out = {self.model_name(): self}
+        for name, extra in self.models.items():
+            out[name] = self.model_copy(update={"model": extra.model, "engine": extra.engine, "models": {}})
+        return out
+
+    @model_validator(mode="after")
+    def _model_names(self) -> Settings:
+        bad = [name for name in self.models if not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", name)]
+        if bad:
+            raise ValueError(f"[models] 모델 이름 {bad[0]!r}: 영문·숫자·._- 1–40자여야 합니다 (model names: letters, "
+                             f"digits, . _ -)")
+        if self.model_name() in self.models:
+            raise ValueError(f"[models] {self.model_name()!r}은(는) 이미 [model]의 이름입니다 (a duplicate model name)")
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:
@@ -346,6 +381,11 @@ def unknown_keys(data: Mapping, model: object, path: tuple[str, ...] = ()) -> li
     for key, value in data.items():
         if key not in fields:
             found.append(((*path, str(key)), sorted(fields)))
+        elif isinstance(value, Mapping) and typing.get_origin(fields[key]) in (dict, Mapping):
+            item_model = typing.get_args(fields[key])[1]  # a table of named sections, e.g. [models.<name>]
+            for name, item in value.items():
+                if isinstance(item, Mapping) and _fields(item_model) is not None:
+                    found.extend(unknown_keys(item, item_model, (*path, key, str(name))))
         elif isinstance(value, Mapping) and _fields(fields[key]) is not None:
             found.extend(unknown_keys(value, fields[key], (*path, key)))
     return found

@@ -16,6 +16,7 @@ class GenRequest:
     knobs: Knobs
     # Where it came from ("telegram:123", "discord:456", "web"; "" = internal): metrics and logs count by it.
     origin: str = ""
+    model: str = ""  # which configured model generates it (core.models); "" = the default
     # Who asked ("telegram:42", "web:203.0.113.7"; "" = internal): the engine shares its rows fairly by this key.
     user: str = ""
     # The engine node's log-probabilities (None: not asked): each sampled token's, with this many top alternatives;

@@ -21,9 +21,11 @@ from aiohttp import web
 # Parameters PTB sends JSON-encoded inside a form field.
 JSON_FIELDS = {
     "reply_markup", "reply_parameters", "commands", "allowed_updates", "entities", "link_preview_options", "scope",
+    "results", "button",
 }
-BOOL_FIELDS = {"show_alert", "disable_notification", "protect_content", "drop_pending_updates", "is_disabled"}
-INT_FIELDS = {"chat_id", "message_id", "offset", "limit", "timeout", "user_id"}
+BOOL_FIELDS = {"show_alert", "disable_notification", "protect_content", "drop_pending_updates", "is_disabled",
+               "is_personal"}
+INT_FIELDS = {"chat_id", "message_id", "offset", "limit", "timeout", "user_id", "cache_time"}
 HTML_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "code", "pre", "a", "tg-spoiler", "span",
              "blockquote", "tg-emoji"}
 _TAG_RE = re.compile(r"<(/?)([a-zA-Z][\w-]*)([^<>]*)>")
@@ -162,13 +164,16 @@ class FakeBotAPI:
         self._new_update.set()
         return update
 
-    def user_message(self, chat_id: int, text: str, user_id: int | None = None) -> dict:
-        """Queue a message from a user; commands get their bot_command entity, as Telegram sends them."""
+    def user_message(self, chat_id: int, text: str, user_id: int | None = None, reply_to: dict | None = None) -> dict:
+        """Queue a message from a user (a reply to `reply_to`, a message as stored now); commands get their
+        bot_command entity, as Telegram sends them."""
         user_id = user_id or (chat_id if chat_id > 0 else 777)
         message = {
             "message_id": self._next_message_id(chat_id), "date": int(time.time()),
             "chat": self.chat(chat_id), "from": self.user(user_id), "text": text,
         }
+        if reply_to is not None:
+            message["reply_to_message"] = {k: v for k, v in reply_to.items() if k != "reply_to_message"}
         if text.startswith("/"):
             command = text.split()[0]
             message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command.encode("utf-16-le")) // 2}]
@@ -189,6 +194,12 @@ class FakeBotAPI:
             "id": query_id, "from": self.user(user_id or (chat_id if chat_id > 0 else 777)),
             "chat_instance": f"ci{chat_id}", "data": data, "message": message,
         }})
+        return query_id
+
+    def inline_query(self, text: str, user_id: int = 31337) -> str:
+        """Queue an inline query (`@bot text` typed in some chat); returns its id."""
+        query_id = f"iq{next(self._query_ids)}"
+        self._push({"inline_query": {"id": query_id, "from": self.user(user_id), "query": text, "offset": ""}})
         return query_id
 
     # ---- inspection --------------------------------------------------------------------------------------------
@@ -305,6 +316,17 @@ class FakeBotAPI:
     async def _api_sendChatAction(self, params: dict) -> bool:
         return True
 
+    async def _api_answerInlineQuery(self, params: dict) -> bool:
+        results = params.get("results", [])
+        if len(results) > 50 or len({r["id"] for r in results}) != len(results):
+            raise ApiError(400, "Bad Request: RESULTS_TOO_MUCH or RESULT_ID_DUPLICATE")
+        for result in results:
+            content = result["input_message_content"]
+            self._render_text({"text": content["message_text"], "parse_mode": content.get("parse_mode")})
+            if len(result["id"].encode()) > 64 or not result.get("title"):
+                raise ApiError(400, "Bad Request: RESULT_ID_INVALID or no title")
+        return True
+
     async def _api_answerCallbackQuery(self, params: dict) -> bool:
         if len(params.get("text", "")) > 200:
             raise ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
@@ -360,3 +382,9 @@ class FakeBotAPI:
         if params.get("reply_markup"):
             message["reply_markup"] = params["reply_markup"]
         return message
+
+
+def finished(message: dict) -> bool:
+    """A bot message that is a finished result: it carries its follow-up buttons (a reply still streaming carries
+    only the stop button, and its text ends with the cursor)."""
+    return "reply_markup" in message and not message.get("text", "").endswith("▌")

@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 from conftest import make_settings, running_core, telegram_running
 from discord.ext import commands
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import FakeBotAPI, finished
 
-from bot.discord_bot import NotAllowed, create_bot
+from bot.discord_bot import create_bot
+from bot.discord_cog import NotAllowed
 from bot.runner import run_front_ends
 from core.access import REFUSAL, Access, Verdict, telegram_access
 from core.engine import Engine
@@ -77,7 +78,7 @@ async def test_telegram_allowlist(tiny_dir, tmp_path, refusal):
         stranger = fake.user_message(STRANGER, "/gen 긍정 아 정말")
         stranger_help = fake.user_message(STRANGER, "/help")
         other_group_chatter = fake.user_message(OTHER_GROUP, "/gen@OtherBot 긍정", user_id=STRANGER)
-        await fake.wait_for(lambda: all("reply_markup" in (fake.replies_to(m) or [{}])[0] for m in (mine, in_group)))
+        await fake.wait_for(lambda: all(finished((fake.replies_to(m) or [{}])[0]) for m in (mine, in_group)))
         if refusal == "reply":
             await fake.wait_for(lambda: fake.replies_to(stranger) and fake.replies_to(stranger_help))
         await asyncio.sleep(0.3)
@@ -131,7 +132,8 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
             async def send_message(self, text: str, ephemeral: bool = False, **_: object) -> None:
                 answers.append((text, ephemeral))
 
-        interaction = type("I", (), {"guild_id": config.guilds[0].id, "channel_id": other.id, "response": Response()})()
+        interaction = type("I", (), {"guild_id": config.guilds[0].id, "channel_id": other.id, "response": Response(),
+                                     "user": type("U", (), {"id": 99})()})()
         bot.access = Access({"guild": [], "channel": [allowed.id]}, "reply")
         assert await bot.tree.interaction_check(interaction) is False and answers == [(REFUSAL, True)]
         interaction.channel_id = allowed.id
@@ -185,7 +187,7 @@ async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplo
     try:
         await fake.wait_for(lambda: fake.called("getUpdates"))
         message = fake.user_message(ME, "/gen 긍정 아 정말")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(message)))
+        await fake.wait_for(lambda: any(finished(m) for m in fake.replies_to(message)))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
                 health = await resp.text()

@@ -6,14 +6,21 @@ through a small fake Interaction that records what the bot answers; the slash co
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import re
+import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import discord
 import discord.ext.test as dpytest
+import discord.ext.test.backend as dpytest_backend
+import discord.ext.test.factories as dpytest_factories
 import pytest
 from conftest import make_settings
 from discord.ext import commands
@@ -26,7 +33,7 @@ from bot.discord_bot import create_bot
 from bot.discord_ui import CONTINUE, REGENERATE, GenerationView
 from core.chat_store import ChatStore
 from core.engine import Engine
-from core.followups import EXPIRED
+from core.followups import EXPIRED, button_data
 from core.model_loading import load_model
 from core.rate_limit import UserRateLimiter
 from core.replies import APOLOGY
@@ -96,10 +103,17 @@ async def running_core(settings):
         await engine.stop()
 
 
+async def say(content: str, **kwargs) -> None:
+    """A user's message. dpytest re-raises every command error discord.py dispatches, including those the cog's
+    error hook has already answered (a refusal is an answer): those are not failures here."""
+    with contextlib.suppress(commands.CommandInvokeError, commands.CheckFailure):
+        await dpytest.message(content, **kwargs)
+
+
 async def answer(content: str, **kwargs) -> str:
     """The reply as it stands once the command is done: on a slow machine its first send may be a partial, edited
     later (issue 11.7), so read the message back instead of the first payload."""
-    await dpytest.message(content, **kwargs)
+    await say(content, **kwargs)
     sent = dpytest.get_message()
     return (await sent.channel.fetch_message(sent.id)).content
 
@@ -242,13 +256,18 @@ async def test_help_and_near_miss_commands(dbot):
 
 # ---- slash commands and buttons (fake Interaction) ---------------------------------------------------------------
 class FakeInteraction:
-    """Records the answers; enough of discord.Interaction for the bot's callbacks."""
+    """Records the answers; enough of discord.Interaction for the tree and the views to dispatch it."""
+
+    type = discord.InteractionType.application_command
 
     def __init__(self, user_id: int = 1, channel_id: int = 10):
         self.user = SimpleNamespace(id=user_id, bot=False)
         self.guild_id = None
+        self.guild = None
+        self._state = None
         self.channel_id = channel_id
-        self.command = None
+        self.data: dict = {}
+        self.command_failed = False
         self.log: list[tuple[str, str | None, dict]] = []
         self._done = False
         self.response = SimpleNamespace(is_done=lambda: self._done, send_message=self._send, defer=self._defer)
@@ -272,13 +291,33 @@ class FakeInteraction:
     async def delete_original_response(self):
         self.log.append(("delete", None, {}))
 
+    @property
+    def command(self):
+        return getattr(self, "_cs_command", None)
+
     def final(self) -> tuple[str, str | None, dict]:
         return self.log[-1]
 
 
+async def slash(bot: commands.Bot, interaction: FakeInteraction, name: str, **options) -> None:
+    """A slash command as Discord delivers it, through the real tree: the allowlist, the option transforms, the
+    command and its cog's error hook."""
+    params = {p.name: p for p in bot.tree.get_command(name).parameters}
+    interaction.data = {"name": name, "type": 1, "options": [
+        {"name": key, "type": params[key].type.value, "value": value} for key, value in options.items()]}
+    await bot.tree._call(interaction)
+
+
+async def press(view: discord.ui.View, item: discord.ui.Item, interaction: FakeInteraction) -> None:
+    """A button press as discord.py dispatches it to its view (a failure goes to the view's on_error)."""
+    interaction.type = discord.InteractionType.component
+    interaction.data = {"custom_id": item.custom_id, "component_type": 2}
+    await view._scheduled_task(item, interaction)
+
+
 async def test_slash_options_carry_ranges_korean_descriptions_and_choices(dbot):
     names = {c.name for c in dbot.tree.get_commands()}
-    assert names == {"gen", "set", "reset", "settings", "help"}
+    assert names == {"gen", "set", "reset", "settings", "help", "model", "allow", "deny", "allowed", "stats"}
     gen = dbot.tree.get_command("gen")
     options = {p.name: p for p in gen.parameters}
     assert options["prompt"].required and not options["label"].required
@@ -293,7 +332,7 @@ async def test_slash_options_carry_ranges_korean_descriptions_and_choices(dbot):
     payload = gen.to_dict(dbot.tree)  # what would be synced: valid for Discord's limits
     assert all(len(o["description"]) <= 100 and o["name"].islower() for o in payload["options"])
     set_options = {p.name for p in dbot.tree.get_command("set").parameters}
-    assert set_options == set(options) - {"prompt", "label"}
+    assert set_options == set(options) - {"prompt", "label", "model"}
 
 
 async def test_slash_ranges_follow_the_configured_limits(tiny_dir, tmp_path):
@@ -306,9 +345,8 @@ async def test_slash_ranges_follow_the_configured_limits(tiny_dir, tmp_path):
 
 
 async def test_slash_gen_defers_then_answers_with_buttons(dbot):
-    gen = dbot.tree.get_command("gen")
     interaction = FakeInteraction()
-    await gen.callback(interaction, prompt="아 정말", label="긍정", top_p=0.9, seed="42", best_of=2)
+    await slash(dbot, interaction, "gen", prompt="아 정말", label="긍정", top_p=0.9, seed="42", best_of=2)
     assert interaction.log[0] == ("defer", None, {"thinking": True})
     kind, content, extra = interaction.final()
     assert kind == "edit" and content.startswith("**긍정 아 정말**")
@@ -318,14 +356,13 @@ async def test_slash_gen_defers_then_answers_with_buttons(dbot):
 
 
 async def test_slash_gen_errors_are_ephemeral_and_precise(dbot):
-    gen = dbot.tree.get_command("gen")
     for options, needle in [
         ({"min_length": 50, "max_length": 20}, "min_length"),
         ({"seed": "abc"}, "seed"),
         ({"top_p": 0.0}, "0 초과 1 이하"),  # Discord's min is inclusive; core holds the open bound
     ]:
         interaction = FakeInteraction()
-        await gen.callback(interaction, prompt="아 정말", **options)
+        await slash(dbot, interaction, "gen", prompt="아 정말", **options)
         assert len(interaction.log) == 1, options
         kind, content, extra = interaction.final()
         assert kind == "send" and extra["ephemeral"] and needle in content
@@ -333,50 +370,54 @@ async def test_slash_gen_errors_are_ephemeral_and_precise(dbot):
 
 async def test_slash_set_settings_reset_help(dbot, core):
     interaction = FakeInteraction(channel_id=77)
-    await dbot.tree.get_command("set").callback(interaction, top_k=5, temperature=0.5)
+    await slash(dbot, interaction, "set", top_k=5, temperature=0.5)
     assert "top_k = 5" in interaction.final()[1]
     assert core.chat_knobs("discord:77").temperature == 0.5
     interaction = FakeInteraction(channel_id=77)
-    await dbot.tree.get_command("set").callback(interaction)
+    await slash(dbot, interaction, "set")
     assert "key=value" in interaction.final()[1]  # nothing to set: explained, not ignored
-    cog = dbot.get_cog("GenCog")
     interaction = FakeInteraction(channel_id=77)
-    await cog.settings_slash.callback(cog, interaction)
+    await slash(dbot, interaction, "settings")
     assert "top_k = 5" in interaction.final()[1]
     interaction = FakeInteraction(channel_id=77)
-    await cog.reset_slash.callback(cog, interaction)
+    await slash(dbot, interaction, "reset")
     assert core.chat_knobs("discord:77") == core.engine.defaults
     interaction = FakeInteraction(channel_id=77)
-    await cog.help_slash.callback(cog, interaction)
+    await slash(dbot, interaction, "help")
     assert "/gen [긍정|부정]" in interaction.final()[1] and interaction.final()[2]["ephemeral"]
 
 
 async def test_buttons_regenerate_and_continue(dbot):
     interaction = FakeInteraction()
-    await dbot.tree.get_command("gen").callback(interaction, prompt="아 정말", label="부정", seed="3", max_length=15)
+    await slash(dbot, interaction, "gen", prompt="아 정말", label="부정", seed="3", max_length=15)
     first = interaction.final()[1]
-    regenerate, cont = interaction.final()[2]["view"].children
+    view = interaction.final()[2]["view"]
+    regenerate, cont = view.children
+    key = regenerate.custom_id.removeprefix("r:")
+    assert (regenerate.custom_id, cont.custom_id) == (button_data(key), button_data(key, 0))  # the one payload helper
 
     again = FakeInteraction(user_id=2)
-    await regenerate.callback(again)
+    await press(view, regenerate, again)
     assert again.log[0][0] == "defer" and again.final()[1].startswith("**부정 아 정말**")
 
     longer = FakeInteraction(user_id=3)
-    await cont.callback(longer)
+    await press(view, cont, longer)
     previous = first.split("**")[2].split("\n\nseed=")[0]
     assert longer.final()[1].startswith(f"**부정 아 정말{previous}**")  # the old text is the new prompt
 
 
 async def test_expired_button_is_explained(dbot):
-    view = GenerationView(dbot.get_cog("GenCog"), "no-such-key", 1)
+    cog = dbot.get_cog("GenCog")
+    view = GenerationView("no-such-key", 1, cog.on_button, cog.cog_app_command_error)
     interaction = FakeInteraction()
-    await view.children[0].callback(interaction)
+    await press(view, view.children[0], interaction)
     assert interaction.log == [("send", EXPIRED, {"ephemeral": True, "allowed_mentions": discord_ui.NO_MENTIONS})]
     view.stop()
 
 
 async def test_view_timeout_disables_buttons(dbot):
-    view = GenerationView(dbot.get_cog("GenCog"), "k", 2)
+    cog = dbot.get_cog("GenCog")
+    view = GenerationView("abcdefgh", 2, cog.on_button, cog.cog_app_command_error)
     edits = []
 
     async def edit(**kwargs):
@@ -428,3 +469,125 @@ def make_settings_with_token(core: BotCore):
     return core.settings.model_copy(
         update={"discord": core.settings.discord.model_copy(update={"token": SecretStr("not-a-real-token")})}
     )
+
+
+# ---- structure: one error hook per kind, the tree as a subclass, no import cycle -----------------------------------
+async def test_slash_failure_is_answered_once_by_the_cogs_hook(dbot, core, monkeypatch, caplog):
+    assert type(dbot.tree) is discord_bot.GenTree and all(c.binding is dbot.get_cog("GenCog")
+                                                          for c in dbot.tree.get_commands())
+
+    async def broken(prepared):
+        raise RuntimeError("secret internals")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(core.engine, "stream", broken)
+    interaction = FakeInteraction()
+    with caplog.at_level(logging.ERROR):
+        await slash(dbot, interaction, "gen", prompt="아 정말")
+    answers = [entry for entry in interaction.log if entry[0] in ("send", "followup")]
+    assert len(answers) == 1 and answers[0][1].startswith(APOLOGY) and "secret" not in answers[0][1]
+    assert not any("Ignoring exception" in r.getMessage() for r in caplog.records)  # the tree did not log it again
+
+
+def test_ui_module_does_not_import_the_cog():
+    tree = ast.parse(Path(discord_ui.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "bot.discord_cog" not in imported and "bot.discord_bot" not in imported
+
+
+# ---- reply to continue -----------------------------------------------------------------------------------------
+async def reply_to(target: discord.Message, content: str, member: int = 0) -> discord.Message | None:
+    """A user's reply to `target`, as the gateway delivers it (dpytest's message() makes no replies); returns the
+    bot's answer as it stands once handled, or None when it did not answer."""
+    config = dpytest.get_config()
+    chan = target.channel
+    data = dpytest_factories.make_message_dict(chan, config.members[member], content=content,
+                                               mentions=dpytest_backend.find_user_mentions(content, chan.guild))
+    data["message_reference"] = {"message_id": target.id, "channel_id": chan.id, "guild_id": chan.guild.id}
+    dpytest_backend.get_state().parse_message_create(data)
+    await dpytest.runner.run_all_events()
+    while not dpytest.runner.error_queue.empty():  # errors the cog's hook answered (see `say`)
+        error = (await dpytest.runner.error_queue.get())[1]
+        if not isinstance(error, (commands.CommandInvokeError, commands.CheckFailure, commands.CommandNotFound)):
+            raise error
+    if dpytest.verify().message().nothing():
+        return None
+    sent = dpytest.get_message()
+    return await chan.fetch_message(sent.id)
+
+
+def head(content: str) -> str:
+    return discord_ui.unescape(content.split("**")[1])
+
+
+async def test_gen_as_a_reply_continues_the_result(dbot, core):
+    await say("!gen 부정 배우들 *연기*가 seed=4 max_length=12")
+    first = await channel(0).fetch_message(dpytest.get_message().id)
+    shown = discord_ui.unescape(first.content).split("\n\nseed=")[0]
+    more = await reply_to(first, "!gen 그래서 top_k=5")
+    assert head(more.content) == f"{shown} 그래서" and "seed=" in more.content
+    assert isinstance(first.content, str) and "\\*연기\\*" in first.content  # markdown was escaped, and read back
+
+
+async def test_reply_with_a_mention_continues_even_a_result_from_before_a_restart(dbot, core):
+    await say("!gen 긍정 아 정말 max_length=10")
+    first = await channel(0).fetch_message(dpytest.get_message().id)
+    shown = discord_ui.unescape(first.content).split("\n\nseed=")[0]
+    core.followups._results.clear()  # nothing remembered: the text comes from the message
+    more = await reply_to(first, f"{dbot.user.mention} 더 써 줘 seed=3")
+    assert head(more.content) == f"{shown} 더 써 줘" and "seed=3" in more.content
+    assert await reply_to(first, "그냥 답장") is None  # no mention, no command: someone talking, not to us
+
+
+async def test_reply_to_a_message_that_is_not_a_result(dbot):
+    await say("!help")
+    help_message = await channel(0).fetch_message(dpytest.get_message().id)
+    assert "생성 결과가 아닙니다" in (await reply_to(help_message, f"{dbot.user.mention} 이어서")).content
+    fresh = await reply_to(help_message, "!gen 긍정 새 글")  # !gen replying to help is a plain !gen
+    assert head(fresh.content) == "긍정 새 글"
+
+
+# ---- stop ------------------------------------------------------------------------------------------------------
+async def until(predicate) -> None:
+    """Yield to the event loop until `predicate()` holds (a hang is caught by the bound, not by a clock)."""
+    for _ in range(100_000):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+async def test_stop_button_keeps_the_text_so_far_for_the_asker_only(core, sent):
+    bot = await start_bot(core, edit_interval=0)
+    release, steps = threading.Event(), []
+    advance = core.engine._advance
+
+    def gated(*args, **kwargs):  # the worker waits after a few steps: the reply is still streaming when pressed
+        steps.append(1)
+        if len(steps) > 3:
+            release.wait(30)
+        return advance(*args, **kwargs)
+
+    core.engine._advance = gated
+    try:
+        asker = FakeInteraction(user_id=1)
+        task = asyncio.create_task(slash(bot, asker, "gen", prompt="아 정말", label="긍정", min_length=100,
+                                         max_length=100, seed="2"))
+        await until(lambda: any(isinstance(e[2].get("view"), discord_ui.StopView) for e in asker.log))
+        view = next(e[2]["view"] for e in asker.log if isinstance(e[2].get("view"), discord_ui.StopView))
+        (button,) = view.children
+        assert button.custom_id.startswith("s:") and button.label == discord_ui.STOP
+        other = FakeInteraction(user_id=2)
+        await press(view, button, other)
+        assert "요청한 사람만" in other.final()[1] and other.final()[2]["ephemeral"]
+        mine = FakeInteraction(user_id=1)
+        await press(view, button, mine)
+        assert "멈추는 중" in mine.final()[1]
+        await asyncio.wait_for(task, 30)
+        assert core.engine.telemetry.metrics.requests.labels("discord", "cancelled")._value.get() == 1
+    finally:
+        release.set()
+        del core.engine._advance
+    kind, content, extra = asker.final()
+    assert kind == "edit" and content.endswith("seed=2 · ⏹ 중지됨 (stopped)") and extra["view"] is None
+    assert view.is_finished()  # the stream's one stop view ended with it

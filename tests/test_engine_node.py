@@ -16,7 +16,7 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import make_settings, running_core
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import FakeBotAPI, finished
 
 from bot.web import create_app
 from core.backends import start_backend
@@ -143,7 +143,7 @@ async def test_two_processes_serve_a_gen_across_v1_completions(tiny_dir, tmp_pat
         await _wait_healthy(front_url, front)
         await fake.wait_for(lambda: fake.called("getUpdates", status=None), timeout=60)
         message = fake.user_message(1001, "/gen 긍정 아 정말 seed=5 min_length=12 max_length=16 best_of=1")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(message)), timeout=60)
+        await fake.wait_for(lambda: any(finished(m) for m in fake.replies_to(message)), timeout=60)
         reply = fake.replies_to(message)[0]
         assert reply["text"].startswith("긍정 아 정말") and "seed=5" in reply["text"]
         # The node generated it for the engine-node API (after the front end's start-up probe asked it for

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import make_settings, running_core, shared_steps, telegram_running
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import FakeBotAPI, finished
 
 from core.engine import RESTARTING, Engine
 from core.errors import RequestTimeout, ShuttingDown
@@ -180,7 +180,7 @@ async def one_final_reply(fake: FakeBotAPI, text: str) -> dict:
     def replies() -> list[dict]:
         return fake.replies_to(message)
 
-    await fake.wait_for(lambda: any("reply_markup" in m for m in replies()), timeout=20)
+    await fake.wait_for(lambda: any(finished(m) for m in replies()), timeout=20)
     await asyncio.sleep(0.3)
     assert len(replies()) == 1
     return replies()[0]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import make_settings
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import FakeBotAPI, finished
 from test_faults import engine_over, slow_hook
 
 from bot.runner import run_front_ends
@@ -65,7 +65,7 @@ async def test_sigterm_sends_the_reply_in_flight_then_restart_does_not_answer_ag
         # The restarted bot answers the new message, never the old one again.
         proc = await start_bot(fake, tiny_dir, tmp_path)
         fresh = fake.user_message(CHAT, "/gen 부정 스토리가 seed=8")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(fresh)), timeout=30)
+        await fake.wait_for(lambda: any(finished(m) for m in fake.replies_to(fresh)), timeout=30)
         await asyncio.sleep(0.5)
         assert len(fake.replies_to(message)) == 1 and len(fake.replies_to(fresh)) == 1
         output = await terminate(proc)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_settings, running_core, telegram_running
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import FakeBotAPI, finished
 from test_model_loading import as_user
 
 import core.chat_store as chat_store
@@ -110,7 +110,7 @@ async def test_telegram_set_on_a_read_only_store_says_so_and_gen_still_works(tin
         text = fake.replies_to(message)[0]["text"]
         assert "저장하지 못했습니다" in text and "store" in text and text != APOLOGY
         message = fake.user_message(CHAT, "/gen 긍정 아 정말 seed=1")
-        await fake.wait_for(lambda: any("reply_markup" in m for m in fake.replies_to(message)), timeout=20)
+        await fake.wait_for(lambda: any(finished(m) for m in fake.replies_to(message)), timeout=20)
         assert fake.replies_to(message)[0]["text"].startswith("긍정 아 정말")
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import threading
 
 import aiohttp
 import pytest
-from conftest import make_settings, telegram_running
-from fake_bot_api import FakeBotAPI, parse_html
+from conftest import make_settings, running_core, telegram_running
+from fake_bot_api import FakeBotAPI, finished, parse_html
 
 import bot.telegram_app as app
 import bot.telegram_bot as tg
@@ -50,9 +53,10 @@ async def bot(core, fake):
 
 
 async def ask(fake: FakeBotAPI, chat_id: int, text: str, final: bool = False) -> dict:
-    """Send `text` as a user and return the bot's reply (with `final`, once it carries its buttons)."""
+    """Send `text` as a user and return the bot's reply (with `final`, once it is done and carries its buttons; while
+    it streams it carries only the stop button)."""
     message = fake.user_message(chat_id, text)
-    await fake.wait_for(lambda: any(not final or "reply_markup" in m for m in fake.replies_to(message)))
+    await fake.wait_for(lambda: any(not final or finished(m) for m in fake.replies_to(message)))
     return fake.replies_to(message)[0]
 
 
@@ -80,7 +84,8 @@ async def test_private_gen_replies_with_prompt_and_continuation(bot):
 async def test_polling_start_registers_korean_commands(bot):
     assert bot.called("deleteWebhook"), "polling mode clears a leftover webhook"
     commands = bot.called("setMyCommands")[0]["commands"]
-    assert {c["command"] for c in commands} == {"start", "help", "gen", "set", "reset", "settings"}
+    assert {c["command"] for c in commands} == {"start", "help", "gen", "set", "reset", "settings", "model", "allow", "deny",
+                                                "allowed", "stats"}
     assert all(any("가" <= ch <= "힣" for ch in c["description"]) for c in commands)
 
 
@@ -155,13 +160,13 @@ async def test_regenerate_and_continue_buttons(bot):
     regen_data, cont_data = callback_data(first)
 
     query = bot.press(first, regen_data)
-    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 2)
+    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if finished(m)]) == 2)
     assert bot.called("answerCallbackQuery", callback_query_id=query)
     again = bot.sent(PRIVATE)[-1]
     assert again["text"].startswith("긍정 아 정말") and again["reply_to_message"]["message_id"] == first["message_id"]
 
     query = bot.press(first, cont_data)
-    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 3)
+    await bot.wait_for(lambda: len([m for m in bot.sent(PRIVATE) if finished(m)]) == 3)
     assert bot.called("answerCallbackQuery", callback_query_id=query)
     longer = bot.sent(PRIVATE)[-1]["text"].split("\n\nseed=")[0]
     before = first["text"].split("\n\nseed=")[0]
@@ -195,7 +200,7 @@ async def test_429_retry_after_is_honoured_for_that_chat_only(bot):
 async def test_burst_from_many_chats_gets_one_reply_each(bot):
     chats = [2000 + i for i in range(8)]
     messages = [bot.user_message(chat, f"/gen 긍정 영화 {i}") for i, chat in enumerate(chats)]
-    await bot.wait_for(lambda: all(any("reply_markup" in r for r in bot.replies_to(m)) for m in messages), 20)
+    await bot.wait_for(lambda: all(any(finished(r) for r in bot.replies_to(m)) for m in messages), 20)
     await asyncio.sleep(0.2)
     for chat, message in zip(chats, messages):
         assert len(bot.called("sendMessage", chat_id=chat)) == 1
@@ -211,7 +216,7 @@ async def test_user_rate_limit_says_how_long_to_wait(bot, core):
 
 async def test_edited_gen_does_not_generate_again(bot):
     message = bot.user_message(PRIVATE, "/gen 긍정 아 정말")
-    await bot.wait_for(lambda: any("reply_markup" in r for r in bot.replies_to(message)))
+    await bot.wait_for(lambda: any(finished(r) for r in bot.replies_to(message)))
     bot.edit_user_message(message, "/gen 부정 아 정말")
     await bot.wait_for(lambda: len(bot.replies_to(message)) == 2)
     await asyncio.sleep(0.2)
@@ -240,8 +245,9 @@ async def test_slow_generation_does_not_delay_help_elsewhere(bot, core, monkeypa
 async def test_long_generation_streams_by_editing_one_reply(bot, monkeypatch):
     monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0.0)
     reply = await ask(bot, PRIVATE, "/gen 긍정 아 정말 min_length=40 max_length=40", final=True)
-    first_text = bot.called("sendMessage", chat_id=PRIVATE)[0]["text"]
-    assert first_text.endswith("▌") and "reply_markup" not in bot.called("sendMessage", chat_id=PRIVATE)[0]
+    first = bot.called("sendMessage", chat_id=PRIVATE)[0]
+    assert first["text"].endswith("▌")
+    assert [b["callback_data"][:2] for row in first["reply_markup"]["inline_keyboard"] for b in row] == ["s:"]
     edits = bot.called("editMessageText", chat_id=PRIVATE, message_id=reply["message_id"])
     assert edits and "reply_markup" in edits[-1] and "▌" not in reply["text"]
     assert len(bot.called("sendMessage", chat_id=PRIVATE)) == 1
@@ -355,7 +361,7 @@ async def test_a_busy_group_spends_its_allowance_on_final_texts(core, fake, monk
     async with telegram_running(core, fake):
         asks = [fake.user_message(GROUP, "/gen 긍정 아 정말 min_length=30 max_length=30", user_id=300 + i) for i in range(3)]
         # Three calls is the whole allowance for a minute: a fourth would hold a result back for 20 s.
-        await fake.wait_for(lambda: all(any("reply_markup" in r for r in fake.replies_to(m)) for m in asks), 90)
+        await fake.wait_for(lambda: all(any(finished(r) for r in fake.replies_to(m)) for m in asks), 90)
     assert len(fake.called("sendMessage", chat_id=GROUP)) == 3
     assert not fake.called("sendChatAction", chat_id=GROUP) and not fake.called("editMessageText", chat_id=GROUP)
 
@@ -373,3 +379,203 @@ async def test_shutdown_does_not_wait_for_a_group_backlog(core, fake, monkeypatc
     stop.set()
     await asyncio.wait_for(task, 90)  # a hang guard only: before the fix the two queued replies held it ~2 minutes
     assert len(fake.called("sendMessage", chat_id=GROUP)) == 1
+
+
+# ---- reply to continue -----------------------------------------------------------------------------------------
+def bold_head(message: dict) -> str:
+    bold = next(e for e in message["entities"] if e["type"] == "bold" and e["offset"] == 0)
+    return message["text"][: bold["length"]]
+
+
+async def reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict:
+    message = fake.user_message(chat_id, text, reply_to=to)
+    await fake.wait_for(lambda: any(finished(m) or "seed=" not in m["text"] for m in fake.replies_to(message)))
+    await fake.wait_for(lambda: "▌" not in fake.replies_to(message)[0]["text"])
+    return fake.replies_to(message)[0]
+
+
+async def test_replying_to_a_result_continues_it_with_the_chats_knobs_and_inline_ones(bot, core, monkeypatch):
+    first = await ask(bot, PRIVATE, "/gen 부정 배우들 연기가 seed=4 max_length=12", final=True)
+    shown = first["text"].split("\n\nseed=")[0]
+    await ask(bot, PRIVATE, "/set top_k=7")
+    asked = []
+    real_stream = core.engine.stream
+
+    def recording(prepared):
+        asked.append(prepared)
+        return real_stream(prepared)
+
+    monkeypatch.setattr(core.engine, "stream", recording)
+    more = await reply(bot, PRIVATE, "그래서 seed=9", first)
+    assert bold_head(more) == f"{shown} 그래서"  # the result without its seed line, the label kept, plus the addition
+    assert "seed=9" in more["text"] and callback_data(more)[0].startswith("r:")
+    (prepared,) = asked
+    request, used = prepared.request, len(prepared.prompt_ids)
+    assert (request.label, request.prompt) == ("부정", shown.removeprefix("부정 ") + " 그래서")
+    assert (request.knobs.top_k, request.knobs.seed) == (7, 9)  # the chat's knob and the inline one
+    default = core.engine.defaults.max_length  # may add as many tokens as the chat's max_length, at least one
+    assert (request.knobs.min_length, request.knobs.max_length) == (used + 1, used + default)
+    command = await reply(bot, PRIVATE, "/gen", first)  # /gen as a reply: the result alone is the prompt
+    assert bold_head(command) == shown
+
+
+async def test_reply_continues_after_a_restart_from_the_message_text_alone(bot, core):
+    # A result this process never made (sent before a restart): the replied message is all there is.
+    old = {"message_id": 9000, "date": 0, "chat": bot.chat(PRIVATE), "from": bot.bot_user,
+           "text": "1. 긍정 아 정말 최고\n\n2. 긍정 아 정말 별로\n\nseed=11, 12 · 긍정 90%, 40%"}
+    bot.messages[(PRIVATE, 9000)] = old
+    continued = await reply(bot, PRIVATE, "이야", old)
+    assert bold_head(continued) == "긍정 아 정말 최고 이야"  # the first candidate, without numbering or scores
+
+
+async def test_reply_in_a_group_needs_a_mention_or_the_command(bot):
+    first = await ask(bot, GROUP, "/gen 긍정 아 정말 max_length=10", final=True)
+    shown = first["text"].split("\n\nseed=")[0]
+    ignored = bot.user_message(GROUP, "ㅋㅋ 재밌네", reply_to=first)
+    mentioned = await reply(bot, GROUP, "@ThisBot 더 써 줘", first)
+    assert bold_head(mentioned) == f"{shown} 더 써 줘"
+    command = await reply(bot, GROUP, "/gen@ThisBot 부정", first)  # a label word switches the label
+    assert bold_head(command) == "부정 " + shown.removeprefix("긍정 ")
+    assert bot.replies_to(ignored) == []
+
+
+async def test_reply_to_something_that_is_not_a_result(bot, core):
+    help_message = await ask(bot, PRIVATE, "/help")
+    answer = await ask_reply(bot, PRIVATE, "이어서", help_message)
+    assert "생성 결과가 아닙니다" in answer["text"]
+    refused = core.engine.telemetry.metrics.requests.labels("telegram", "user_error")._value.get()
+    assert refused >= 1  # counted like every refusal at the door
+    fresh = await reply(bot, PRIVATE, "/gen 긍정 새 글", help_message)  # /gen replying to help is a plain /gen
+    assert bold_head(fresh) == "긍정 새 글"
+
+
+async def ask_reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict:
+    message = fake.user_message(chat_id, text, reply_to=to)
+    await fake.wait_for(lambda: fake.replies_to(message))
+    return fake.replies_to(message)[0]
+
+
+# ---- stop ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def held_after(engine, steps: int):
+    """The engine's worker waits before decoding step `steps + 1` until the block ends: a generation is certainly
+    still running while the test presses buttons (no clock involved)."""
+    release, seen = threading.Event(), []
+    advance = engine._advance
+
+    def gated(*args, **kwargs):
+        seen.append(1)
+        if len(seen) > steps:
+            release.wait(30)
+        return advance(*args, **kwargs)
+
+    engine._advance = gated
+    try:
+        yield
+    finally:
+        release.set()
+        del engine._advance
+
+
+def cancelled(core) -> float:
+    return core.engine.telemetry.metrics.requests.labels("telegram", "cancelled")._value.get()
+
+
+async def test_stop_button_keeps_the_text_so_far_and_frees_the_request(bot, core, monkeypatch):
+    monkeypatch.setattr(tg, "EDIT_INTERVAL_S", 0)  # show every partial
+    with held_after(core.engine, 3):
+        message = bot.user_message(PRIVATE, "/gen 긍정 아 정말 min_length=100 max_length=100 seed=2")
+        await bot.wait_for(lambda: any("reply_markup" in m for m in bot.replies_to(message)))
+        streaming = bot.replies_to(message)[0]
+        (stop,) = callback_data(streaming)
+        assert stop.startswith("s:") and streaming["text"].endswith("▌")
+        someone_else = bot.press(streaming, stop, user_id=OTHER)
+        await bot.wait_for(lambda: bot.called("answerCallbackQuery", callback_query_id=someone_else))
+        assert "요청한 사람만" in bot.called("answerCallbackQuery", callback_query_id=someone_else)[0]["text"]
+        asker = bot.press(streaming, stop)
+        await bot.wait_for(lambda: "중지됨" in bot.replies_to(message)[0]["text"])
+        assert "멈추는 중" in bot.called("answerCallbackQuery", callback_query_id=asker)[0]["text"]
+        assert cancelled(core) == 1  # the stream was closed: the engine drops the rows at its next step
+    final = bot.replies_to(message)[0]
+    assert final["text"].endswith("seed=2 · ⏹ 중지됨 (stopped)") and "▌" not in final["text"]
+    assert "reply_markup" not in final  # no stop button left
+    again = bot.press(final, stop)  # pressing it again (an old client) is explained
+    await bot.wait_for(lambda: bot.called("answerCallbackQuery", callback_query_id=again))
+    assert "이미 끝났거나" in bot.called("answerCallbackQuery", callback_query_id=again)[0]["text"]
+    more = await reply(bot, PRIVATE, "그리고", final)  # a stopped result continues like any other
+    assert bold_head(more) == final["text"].split("\n\nseed=")[0] + " 그리고"
+
+
+# ---- inline mode -----------------------------------------------------------------------------------------------
+def answered(fake: FakeBotAPI, query_id: str) -> list[dict]:
+    return fake.called("answerInlineQuery", inline_query_id=query_id)
+
+
+def generated(core) -> float:
+    return core.engine.telemetry.metrics.requests.labels("telegram", "ok")._value.get()
+
+
+async def test_inline_query_offers_three_candidates_with_seed_and_confidence(bot, core, monkeypatch):
+    monkeypatch.setattr(core.inline, "debounce_s", 0.0)
+    query = bot.inline_query("긍정 아 정말 top_p=0.9 best_of=2")
+    await bot.wait_for(lambda: answered(bot, query))
+    (answer,) = answered(bot, query)
+    assert answer["is_personal"] is True and len(answer["results"]) == 3
+    for i, result in enumerate(answer["results"], 1):
+        assert re.fullmatch(rf"{i}\. 긍정 · seed=\d+ · 긍정 \d+%", result["title"])
+        content = result["input_message_content"]
+        visible, entities = parse_html(content["message_text"])
+        assert visible.startswith("긍정 아 정말") and entities[0] == {"type": "bold", "offset": 0, "length": 7}
+        assert visible.split("seed=")[1].split(" · ")[0] == result["title"].split("seed=")[1].split(" · ")[0]
+    # The same text again, from someone else: answered from the cache, no second generation.
+    again = bot.inline_query("긍정  아 정말 top_p=0.9 best_of=2", user_id=4242)
+    await bot.wait_for(lambda: answered(bot, again))
+    assert answered(bot, again)[0]["results"] == answer["results"] and generated(core) == 1
+
+
+async def test_inline_query_being_typed_generates_once(bot, core, monkeypatch):
+    monkeypatch.setattr(core.inline, "debounce_s", 1.0)  # both keystrokes arrive in one poll, well within it
+    typing = [bot.inline_query(text) for text in ("부정 배", "부정 배우", "부정 배우들")]
+    await bot.wait_for(lambda: answered(bot, typing[-1]))
+    assert [bool(answered(bot, q)) for q in typing] == [False, False, True] and generated(core) == 1
+
+
+async def test_inline_refusals_are_a_hint_line_and_counted(bot, core, monkeypatch):
+    monkeypatch.setattr(core.inline, "debounce_s", 0.0)
+    bad = bot.inline_query("긍정 아 top_p=7")
+    await bot.wait_for(lambda: answered(bot, bad))
+    (answer,) = answered(bot, bad)
+    assert answer["results"] == [] and answer["button"]["text"].startswith("top_p") and answer["button"]["start_parameter"]
+    assert core.engine.telemetry.metrics.requests.labels("telegram", "user_error")._value.get() == 1
+    empty = bot.inline_query("")
+    await bot.wait_for(lambda: answered(bot, empty))
+    assert "긍정 아 정말" in answered(bot, empty)[0]["button"]["text"] and generated(core) == 0
+
+
+async def test_inline_answer_comes_in_time_or_not_at_all(bot, core, monkeypatch, caplog):
+    import bot.telegram_inline as inline
+
+    monkeypatch.setattr(core.inline, "debounce_s", 0.0)
+    monkeypatch.setattr(inline, "DEADLINE_S", 0.2)
+    never = asyncio.Event()
+
+    async def stuck(prepared):
+        await never.wait()
+
+    monkeypatch.setattr(core.engine, "generate", stuck)
+    with caplog.at_level(logging.INFO, logger="bot.telegram_inline"):
+        late = bot.inline_query("긍정 아 정말")
+        await bot.wait_for(lambda: any("not answered" in r.getMessage() for r in caplog.records))
+    assert answered(bot, late) == []
+
+
+async def test_inline_allowlist_is_by_user(tiny_dir, tmp_path, fake):
+    settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0}, telegram={
+        "token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url, "allowed_user_ids": [5],
+        "allowed_chat_ids": [GROUP]})
+    async with running_core(settings) as listed_core, telegram_running(listed_core, fake):
+        listed_core.inline.debounce_s = 0.0
+        stranger, member = fake.inline_query("긍정 아", user_id=6), fake.inline_query("긍정 아", user_id=5)
+        await fake.wait_for(lambda: answered(fake, stranger) and answered(fake, member))
+    assert answered(fake, stranger)[0]["results"] == [] and "사용할 수 없습니다" in answered(fake, stranger)[0]["button"]["text"]
+    assert len(answered(fake, member)[0]["results"]) == 3

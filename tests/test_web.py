@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -167,3 +169,62 @@ async def test_api_keeps_one_sample_unless_asked_while_the_page_gets_the_chat_de
         assert lines[-1]["seeds"] == asked["seeds"] and lines[-1]["results"] == asked["results"]
         no_label = await c.post("/api", json={"prompt": "아 정말", "best_of": 4})
         assert no_label.status == 422 and "라벨" in (await no_label.json())["error"]
+
+
+# ---- stop ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def held_after(engine, steps: int):
+    """The worker waits before decoding step `steps + 1` until the block ends: the stream is still running while
+    the test stops it (no clock involved)."""
+    release, seen = threading.Event(), []
+    advance = engine._advance
+
+    def gated(*args, **kwargs):
+        seen.append(1)
+        if len(seen) > steps:
+            release.wait(30)
+        return advance(*args, **kwargs)
+
+    engine._advance = gated
+    try:
+        yield
+    finally:
+        release.set()
+        del engine._advance
+
+
+async def test_stream_can_be_stopped_with_its_key(client: TestClient, core: BotCore, monkeypatch):
+    monkeypatch.setattr(web_module, "STREAM_INTERVAL_S", 0.0)
+    body = {"prompt": "아 정말", "label": "긍정", "min_length": 100, "max_length": 100, "seed": 4, "best_of": 1}
+    with held_after(core.engine, 3):
+        resp = await client.post("/api/stream", json=body)
+        first = json.loads(await resp.content.readline())
+        key = first["stop"]
+        assert first["partial"] and isinstance(key, str)
+        for bad, status in (({"stop": "nope"}, 422), ({"stop": 5}, 422), ({}, 422)):
+            refused = await client.post("/api/stop", json=bad)
+            assert refused.status == status and "error" in await refused.json()
+        stopped = await client.post("/api/stop", json={"stop": key})
+        assert stopped.status == 200 and await stopped.json() == {"stopping": True}
+        *_, final = [first] + [json.loads(line) for line in (await resp.text()).splitlines()]
+    assert final["stopped"] is True and final["seeds"] == [4]
+    assert len(final["result"]) < 200 and final["result"].startswith("긍정 아 정말")
+    assert core.engine.telemetry.metrics.requests.labels("web", "cancelled")._value.get() == 1
+    again = await client.post("/api/stop", json={"stop": key})
+    assert again.status == 422 and "이미 끝났거나" in (await again.json())["error"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_page_stop_control_in_headless_chromium(core: BotCore, tmp_path, monkeypatch):
+    monkeypatch.setattr(web_module, "STREAM_INTERVAL_S", 0.0)
+    with held_after(core.engine, 3):
+        async with TestServer(create_app(core), host="127.0.0.1") as server, chromium_page(tmp_path / "p") as page:
+            query = urllib.parse.urlencode({"label": "긍정", "prompt": "아 정말", "min_length": "100",
+                                            "max_length": "100", "best_of": "1", "seed": "6", "run": "1"})
+            await page.goto(f"http://127.0.0.1:{server.port}/?{query}")
+            await page.wait_for("!document.getElementById('stop').hidden")
+            await page.evaluate("document.getElementById('stop').click()")
+            await page.wait_for("document.getElementById('results').dataset.done === '1'")
+            seeds = await page.evaluate("document.getElementById('seeds').textContent")
+            hidden = await page.evaluate("document.getElementById('stop').hidden")
+    assert "seed = 6" in seeds and "중지됨" in seeds and hidden
