@@ -325,6 +325,8 @@ class Engine:
 
     def _prefill_jobs(self, jobs: list[_Job], batch: _Batch, active: int) -> list[_Row]:
         """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""
+        # Rows of one length side by side: each run of them shares one attention call (core.speedups, per-row keys).
+        jobs = sorted(jobs, key=lambda job: len(job.prompt_ids))
         if len(jobs) > 1:
             try:
                 logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.rows for job in jobs])
