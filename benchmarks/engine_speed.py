@@ -12,7 +12,9 @@ random weights, built offline; tokenizer trained on NSMC reviews. Workloads:
 Rows: tutorial (fp32, one `generate` per request, in turn), ctranslate2-int8, bot-fp32 (`model.quantize = "none"`), bot
 (the defaults: int8 on a CPU), and bot-contended: the defaults while a CPU-bound process spins on one core.
 Each row runs in its own process (the bot rows in a `python -m bot` child; peak RSS is the bot's), rows interleaved
-`--repeats` times, medians reported.
+`--repeats` times, medians reported. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
+checkout of the project (e.g. `git archive <commit> | tar -x -C DIR`), for a before/after in the same run; `--rows`
+picks rows.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS = 32
 CONCURRENT = 16
-ROWS = ("tutorial", "ctranslate2-int8", "bot-fp32", "bot", "bot-contended")
+ROWS = ("tutorial", "ctranslate2-int8", "bot-fp32", "bot", "bot-contended", "bot-baseline")
 PROMPT_WORDS = ["아 정말", "이 영화는", "배우들의 연기가", "스토리가 너무", "감독이", "음악이 좋아서", "솔직히 말하면", "처음에는",
                 "오랜만에 본", "주인공이", "결말이", "영상미가", "대사가", "시간 가는 줄", "두 번 봐도", "기대했는데"]
 
@@ -147,7 +149,7 @@ def _spin() -> None:
         pass
 
 
-def run_bot(model_dir: Path, quantize: str, contended: bool) -> dict:
+def run_bot(model_dir: Path, quantize: str, contended: bool, root: Path = ROOT) -> dict:
     """A real `python -m bot` (web front end only), driven over HTTP as a user's program would."""
     import multiprocessing
     import socket
@@ -164,8 +166,8 @@ def run_bot(model_dir: Path, quantize: str, contended: bool) -> dict:
     env.update(BOT_MODEL__PRETRAINED=str(model_dir), BOT_MODEL__QUANTIZE=quantize, BOT_WEB__PORT=str(port),
                BOT_LIMITS__MAX_BATCH_SIZE=str(CONCURRENT), BOT_LIMITS__MAX_LENGTH="128",
                BOT_LIMITS__REQUEST_TIMEOUT_S="600", BOT_STORE__PATH=str(model_dir.parent / f"store-{port}.sqlite3"),
-               HF_HUB_OFFLINE="1")
-    bot = subprocess.Popen([sys.executable, "-m", "bot", "--log-level", "WARNING"], cwd=ROOT, env=env)
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    bot = subprocess.Popen([sys.executable, "-m", "bot", "--log-level", "WARNING"], cwd=root, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -213,7 +215,7 @@ def run_bot(model_dir: Path, quantize: str, contended: bool) -> dict:
         bot.wait(60)
 
 
-def child(row: str, model_dir: Path) -> None:
+def child(row: str, model_dir: Path, baseline: Path | None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -222,6 +224,8 @@ def child(row: str, model_dir: Path) -> None:
         result = run_tutorial(model_dir)
     elif row == "ctranslate2-int8":
         result = run_ctranslate2(model_dir)
+    elif row == "bot-baseline":
+        result = run_bot(model_dir, "auto", contended=False, root=baseline)
     else:
         result = run_bot(model_dir, "none" if row == "bot-fp32" else "auto", contended=row == "bot-contended")
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report this parent's peak.
@@ -235,18 +239,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", type=Path, help="another checkout of the project: adds the bot-baseline row")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, help="the rows to run (ctranslate2-int8 is always run)")
     args = parser.parse_args()
     if args.row:
-        child(args.row, args.model_dir)
+        child(args.row, args.model_dir, args.baseline and args.baseline.resolve())
         return
+    rows = [r for r in ROWS if r in (args.rows or ROWS) and (r != "bot-baseline" or args.baseline)]
+    rows = rows if "ctranslate2-int8" in rows else ["ctranslate2-int8", *rows]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "kogpt2-shape"
         print("building a random GPT-2 with kogpt2-base-v2's shape …", flush=True)
         build_model(model_dir)
-        runs: dict[str, list[dict]] = {row: [] for row in ROWS}
+        runs: dict[str, list[dict]] = {row: [] for row in rows}
+        extra = ["--baseline", str(args.baseline)] if args.baseline else []
         for repeat in range(args.repeats):
-            for row in ROWS:
-                out = subprocess.run([sys.executable, __file__, "--row", row, "--model-dir", str(model_dir)],
+            for row in rows:
+                out = subprocess.run([sys.executable, __file__, "--row", row, "--model-dir", str(model_dir), *extra],
                                      capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 runs[row].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"  run {repeat + 1}/{args.repeats} {row}: {runs[row][-1]}", flush=True)
@@ -256,15 +265,20 @@ def main() -> None:
     print()
     print(f"{'row':<18} {'(a) ms/token':>13} {'(a) vs CT2':>11} {'(b) wall s':>11} {'(b) vs CT2':>11} "
           f"{'peak RSS MB':>12}")
-    for row in ROWS:
+    for row in rows:
         m = med[row]
         print(f"{row:<18} {m['a_ms_per_token']:>13.1f} {m['a_ms_per_token'] / ref['a_ms_per_token']:>10.2f}x "
               f"{m['b_wall_s']:>11.2f} {m['b_wall_s'] / ref['b_wall_s']:>10.2f}x {m['peak_rss_mb']:>12.0f}")
     from core.devices import usable_cpus
 
-    print(f"\nbot-contended vs bot, (b): {med['bot-contended']['b_wall_s'] / med['bot']['b_wall_s']:.2f}x "
-          f"(target: at most 2x); bot peak RSS int8 vs fp32: {med['bot']['peak_rss_mb']:.0f} vs "
-          f"{med['bot-fp32']['peak_rss_mb']:.0f} MB")
+    print()
+    if "bot" in med and "bot-contended" in med:
+        print(f"bot-contended vs bot, (b): {med['bot-contended']['b_wall_s'] / med['bot']['b_wall_s']:.2f}x (target: at most 2x)")
+    if "bot" in med and "bot-fp32" in med:
+        print(f"bot peak RSS int8 vs fp32: {med['bot']['peak_rss_mb']:.0f} vs {med['bot-fp32']['peak_rss_mb']:.0f} MB")
+    if "bot" in med and "bot-baseline" in med:
+        print(f"bot vs bot-baseline: (a) {med['bot']['a_ms_per_token'] / med['bot-baseline']['a_ms_per_token']:.2f}x, "
+              f"(b) {med['bot']['b_wall_s'] / med['bot-baseline']['b_wall_s']:.2f}x")
     print(f"(a) one request, {NEW_TOKENS} new tokens; (b) {CONCURRENT} concurrent requests, {NEW_TOKENS} new tokens "
           f"each; medians of {args.repeats} interleaved runs; {usable_cpus()} usable CPUs (host: {os.cpu_count()})")
 

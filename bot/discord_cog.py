@@ -132,7 +132,8 @@ class GenCog(commands.Cog):
         prefix = self.bot.command_prefix_text
         steered, model = self.core.help_model(f"discord:{channel_id}")
         body = help_text(self.core.chat_knobs(f"discord:{channel_id}"), self.core.settings.limits, command,
-                         steered=steered, model=model)
+                         steered=steered, model=model,
+                         notice=self.core.help_notice(f"discord:{channel_id}"))
         return fit(body + f"\n\n채널 기본값: {prefix}set key=value … · {prefix}settings · {prefix}reset (또는 /set, /settings, "
                    f"/reset)\n슬래시 명령 /gen 은 같은 설정을 입력 칸으로 받습니다. 결과 아래 버튼: {REGENERATE} · {CONTINUE} · 쓰는 중에는 "
                    f"{STOP}(요청한 사람만)\n"

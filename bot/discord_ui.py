@@ -25,7 +25,7 @@ VIEW_TIMEOUT_S = 600.0  # buttons end before the 15-minute interaction token doe
 NO_MENTIONS = discord.AllowedMentions.none()  # generated text must never ping (discord.py allows @everyone)
 REGENERATE, CONTINUE, STOP = "다시 생성", "이어 쓰기", "⏹ 멈추기"
 STOPPING = "멈추는 중… 지금까지의 글을 남깁니다. (stopping)"
-SEED_MAX_CHARS = 19  # 2**63 - 1 has 19 digits
+SEED_MAX_CHARS = 16  # core.knobs.SEED_MAX = 2**53 - 1 has 16 digits
 
 
 # ---- translation -------------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ LABEL_CHOICES = [app_commands.Choice(name=POSITIVE, value=POSITIVE), app_command
 
 def _knob_parameter(spec: KnobSpec) -> inspect.Parameter:
     if spec.name == "seed":
-        # Discord integer options stop at 2**53, but shown seeds reach 2**63-1: take text, core checks the range.
+        # Text, so an out-of-range seed gets core's sentence rather than Discord's own refusal.
         annotation = app_commands.Range[str, 1, SEED_MAX_CHARS]
     else:
         annotation = app_commands.Range[spec.kind, spec.kind(spec.low), spec.kind(spec.high)]

@@ -186,7 +186,7 @@ async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> No
     chat = _who(update).chat
     steered, model = core.help_model(chat)
     await _answer(update, context, help_text(core.chat_knobs(chat), core.settings.limits, "/gen", steered=steered,
-                                             model=model) + extra)
+                                             model=model, notice=core.help_notice(chat)) + extra)
 
 
 def _replied_to_us(message, bot_id: int) -> str | None:  # noqa: ANN001 (telegram.Message)

@@ -189,9 +189,11 @@ async def healthz(request: web.Request) -> web.Response:
     status = "degraded" if not engine["ok"] else "saturated" if engine.get("saturated") else "ok"
     body = {"status": status, "queue_depth": backend.queue_depth, "engine": engine}
     if status == "degraded":
-        body["error"] = "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
+        body["error"] = engine.get("error") or "생성 엔진에 연결할 수 없습니다. (generation backend unavailable)"
     elif status == "saturated":
         body["error"] = "대기열이 가득 찼습니다. 새 요청은 거절됩니다. (saturated: the queue is full, new requests are refused)"
+    if backend.notice:
+        body["notice"] = backend.notice
     return _json(body, 200 if status == "ok" else 503)
 
 

@@ -6,18 +6,17 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.backend import Backend
 from core.errors import ModelLoadError
 from core.settings import Settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-    from core.engine import Engine
-    from core.remote_engine import RemoteEngine
 
-
-async def start_backend(settings: Settings) -> Engine | RemoteEngine:
-    """A started backend: `local` loads the model here; `openai` needs only the tokenizer, to count prompt tokens."""
+async def start_backend(settings: Settings) -> Backend:
+    """A started backend: `local` loads the model here; `openai` needs only the tokenizer, to count prompt tokens,
+    and probes the server once (a server that does not serve `engine.model` stops the start with one sentence)."""
     if settings.engine.backend == "local":
         from core.engine import start_engine
 
@@ -26,7 +25,7 @@ async def start_backend(settings: Settings) -> Engine | RemoteEngine:
 
     tokenizer = await asyncio.to_thread(load_counting_tokenizer, settings)
     engine = RemoteEngine(settings, tokenizer)
-    engine.start()
+    await engine.connect()
     return engine
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,9 +21,10 @@ import torch
 from transformers import Cache, GPT2LMHeadModel
 
 from core import logprobs, rerank
+from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
 from core.devices import device_of, usable_cpus
-from core.errors import BusyError, RequestTimeout, ShuttingDown, UserError
-from core.knobs import SEED_MAX, Knobs, default_knobs
+from core.errors import BusyError, ShuttingDown, UserError
+from core.knobs import Knobs, default_knobs
 from core.kv_cache import growing_cache
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
@@ -36,9 +36,7 @@ from core.thread_tuner import ThreadTuner, candidates_for
 from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
-SEED_STRIDE = 0x9E3779B97F4A7C15 % (SEED_MAX + 1)  # the golden-ratio constant: candidates' seeds spread apart
-
-RESTARTING = "봇이 다시 시작하는 중입니다. 잠시 후 다시 시도해 주세요. (the bot is restarting, try again shortly)"
+__all__ = ["RESTARTING", "Engine", "row_seeds", "start_engine"]  # the shared names stay importable from here
 
 
 @dataclass(eq=False)
@@ -113,9 +111,7 @@ class Engine:
 
         Returns how many were still unfinished after the grace (each was told the bot is restarting)."""
         self._closing = True
-        pending = [job.future for job in self._jobs if not job.future.done()]
-        if pending and grace > 0:
-            await asyncio.wait(pending, timeout=grace)
+        await wait_pending([job.future for job in self._jobs if not job.future.done()], grace)
         left = [job for job in self._jobs if not job.future.done()]
         for job in left:
             job.cancelled = True  # the worker drops its rows at the next step
@@ -133,6 +129,7 @@ class Engine:
         return len(self._queue) >= self.limits.queue_size
 
     backend = "local"
+    notice = ""  # nothing this backend cannot do
 
     async def health(self) -> dict:
         """For /healthz: whether the worker thread that owns the model is alive."""
@@ -154,7 +151,11 @@ class Engine:
 
         A bare GenRequest is prepared first (a convenience for scripts and tests; serving code prepares once itself)."""
         if isinstance(prepared, GenRequest):
-            prepared = self.prepare(prepared)
+            try:
+                prepared = self.prepare(prepared)
+            except UserError:
+                self.telemetry.finished(prepared, "user_error")
+                raise
         job = self._submit(prepared, streaming=False)
         return await self._await(job)
 
@@ -181,8 +182,7 @@ class Engine:
     # ---- event-loop side -------------------------------------------------------------------------------------
     def _submit(self, prepared: PreparedRequest, streaming: bool) -> _Job:
         request = prepared.request
-        base = request.knobs.seed if request.knobs.seed is not None else secrets.randbelow(SEED_MAX)
-        seeds = row_seeds(base, request.knobs.n, request.best_of)
+        seeds = row_seeds(base_seed(request.knobs), request.knobs.n, request.best_of)
         loop = asyncio.get_running_loop()
         job = _Job(request, list(prepared.prompt_ids), seeds, loop, loop.create_future(),
                    asyncio.Event() if streaming else None)
@@ -209,16 +209,13 @@ class Engine:
         except TimeoutError:
             self._abandon(job)
             self._finished(job, "timeout")
-            raise RequestTimeout(
-                f"생성이 {self.limits.request_timeout_s:g}초 안에 끝나지 않았습니다. 더 짧게(max_length) 다시 "
-                f"시도해 주세요. (generation timed out)"
-            ) from None
+            raise timed_out(self.limits.request_timeout_s) from None
         except asyncio.CancelledError:
             self._abandon(job)
             self._finished(job, "cancelled")
             raise
         except Exception as exc:
-            self._finished(job, "shutdown" if isinstance(exc, ShuttingDown) else "error")
+            self._finished(job, outcome_of(exc))
             raise
         self._finished(job, "ok")
         return result
@@ -328,6 +325,8 @@ class Engine:
 
     def _prefill_jobs(self, jobs: list[_Job], batch: _Batch, active: int) -> list[_Row]:
         """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""
+        # Rows of one length side by side: each run of them shares one attention call (core.speedups, per-row keys).
+        jobs = sorted(jobs, key=lambda job: len(job.prompt_ids))
         if len(jobs) > 1:
             try:
                 logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.rows for job in jobs])
@@ -476,14 +475,8 @@ def busy_error(exc: QueueFull | UserQueueFull) -> BusyError:
             f"이미 기다리는 요청이 너무 많습니다 (사용자당 대기 {exc.cap}줄까지). 앞의 요청이 끝난 뒤 다시 시도해 주세요. "
             f"(busy: at most {exc.cap} rows per user may wait; try again when your earlier requests are done)"
         )
-    return BusyError("지금 요청이 너무 많습니다. 잠시 후 다시 시도해 주세요. (busy: too many requests, try again shortly)")
+    return BusyError(BUSY)
 
-
-def row_seeds(base: int, n: int, best_of: int) -> list[int]:
-    """The seed of every sampled row: result g's first candidate is `base + g` (what best_of=1 samples, so best_of
-    only replaces replies the model reads as off-label), its other candidates lie far away on a fixed stride, so
-    requests with neighbouring seeds (seed=1, seed=2 …) do not share candidates."""
-    return [(base + g + j * SEED_STRIDE) % (SEED_MAX + 1) for g in range(n) for j in range(best_of)]
 
 
 async def start_engine(settings: Settings) -> Engine:

@@ -31,7 +31,7 @@ class KnobDefaults(Protocol):
 
     def model_dump(self) -> dict[str, object]: ...
 
-SEED_MAX = 2**63 - 1
+SEED_MAX = 2**53 - 1  # JavaScript's largest exact integer: a seed survives JSON, the web page and Discord
 VOCAB_TOP_K_MAX = 51200  # KoGPT2's vocabulary; larger is the same as "no top-k"
 
 
@@ -104,7 +104,7 @@ def _knob_table(cap: int, max_candidates: int, max_best_of: int) -> Mapping[str,
         KnobSpec("temperature", float, 0, 10, low_open=True, aliases=("t", "temp", "온도"),
                  help_ko="온도: 낮을수록 보수적, 높을수록 다양함"),
         KnobSpec("seed", int, 0, SEED_MAX, aliases=("s", "시드"),
-                 help_ko="난수 시드 (같은 시드 = 같은 결과)"),
+                 help_ko="난수 시드: 같은 seed와 같은 설정이면 같은 결과 (후보 하나는 그 seed에 n=1, best_of=1)"),
         KnobSpec("n", int, 1, max_candidates, aliases=("num", "count", "candidates", "num_return_sequences", "개수"),
                  help_ko="후보 개수"),
         KnobSpec("best_of", int, 1, max_best_of, aliases=("best", "bo", "rerank", "최선"),

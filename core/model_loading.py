@@ -18,7 +18,7 @@ from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
 from core.hub import load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
-from core.speedups import fuse_gelu, load_int8_streaming, quantize_int8
+from core.speedups import fuse_gelu, load_int8_streaming, quantize_int8, rowwise_attention
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -244,6 +244,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"(tokenizer does not match the model)"
         )
     model = fuse_gelu(model.eval())
+    if device.type == "cpu":
+        model = rowwise_attention(model)  # a row's numbers independent of its batch mates (seeds hold in any batch)
     if int8:
         model = quantize_int8(model)  # a no-op for a model quantized while loading
         source += " (int8)"

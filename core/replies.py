@@ -104,10 +104,12 @@ UNSTEERED = ("⚠️ 지금 모델은 감정 라벨로 학습되지 않아 긍�
 
 
 def help_text(defaults: Knobs, limits: LimitsSettings, command: str = "/gen", escape: Callable[[str], str] = _plain,
-              steered: bool = True, model: str = "") -> str:
+              steered: bool = True, model: str = "", notice: str = "") -> str:
     """The grammar, every knob with its range and default, and examples for both labels; a warning first when the
-    served model never learned the label words (`steered` False); the chat's `model` when there is a choice."""
+    served model never learned the label words (`steered` False); the backend's `notice` (what it cannot do); the
+    chat's `model` when there is a choice."""
     lines = [UNSTEERED, ""] if not steered else []
+    lines += [notice, ""] if notice else []
     if model:
         lines += [f"모델 (model): {model} — 목록·바꾸기는 {command.replace('gen', 'model')}, 한 요청만 model=이름", ""]
     lines += [

@@ -8,19 +8,14 @@ P(label | text) = sigmoid(score), which the bot shows as the pick's confidence.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from core.devices import device_of
+from core.rerank_rule import ACCEPT, confidence, pick_best
 
-# None: always the most on-label candidate. A threshold (take the first candidate read as at least this surely
-# on-label) was measured against it with `python -m core.evaluate --accept max,0.9,0.75`: it kept distinct-2 at
-# best_of 1's level but lost 1-3 points of control, while the arg-max cost at most 1.5 points of distinct-2
-# (models/nsmc-small/MODEL_CARD.md); `core.evaluate --accept` repeats the comparison.
-ACCEPT: float | None = None
-
+__all__ = ["ACCEPT", "confidence", "continuation_logprobs", "pick_best"]  # the rule itself: core/rerank_rule.py
 
 # Logits held at once while scoring: rows x positions x vocabulary floats (64 rows of 40 tokens of KoGPT2's 51,200
 # would be 0.5 GB), so the rows go through the model in chunks of at most this many logits.
@@ -56,20 +51,3 @@ def _logprobs(model: torch.nn.Module, seqs: list[list[int]], starts: list[int], 
     logp = (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)).cpu()
     # logits at position t predict token t + 1: a continuation after a context of c tokens starts at c - 1
     return [float(logp[row, c - 1:len(seq) - 1].sum()) for row, (seq, c) in enumerate(zip(seqs, starts))]
-
-
-def pick_best(scores: Sequence[float], groups: int, accept: float | None = None) -> list[int]:
-    """Per each of `groups` equal consecutive groups: the highest score (ties: the first candidate); with `accept`,
-    the first candidate whose confidence reaches it, else the highest score."""
-    k = len(scores) // groups
-    picks = []
-    for g in range(groups):
-        group = range(g * k, (g + 1) * k)
-        sure = [i for i in group if accept is not None and confidence(scores[i]) >= accept]
-        picks.append(sure[0] if sure else max(group, key=lambda i: (scores[i], -i)))
-    return picks
-
-
-def confidence(score: float) -> float:
-    """P(label | text) under equal label priors."""
-    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, score))))

@@ -124,14 +124,9 @@ class RowTopP(LogitsProcessor):
         self.top_p = _per_row(top_ps)[:, None]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # After top-k only a few tokens are finite: sorting just those (k of them, not the whole vocabulary) is
-        # the same rule at a fraction of the cost; -inf tokens have probability 0 and are dropped anyway.
-        candidates = int(torch.isfinite(scores).sum(dim=-1).max())
-        if candidates < scores.shape[-1]:
-            sorted_scores, order = scores.topk(candidates, dim=-1, largest=True, sorted=True)
-            sorted_scores, order = sorted_scores.flip(-1), order.flip(-1)
-        else:
-            sorted_scores, order = scores.sort(dim=-1, descending=False)
+        # The whole row is sorted (narrowed rows are only their top-k candidates wide): sorting only the finite
+        # tokens would make the softmax's width, and so its last bits, depend on the other rows' counts.
+        sorted_scores, order = scores.sort(dim=-1, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         remove_sorted = cumulative <= (1 - self.top_p)
         remove_sorted[:, -1] = False  # always keep the most likely token
@@ -175,23 +170,25 @@ def next_tokens(input_ids: torch.LongTensor, logits: torch.Tensor, knobs: Sequen
 
     The penalties run over the vocabulary; the warpers and the draw then run over each row's top-k candidates
     only, kept in token-id order so that a seed draws the same token as over the whole vocabulary. Temperature
-    keeps the order, so the top k before it are the top k after it."""
+    keeps the order, so the top k before it are the top k after it. Every step of a row is the same computation
+    whatever rows share its batch, so its token is too, bit for bit."""
     scores = build_penalties(knobs, eos_token_id)(input_ids, logits.float())
     picks = [0] * len(knobs)
-    for narrow in (True, False):
-        rows = [i for i, k in enumerate(knobs) if (k.top_k <= CANDIDATES_MAX) == narrow]
-        if not rows:
-            continue
+    # Rows go in groups of one width (their own top_k, or the whole vocabulary), never the widest of the batch: a
+    # row's softmax and cumulative sum then run over the same numbers alone or beside any other rows.
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(knobs):
+        groups.setdefault(min(k.top_k, scores.shape[-1]) if k.top_k <= CANDIDATES_MAX else 0, []).append(i)
+    for width, rows in groups.items():
         part = [knobs[i] for i in rows]
         index = None if len(rows) == len(knobs) else torch.tensor(rows)
         row_ids = input_ids if index is None else input_ids[index]
         row_scores = scores if index is None else scores[index]
-        if narrow:
-            width = min(max(k.top_k for k in part), scores.shape[-1])
+        if width:
             candidates = row_scores.topk(width, dim=-1).indices.sort(dim=-1).values
             row_scores = row_scores.gather(1, candidates)
         drawn = sample(build_warpers(part)(row_ids, row_scores), [generators[i] for i in rows])
-        if narrow:
+        if width:
             drawn = candidates.gather(1, torch.tensor(drawn)[:, None])[:, 0].tolist()
         for i, token in zip(rows, drawn):
             picks[i] = token

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from core.admin import since
+from core.backend import Backend
 from core.chat_store import ChatStore
-from core.engine import Engine
 from core.errors import UserError
 from core.followups import FollowUps
 from core.grammar import parse_settings_args
@@ -25,7 +25,7 @@ LOG_DAYS = 31  # the request log kept at start: /stats reads a week, the quota t
 @dataclass
 class BotCore:
     settings: Settings
-    engine: Engine  # or any backend with the same interface (prepare, generate, stream, defaults, limits, …)
+    engine: Backend  # the local engine or a remote server: core/backend.py is all front ends may use of it
     store: ChatStore
     limiter: UserRateLimiter
     followups: FollowUps
@@ -52,13 +52,17 @@ class BotCore:
         steered = getattr(self.served.get(name), "sentiment", True)
         return steered, name if len(self.served.backends) > 1 or self.served.failed else ""
 
+    def help_notice(self, chat: str) -> str:
+        """For /help: what the chat's model's backend cannot do ("" when nothing), e.g. best_of without logprobs."""
+        return getattr(self.served.get(self.chat_model(chat)), "notice", "")
+
     def set_chat_model(self, chat: str, name: str) -> str:
         name = self.served.check(name)
         self.store.set_chat_model(chat, name)
         return name
 
     @classmethod
-    def create(cls, settings: Settings, engine: Engine, models: Models | None = None) -> BotCore:
+    def create(cls, settings: Settings, engine: Backend, models: Models | None = None) -> BotCore:
         """`engine`: the default model's backend; `models`: all of them (core.models.start_models), if several."""
         store = ChatStore(settings.store.path)
         store.prune_log(since(LOG_DAYS))

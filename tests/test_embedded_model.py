@@ -3,8 +3,8 @@ chat defaults and fixed seeds its continuations follow the requested label.
 
 The judge is the evaluation's (TF-IDF + logistic regression), trained here on 30,000 reviews of the NSMC copy
 beside the repository. On these 2 × 40 seeded texts it judged 100 % (긍정) and 92.5 % (부정) on-label with the chat
-default best_of 4, and 85 % / 70 % with best_of 1 (the rerank switched off); int8 rows depend slightly on their batch,
-so a text or two may differ between machines. The floors (each ≥ 75 %, mean ≥ 85 %) pass the first with a margin of
+default best_of 4, and 85 % / 67.5 % with best_of 1 (the rerank switched off), with the per-row int8 layers (the
+same texts alone or batched; another CPU's vector units may round a text or two differently). The floors (each ≥ 75 %, mean ≥ 85 %) pass the first with a margin of
 several standard errors of an 80-text share, and fail the second, a model that ignores the label (~50 %), or a
 mangled tokenizer.
 """

@@ -25,7 +25,6 @@ async def fp32_engine(tiny_dir, tmp_path):
 
 
 async def test_seeded_output_is_identical_alone_and_in_any_batch(fp32_engine: Engine):
-    # fp32 only: int8 quantizes activations with one scale per batch, so neighbours can shift a row's logits.
     engine = fp32_engine
     texts = [
         "긍정 아 정말 seed=1 top_k=5",

@@ -101,8 +101,8 @@ async def _wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
     raise AssertionError(f"{url} did not become healthy")
 
 
-async def _metrics_with(url: str, frontend: str) -> str:
-    series = f'bot_requests_total{{frontend="{frontend}",outcome="ok"}} 1.0'
+async def _metrics_with(url: str, frontend: str, count: int = 1) -> str:
+    series = f'bot_requests_total{{frontend="{frontend}",outcome="ok"}} {count:.1f}'
     async with aiohttp.ClientSession() as http:
         for _ in range(300):
             async with http.get(url + "/metrics") as resp:
@@ -131,13 +131,14 @@ async def test_two_processes_serve_a_gen_across_v1_completions(tiny_dir, tmp_pat
         await _wait_healthy(node_url, node)
         await _wait_healthy(front_url, front)
         await fake.wait_for(lambda: fake.called("getUpdates", status=None), timeout=60)
-        message = fake.user_message(1001, "/gen 긍정 아 정말 seed=5 min_length=12 max_length=16")
+        message = fake.user_message(1001, "/gen 긍정 아 정말 seed=5 min_length=12 max_length=16 best_of=1")
         await fake.wait_for(lambda: any(finished(m) for m in fake.replies_to(message)), timeout=60)
         reply = fake.replies_to(message)[0]
         assert reply["text"].startswith("긍정 아 정말") and "seed=5" in reply["text"]
-        # The node generated it for the engine-node API; the front end counted its own telegram request (recorded
-        # as the reply's stream closes, so it is polled for).
-        assert 'bot_requests_total{frontend="openai",outcome="ok"} 1.0' in await _metrics_with(node_url, "openai")
+        # The node generated it for the engine-node API (after the front end's start-up probe asked it for
+        # log-probabilities once); the front end counted its own telegram request (recorded as the reply's stream
+        # closes, so it is polled for).
+        assert await _metrics_with(node_url, "openai", 2)
         front_metrics = await _metrics_with(front_url, "telegram")
         assert 'bot_remote_attempts_total{backend="openai",outcome="ok"} 1.0' in front_metrics
     finally:

@@ -145,12 +145,11 @@ def test_quantize_auto_is_int8_on_the_cpu_and_keeps_no_fp32_linear(tiny_dir: Pat
     assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in loaded.model.modules())
 
 
-def test_int8_matches_torch_quantize_dynamic(tiny_dir: Path):
-    """Quantizing layer by layer in place gives the model torch's own `quantize_dynamic` gives."""
-    from core.speedups import conv1d_to_linear, fuse_gelu
+def test_int8_while_loading_matches_quantizing_the_fp32_model(tiny_dir: Path):
+    """Quantizing each layer as it is read gives the model quantizing the whole fp32 model gives."""
+    from core.speedups import fuse_gelu, quantize_int8
 
-    reference = fuse_gelu(conv1d_to_linear(GPT2LMHeadModel.from_pretrained(tiny_dir).eval()))
-    reference = torch.ao.quantization.quantize_dynamic(reference, {torch.nn.Linear}, dtype=torch.qint8)
+    reference = quantize_int8(fuse_gelu(GPT2LMHeadModel.from_pretrained(tiny_dir).eval()))
     ours = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8")).model
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
@@ -225,5 +224,5 @@ def test_int8_from_safetensors_never_builds_the_fp32_model(tiny_dir: Path, monke
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", refuse)
     loaded = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="int8"))
     assert not any(p.is_meta for p in loaded.model.parameters())
-    assert loaded.model.lm_head.weight().dtype == torch.qint8
+    assert loaded.model.lm_head.int8_weight.dtype == torch.int8
     assert torch.isfinite(loaded.model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

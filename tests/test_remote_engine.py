@@ -44,7 +44,7 @@ async def test_each_candidate_is_one_seeded_vllm_request_with_lengths_in_new_tok
     assert result.done and result.seeds == (7, 8)
     assert result.continuations == (" 재밌다 seed7", " 재밌다 seed8")
     assert result.new_tokens == 6  # the server's usage.completion_tokens
-    bodies = sorted(vllm.bodies, key=lambda b: b["seed"])
+    bodies = sorted(vllm.samples, key=lambda b: b["seed"])
     assert bodies[0] == {
         "model": "kogpt2", "prompt": list(prompt), "max_tokens": 20 - len(prompt), "min_tokens": 12 - len(prompt),
         "temperature": 0.7, "top_p": 0.9, "top_k": 5, "repetition_penalty": 1.2, "seed": 7, "n": 1, "stream": False,
@@ -55,27 +55,27 @@ async def test_each_candidate_is_one_seeded_vllm_request_with_lengths_in_new_tok
 
 async def test_min_tokens_is_zero_when_the_prompt_already_reaches_min_length(remote, vllm):
     await remote.generate(req(remote, "긍정 아 정말 재밌다 최고 min_length=1 max_length=30 seed=1"))
-    assert vllm.bodies[0]["min_tokens"] == 0
+    assert vllm.samples[0]["min_tokens"] == 0
 
 
 async def test_stream_yields_the_text_as_it_arrives(remote, vllm):
     parts = [g async for g in remote.stream(req(remote, "긍정 아 정말 seed=3"))]
     assert [p.done for p in parts] == [False, False, True]
     assert parts[0].continuations == (" 재밌다",) and parts[-1].continuations == (" 재밌다 seed3",)
-    assert vllm.bodies[0]["stream"] is True
+    assert vllm.samples[0]["stream"] is True
 
 
 async def test_no_repeat_ngram_size_is_refused_by_name_and_never_sent(remote, vllm):
     with pytest.raises(UserError, match="no_repeat_ngram_size.*지원하지 않습니다") as caught:
         await remote.generate(req(remote, "긍정 아 정말 no_repeat_ngram_size=2"))
     assert "cannot honour no_repeat_ngram_size" in str(caught.value)
-    assert vllm.bodies == []
+    assert vllm.samples == []
 
 
 async def test_5xx_and_dropped_connections_are_retried(remote, vllm):
     vllm.failures = [503, "drop"]
     result = await remote.generate(req(remote, "긍정 아 정말 seed=4"))
-    assert result.continuations == (" 재밌다 seed4",) and len(vllm.bodies) == 3
+    assert result.continuations == (" 재밌다 seed4",) and len(vllm.samples) == 3
     metrics = remote.telemetry.metrics.render()[0].decode()
     assert 'bot_remote_attempts_total{backend="openai",outcome="retry"} 2.0' in metrics
     assert 'bot_remote_attempts_total{backend="openai",outcome="ok"} 1.0' in metrics
@@ -85,14 +85,14 @@ async def test_5xx_after_the_retries_is_a_clear_error(remote, vllm):
     vllm.failures = [500, 502, 503]
     with pytest.raises(EngineUnavailable, match="연결할 수 없습니다"):
         await remote.generate(req(remote, "긍정 아 정말"))
-    assert len(vllm.bodies) == 3
+    assert len(vllm.samples) == 3
 
 
 async def test_remote_429_is_our_busy(remote, vllm):
     vllm.failures = [429]
     with pytest.raises(BusyError, match="바쁩니다"):
         await remote.generate(req(remote, "긍정 아 정말"))
-    assert len(vllm.bodies) == 1  # busy is not retried: that would only add load
+    assert len(vllm.samples) == 1  # busy is not retried: that would only add load
 
 
 async def test_a_remote_400_is_the_users_error_with_the_remotes_reason(remote, vllm):
@@ -126,7 +126,7 @@ async def test_health_says_whether_the_remote_is_reachable(tiny_dir, tmp_path, r
 async def test_prompt_limits_are_checked_before_anything_is_sent(remote, vllm):
     with pytest.raises(UserError, match="max_length"):
         await remote.generate(req(remote, "긍정 " + "아 정말 " * 12 + "max_length=5 min_length=1"))
-    assert vllm.bodies == []
+    assert vllm.samples == []
 
 
 def test_openai_backend_needs_a_url(tiny_dir, tmp_path):
@@ -198,7 +198,7 @@ async def test_best_of_is_refused_by_name_and_a_chat_default_does_not_apply(tiny
         with pytest.raises(UserError, match="best_of"):
             engine.prepare(req(engine, "긍정 아 정말 best_of=4"))
         result = await engine.generate(engine.prepare(req(engine, "긍정 아 정말 seed=3")))
-        assert len(result.continuations) == 1 and len(vllm.bodies) == 1
+        assert len(result.continuations) == 1 and len(vllm.samples) == 1
     finally:
         await engine.stop()
 

@@ -97,22 +97,29 @@ def evaluate(args: argparse.Namespace) -> dict:
         model={"pretrained": args.model, "checkpoint": "", "quantize": args.quantize},
         limits={"max_batch_size": 64, "queue_size": 10_000, "request_timeout_s": 600, "max_length": 128,
                 "max_rows_per_request": 16},
+        # --engine-url: generated through a remote server by the bot's remote backend (its tokenizer is --model's)
+        engine={"backend": "openai", "url": args.engine_url, "timeout_s": 600} if args.engine_url else {},
     )
     base = Knobs(**{**settings.generation.model_dump(), **{k: v for k, v in (
         ("min_length", args.min_length), ("max_length", args.max_length), ("top_k", args.top_k), ("top_p", args.top_p),
         ("temperature", args.temperature), ("repetition_penalty", args.repetition_penalty)) if v is not None}})
-    report: dict = {"model": args.model, "quantize": args.quantize, "knobs": base.as_dict(), "samples_per_label": {}, "runs": {}, "fluency": {}}
+    report: dict = {"model": args.model, "engine_url": args.engine_url, "quantize": args.quantize, "knobs": base.as_dict(), "samples_per_label": {}, "runs": {}, "fluency": {}}
     started = time.monotonic()
     predict, accuracy = train_judge(train_path, test_path)
     report["judge_test_accuracy"] = accuracy
     print(f"judge trained in {time.monotonic() - started:.0f} s: test accuracy {accuracy:.3f}", flush=True)
 
     loaded = load_model(settings.model)
-    engine = Engine(loaded, settings)
     sets = ("dev", "holdout") if args.openings == "both" else (args.openings,)
 
     async def run() -> None:
-        engine.start()
+        if args.engine_url:
+            from core.backends import start_backend
+
+            engine = await start_backend(settings)
+        else:
+            engine = Engine(loaded, settings)
+            engine.start()
         try:
             for best_of in args.best_of:
                 for accept in (args.accept if best_of > 1 else [engine.accept]):
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--nll-reviews", type=int, default=500, help="ratings_test reviews for the fluency measure")
     p.add_argument("--int8", action="store_true", help="also measure NLL with int8 quantization (quality drift)")
+    p.add_argument("--engine-url", default="", help="generate through this OpenAI-compatible server (vLLM, an "
+                   "engine node) with the bot's remote backend; --model gives the tokenizer and the fluency measure")
     p.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
                    help="the engine's quantization while generating (default: as the bot serves, auto)")
     p.add_argument("--json", help="write the report here")
