@@ -12,7 +12,7 @@ from core.prompt_rules import check_prompt_ids
 from core.settings import load_settings
 from core.types import GenRequest
 
-SEED_MAX = 2**63 - 1
+SEED_MAX = 2**53 - 1  # JavaScript's largest exact integer
 
 
 def shipped():

@@ -32,7 +32,8 @@ class CutOff:
         await request.json()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        chunk = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": " 재밌다", "finish_reason": None}]}
+        chunk = {"id": "c", "object": "text_completion", "model": "kogpt2",
+                 "choices": [{"index": 0, "text": " 재밌다", "logprobs": None, "finish_reason": None}]}
         await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
         request.transport.close()
         return response
@@ -54,12 +55,13 @@ async def test_no_retry_once_text_was_shown(tiny_dir, tmp_path, cut_off):
     settings = make_settings(tiny_dir, tmp_path, engine={"backend": "openai", "url": cut_off.url, "retries": 2})
     engine = await start_backend(settings)
     try:
+        before = cut_off.calls  # the backend may probe the server at start
         prepared = engine.prepare(parse_gen("긍정 아 정말", engine.defaults, engine.limits))
         shown = []
         with pytest.raises(EngineUnavailable):
             async for gen in engine.stream(prepared):
                 shown.append(gen.continuations[0])
-        assert cut_off.calls == 1  # not retried
+        assert cut_off.calls == before + 1  # not retried
         assert shown and all(text.count("재밌다") == 1 for text in shown)
     finally:
         await engine.stop()
@@ -73,8 +75,9 @@ async def test_the_user_sees_the_text_then_one_error(tiny_dir, tmp_path, cut_off
     core = BotCore.create(settings, engine)
     try:
         talk, target = Conversation(core), Collecting(edit_interval=0)
+        before = cut_off.calls
         assert await talk.reply(target, talk.from_text("긍정 아 정말", Who("telegram:1", None))) is None
-        assert cut_off.calls == 1
+        assert cut_off.calls == before + 1
         assert target.calls[-1][1].error and "재밌다" not in target.calls[-1][1].text
     finally:
         core.store.close()

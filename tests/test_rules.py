@@ -181,7 +181,8 @@ def test_help_lists_the_grammar_every_knob_and_examples():
                          "길이는 프롬프트를 포함한 토큰 수입니다.", "", "설정 (이름 · 별칭 · 범위 · 기본값):"]
     assert lines[5] == "• min_length (min, minlen, min_len): 1 이상 128 이하의 정수, 기본 10 — 최소 길이 (프롬프트 포함 토큰 수)"
     assert lines[7] == "• top_p (p, topp, nucleus): 0 초과 1 이하의 실수, 기본 1.0 — 누적 확률 상위 p 안에서만 샘플링"
-    assert lines[12] == "• seed (s, 시드): 0 이상 9223372036854775807 이하의 정수, 기본 무작위 — 난수 시드 (같은 시드 = 같은 결과)"
+    assert lines[12] == ("• seed (s, 시드): 0 이상 9007199254740991 이하의 정수, 기본 무작위 — "
+                         "난수 시드: 같은 seed와 같은 설정이면 같은 결과 (후보 하나는 그 seed에 n=1, best_of=1)")
     assert len([line for line in lines if line.startswith("• ")]) == 10
     assert lines[15:] == ["", "예시:", "!gen 긍정 아 정말 top_p=0.9", "!gen 부정 이 영화는 temperature=0.8 max_length=40",
                           "!gen pos 배우들 연기가 n=3 seed=42", "!gen 부정 배우들 연기가 best_of=8", "",
