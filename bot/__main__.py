@@ -79,8 +79,12 @@ async def _main(check: bool) -> int:
                 print(f"model {name}: failed to load: {why}")
             if hasattr(engine, "model") and "(int8)" not in engine.source:  # int8 weights are packed and not counted as parameters
                 print(f"parameters: {sum(p.numel() for p in engine.model.parameters()):,}")
-            # The reply's own length: new_tokens counts every sampled row (best_of candidates included).
-            tokens = len(engine.tokenizer(result.continuations[0], add_special_tokens=False)["input_ids"])
+            # The reply's own length: new_tokens counts every sampled row (best_of candidates included). Counted after
+            # the prompt, as it was generated: the continuation alone can tokenize differently (a leading word piece).
+            def count(text: str) -> int:
+                return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+            tokens = count(result.texts()[0]) - count(request.model_prompt)
             print(f"generation: {result.texts()[0]!r} ({tokens} tokens, {time.monotonic() - started:.2f} s)")
             print(f"store: {settings.store.path} (writable)")
             print(f"front ends enabled: {', '.join(fronts) or 'none'}")

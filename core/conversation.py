@@ -130,11 +130,13 @@ def error_text(exc: BaseException, where: str) -> str | None:
 
 # ---- the conversation -----------------------------------------------------------------------------------------
 class Conversation:
-    def __init__(self, core: BotCore, access: Access | StoredAccess | None = None, admins: frozenset[str] = frozenset()):
+    def __init__(self, core: BotCore, access: Access | StoredAccess | None = None, admins: frozenset[str] = frozenset(),
+                 clock: Callable[[], float] = time.monotonic):
         self.core = core
         self.backend = core.engine
         self.access = access or Access({})
         self.admins = admins  # user keys ("telegram:123")
+        self.clock = clock  # the edit throttle's (tests pass a fake one)
 
     def is_admin(self, who: Who) -> bool:
         return who.user is not None and who.user in self.admins
@@ -327,7 +329,7 @@ class Conversation:
         stream = self.backend_of(prepared.request).stream(prepared)
         stop_key, stop = self.core.stops.open(asker)
         started = time.monotonic()
-        next_at = started + target.edit_interval
+        next_at = self.clock() + target.edit_interval
         last: Generation | None = None
         try:
             while True:
@@ -341,9 +343,9 @@ class Conversation:
                     self._log(Who(prepared.request.origin or "internal", asker), "ok", time.monotonic() - started)
                     return gen
                 last = gen
-                if time.monotonic() >= next_at and target.spare():
+                if self.clock() >= next_at and target.spare():
                     await shown.show(Reply(self.render(gen, target.style), gen, stop=stop_key))
-                    next_at = time.monotonic() + target.edit_interval
+                    next_at = self.clock() + target.edit_interval
             if stop.is_set() and last is not None:  # stopped: the backend's stream is closed below
                 typing.cancel()
                 await shown.show(Reply(self.render(last, target.style, stopped=True), last, stopped=True))

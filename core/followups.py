@@ -99,12 +99,13 @@ class FollowUps:
             raise UserError(EXPIRED)
         old = gen.request
         # The label stays the label (so best_of still reranks toward it) and the text so far becomes the prompt:
-        # the model sees exactly the text shown. Tokenized with room to spare, so the "reached the limit" message
-        # below is the one a user sees.
+        # the model sees exactly the text shown. Tokenized with room for every token it could have (a token covers
+        # at least one byte), so the "reached the limit" message below is the one a user sees.
         written = gen.continuations[candidate]
         prompt = old.prompt + written if old.prompt else written.lstrip()
-        draft = GenRequest(label=old.label, prompt=prompt, knobs=replace(old.knobs, max_length=cap + 1),
-                           origin=old.origin, model=old.model)
+        draft = GenRequest(label=old.label, prompt=prompt, knobs=old.knobs, origin=old.origin, model=old.model)
+        room = max(cap, len(draft.model_prompt.encode("utf-8"))) + 1
+        draft = replace(draft, knobs=replace(old.knobs, max_length=room))
         prepared = prepare(draft, continuing=True)
         used = len(prepared.prompt_ids)
         if used >= cap:

@@ -33,8 +33,13 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "kogpt2-tiny")
 
 
+@pytest.fixture(scope="session")
+def _empty_hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf-home")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, _empty_hf_home: Path) -> None:
     # A developer's own BOT_* variables must not leak into tests.
     import os
 
@@ -42,6 +47,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith("BOT_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("BOT_ENV_FILE", os.devnull)  # nor a developer's .env in the working directory
+    # Nor their Hugging Face cache: bots started by a test see an empty one (and the hub is offline for them).
+    monkeypatch.setenv("HF_HOME", str(_empty_hf_home))
 
 
 def make_settings(tiny_dir: Path, tmp_path: Path, **sections: dict) -> Settings:

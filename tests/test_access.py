@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 
 import aiohttp
 import discord
@@ -17,6 +16,7 @@ from aiohttp import web
 from conftest import make_settings, running_core, telegram_running
 from discord.ext import commands
 from fake_bot_api import FakeBotAPI, finished
+from helpers import free_port as _free_port
 
 from bot.discord_bot import create_bot
 from bot.discord_cog import NotAllowed
@@ -145,12 +145,6 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
 
 
 # ---- tokens ------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_tokens_never_in_logs_replies_or_healthz(tiny_dir, tmp_path, caplog, monkeypatch):
     """Web, Telegram and Discord together at DEBUG (httpx included), with faults that make everyone log."""
     caplog.set_level(logging.DEBUG)

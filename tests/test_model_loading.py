@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, subprocess_env
 from safetensors.torch import save_file
 from tiny_model import write_lightning_ckpt
 from transformers import GPT2LMHeadModel
@@ -20,8 +21,6 @@ from transformers.pytorch_utils import Conv1D
 from core.errors import ModelLoadError
 from core.model_loading import load_model, pick_checkpoint
 from core.settings import ModelSettings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +212,8 @@ def as_user(uid: int, imports: str, code: str) -> subprocess.CompletedProcess:
     if os.getuid() != 0 and uid != os.getuid():
         pytest.skip("needs root to switch users")
     script = f"import os\n{imports}\nif os.getuid() != {uid}:\n    os.setuid({uid})\n{code}\n"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=subprocess_env(),
+                          cwd=ROOT)
 
 
 def test_int8_from_safetensors_never_builds_the_fp32_model(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch):

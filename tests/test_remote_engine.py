@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from conftest import make_settings
 from fake_vllm import FakeVLLM
+from helpers import ROOT, closed_url, subprocess_env
 
 from core.backends import start_backend
 from core.errors import BusyError, EngineUnavailable, RequestTimeout, UserError
@@ -114,10 +113,7 @@ async def test_a_remote_that_never_answers_times_out(tiny_dir, tmp_path, vllm):
 
 async def test_health_says_whether_the_remote_is_reachable(tiny_dir, tmp_path, remote):
     assert (await remote.health())["ok"] is True
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    engine = await start_backend(remote_settings(tiny_dir, tmp_path, closed, retries=0, model="kogpt2"))
+    engine = await start_backend(remote_settings(tiny_dir, tmp_path, closed_url(), retries=0, model="kogpt2"))
     try:
         health = await engine.health()
         assert health["ok"] is False and health["remote"] == "unreachable"
@@ -181,15 +177,12 @@ async def test_outcomes_are_counted_per_front_end(remote, vllm):
 
 async def test_check_runs_through_the_remote_backend(tiny_dir, tmp_path, vllm):
     import asyncio
-    import os
     import sys
-    from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
-    env.update(HF_HUB_OFFLINE="1", BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_ENGINE__BACKEND="openai",
-               BOT_ENGINE__URL=vllm.url, BOT_ENGINE__API_KEY="sk-test-key", BOT_STORE__PATH=str(tmp_path / "s.db"))
+    env = subprocess_env(BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_ENGINE__BACKEND="openai", BOT_ENGINE__URL=vllm.url,
+                         BOT_ENGINE__API_KEY="sk-test-key", BOT_STORE__PATH=str(tmp_path / "s.db"))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "--check", cwd=Path(__file__).resolve().parents[1], env=env,
+        sys.executable, "-m", "bot", "--check", cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
@@ -216,10 +209,7 @@ async def test_healthz_and_api_say_when_the_remote_is_down(tiny_dir, tmp_path):
     from bot.web import create_app
     from core.service import BotCore
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    settings = remote_settings(tiny_dir, tmp_path, closed, retries=0, model="kogpt2")
+    settings = remote_settings(tiny_dir, tmp_path, closed_url(), retries=0, model="kogpt2")
     engine = await start_backend(settings)
     bot_core = BotCore.create(settings, engine)
     try:

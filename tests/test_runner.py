@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 
 import aiohttp
 import discord
 import pytest
 from conftest import make_settings, running_core
+from helpers import free_port as _closed_port
 
 import bot.runner as runner
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once closed: connections are refused at once
 
 
 async def _until(predicate, timeout: float = 60) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from core.sampling import (
     PAD_ID,
@@ -109,38 +109,6 @@ def test_fused_gelu_matches_gpt2s_gelu_new():
     expected = module(x)
     assert torch.allclose(fuse_gelu(module)(x), expected, atol=1e-6)
     assert not isinstance(module[0], NewGELUActivation)
-
-
-def test_next_tokens_draws_what_the_full_vocabulary_rules_draw():
-    """The engine's path (penalties over the vocabulary, then warpers and the draw over each row's top-k candidates)
-    picks the same token for the same seed as every rule applied to the whole vocabulary, for narrow rows, wide
-    rows (top_k above CANDIDATES_MAX) and a mix of both in one batch."""
-    from core.knobs import Knobs
-    from core.sampling import CANDIDATES_MAX, build_penalties, build_warpers, next_tokens
-
-    def build_processors(knobs, eos):  # every rule, in transformers' order, over the whole vocabulary
-        return LogitsProcessorList([*build_penalties(knobs, eos), *build_warpers(knobs)])
-
-    torch.manual_seed(3)
-    vocab, rows = 3000, 24
-    logits = torch.randn(rows, vocab) * 3
-    ids = torch.randint(0, vocab, (rows, 12))
-    ids[::3, :4] = PAD_ID
-    ids[1::4, -3:] = ids[1::4, 2:5]  # repeated n-grams for no_repeat_ngram_size to ban
-    knobs = [Knobs(min_length=14 if i % 5 else 10, max_length=30, top_p=[1.0, 0.9, 0.5][i % 3],
-                   top_k=[1, 7, 50, CANDIDATES_MAX + 500][i % 4], repetition_penalty=[1.0, 1.3][i % 2],
-                   no_repeat_ngram_size=[0, 2, 3][i % 3], temperature=[1.0, 0.7, 1.4][(i // 2) % 3])
-             for i in range(rows)]
-    for seed in range(20):
-        def gens(seed: int = seed) -> list[torch.Generator]:
-            return [torch.Generator().manual_seed(seed * 100 + i) for i in range(rows)]
-
-        reference = sample(build_processors(knobs, 5)(ids, logits), gens())
-        assert next_tokens(ids, logits, knobs, gens(), eos_token_id=5) == reference
-        narrow = [i for i, k in enumerate(knobs) if k.top_k <= CANDIDATES_MAX]
-        alone = next_tokens(ids[narrow], logits[narrow], [knobs[i] for i in narrow], gens()[: len(narrow)], 5)
-        assert alone == sample(build_processors([knobs[i] for i in narrow], 5)(ids[narrow], logits[narrow]),
-                               gens()[: len(narrow)])
 
 
 def test_repetition_penalty_touches_only_seen_tokens_and_leaves_tokenless_rows_alone():

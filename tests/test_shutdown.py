@@ -4,30 +4,26 @@ work unfinished after the grace gets the Korean "restarting" error, and a restar
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from pathlib import Path
 
 from conftest import make_settings
 from fake_bot_api import FakeBotAPI, finished
+from helpers import ROOT, subprocess_env
 from test_faults import engine_over, slow_hook
 
 from bot.runner import run_front_ends
 from core.engine import RESTARTING
 from core.service import BotCore
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "123456789:AAF-shutdown_Token-xyz"
 CHAT = 4001
 
 
-
-
 async def start_bot(fake: FakeBotAPI, tiny_dir: Path, tmp_path: Path) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
-    env.update(
-        HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", BOT_ENV_FILE=os.devnull, BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_WEB__ENABLED="false",
+    env = subprocess_env(
+        BOT_MODEL__PRETRAINED=str(tiny_dir), BOT_WEB__ENABLED="false",
         BOT_TELEGRAM__TOKEN=TOKEN, BOT_TELEGRAM__BASE_URL=fake.base_url, BOT_TELEGRAM__BASE_FILE_URL=fake.file_url,
         BOT_STORE__PATH=str(tmp_path / "store.sqlite3"), BOT_LIMITS__USER_INTERVAL_S="0", BOT_LIMITS__SHUTDOWN_GRACE_S="20",
     )

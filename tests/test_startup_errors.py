@@ -6,16 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import make_settings
+from helpers import ROOT, subprocess_env
 
 from core.backends import load_counting_tokenizer
 from core.errors import ModelLoadError
 from core.settings import SettingsError, load_settings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- secrets: read once at start, an empty one is an error -------------------------------------------------------
@@ -97,9 +95,7 @@ def test_a_non_utf8_tokenizer_file_is_one_sentence(tiny_dir, tmp_path):
 
 
 def test_the_bot_says_one_sentence_for_a_broken_url(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOT_")}
-    env.update(BOT_ENV_FILE=os.devnull, BOT_ENGINE__BACKEND="openai", BOT_ENGINE__URL="http://[::1",
-               BOT_STORE__PATH=str(tmp_path / "s.sqlite3"))
+    env = subprocess_env(BOT_ENGINE__BACKEND="openai", BOT_ENGINE__URL="http://[::1", BOT_STORE__PATH=str(tmp_path / "s.sqlite3"))
     out = subprocess.run([sys.executable, "-m", "bot", "--check"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 1 and "engine.url" in out.stderr and "Traceback" not in out.stderr

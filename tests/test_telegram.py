@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from conftest import make_settings, running_core, telegram_running
 from fake_bot_api import FakeBotAPI, finished, parse_html
+from helpers import free_port as _free_port
 
 import bot.telegram_app as app
 import bot.telegram_bot as tg
@@ -300,14 +301,6 @@ async def test_unreachable_api_waits_and_stops_cleanly(core, tiny_dir, tmp_path,
 
 
 # ---- webhook ---------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_webhook_mode_checks_the_secret_and_answers(core, fake, tiny_dir, tmp_path):
     port = _free_port()
     settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0}, telegram={

@@ -6,10 +6,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import socket
 import threading
 
 import pytest
+from helpers import free_port
 from tiny_model import NSMC_DIR
 
 from core.errors import UserError
@@ -69,9 +69,7 @@ def test_checksum_mismatch_is_refused_and_nothing_is_kept(served, tmp_path):
 
 
 def test_unreachable_source_is_one_clear_error(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: connection refused
+    port = free_port()  # closed once the block ends: connection refused
     gone = {"train": Source("ratings_train.txt", f"http://127.0.0.1:{port}/ratings_train.txt", "")}
     with pytest.raises(UserError, match="--data-dir"):
         nsmc_files(None, tmp_path / "cache", gone)
@@ -103,9 +101,7 @@ def test_empty_documents_are_skipped_like_the_official_files(tmp_path):
 
 
 def test_train_without_the_hub_fails_fast_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
     data = tmp_path / "data"

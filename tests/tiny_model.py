@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import types
@@ -42,6 +43,18 @@ def build_tiny(directory: Path, vocab_size: int = 2000, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_end_likely(model: GPT2LMHeadModel, eos_id: int, p_end: float = 0.1, top_k: int = 50) -> GPT2LMHeadModel:
+    """A bias on end-of-text's logit: about `p_end` of the probability among the `top_k` tokens a row samples from
+    (the tiny model's logits are nearly flat), so rows end at different steps whatever vocabulary it learned."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[eos_id] = math.log(p_end / (1 - p_end) * (top_k - 1))
+    model.lm_head = head
+    return model
 
 
 def write_lightning_ckpt(model: GPT2LMHeadModel, path: Path) -> Path:
