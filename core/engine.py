@@ -178,6 +178,9 @@ class Engine:
             if not result.done():
                 job.cancelled = True
                 result.cancel()
+                # Let the cancellation land (rows dropped, outcome counted) before the closer goes on: a reader that
+                # stops a stream sees it counted as cancelled, not one loop turn later.
+                await asyncio.wait({result})
 
     # ---- event-loop side -------------------------------------------------------------------------------------
     def _submit(self, prepared: PreparedRequest, streaming: bool) -> _Job:

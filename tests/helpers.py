@@ -6,8 +6,10 @@ OpenAI/vLLM server); settings over the tiny model come from `conftest.make_setti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +36,41 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", BOT_ENV_FILE=os.devnull,
                PYTHONPATH=os.pathsep.join(dict.fromkeys(path)), **extra)
     return env
+
+
+@contextlib.contextmanager
+def held_after(engine, steps: int):
+    """The engine's worker waits before decoding step `steps + 1` until the block ends: a generation is certainly
+    still running while the test presses stop or buttons (no clock involved)."""
+    release, seen = threading.Event(), []
+    advance = engine._advance
+
+    def gated(*args, **kwargs):
+        seen.append(1)
+        if len(seen) > steps:
+            release.wait(30)
+        return advance(*args, **kwargs)
+
+    engine._advance = gated
+    try:
+        yield
+    finally:
+        release.set()
+        del engine._advance
+
+
+async def start_discord_bot(core, *, text_channels: int = 2, members: int = 3, **kwargs):
+    """The bot as `bot.discord_bot.serve` builds it, wired to dpytest's fake Discord instead of logging in."""
+    import discord
+    import discord.ext.test as dpytest
+
+    from bot.discord_bot import create_bot
+
+    bot = create_bot(core, sync_commands=False, **kwargs)
+    # dpytest creates members through the cache, which needs the (privileged) members intent; the real bot does not.
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
+    dpytest.configure(bot, text_channels=text_channels, voice_channels=0, members=members)
+    await bot._async_setup_hook()  # after configure: dpytest replaces the connection state the loop is bound to
+    await bot.setup_hook()
+    return bot

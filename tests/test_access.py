@@ -17,8 +17,8 @@ from conftest import make_settings, running_core, telegram_running
 from discord.ext import commands
 from fake_bot_api import FakeBotAPI, finished
 from helpers import free_port as _free_port
+from helpers import start_discord_bot
 
-from bot.discord_bot import create_bot
 from bot.discord_cog import NotAllowed
 from bot.runner import run_front_ends
 from core.access import REFUSAL, Access, Verdict, telegram_access
@@ -98,13 +98,8 @@ async def test_discord_allowlist(tiny_dir, tmp_path):
     engine = Engine(load_model(settings.model), settings)
     engine.start()
     core = BotCore.create(settings, engine)
-    bot = create_bot(core, sync_commands=False)
-    bot._connection._intents.members = True
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-    dpytest.configure(bot, text_channels=2, voice_channels=0, members=1)
+    bot = await start_discord_bot(core, text_channels=2, members=1)
     config = dpytest.get_config()
-    await bot._async_setup_hook()
-    await bot.setup_hook()
     allowed, other = config.channels
     try:
         bot.access = Access({"guild": [], "channel": [allowed.id]}, "reply")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 from datetime import UTC, datetime
 
-import discord
 import discord.ext.test as dpytest
 import pytest
 from conftest import make_settings, running_core, telegram_running
 from discord.ext import commands
 from fake_bot_api import FakeBotAPI, finished
+from helpers import start_discord_bot
 from test_discord import FakeInteraction, slash
 
 from bot.discord_bot import create_bot
@@ -144,12 +144,7 @@ async def dsay(content: str, member: int = 0) -> str:
 async def test_discord_admin_commands(tiny_dir, tmp_path):
     settings = make_settings(tiny_dir, tmp_path, limits={"user_interval_s": 0})
     async with running_core(settings) as core:
-        bot = create_bot(core, sync_commands=False)
-        bot._connection._intents.members = True
-        bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-        dpytest.configure(bot, text_channels=1, voice_channels=0, members=2)
-        await bot._async_setup_hook()
-        await bot.setup_hook()
+        bot = await start_discord_bot(core, text_channels=1, members=2)
         try:
             boss, other = dpytest.get_config().members
             channel = dpytest.get_config().channels[0]

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ import discord.ext.test.factories as dpytest_factories
 import pytest
 from conftest import make_settings
 from discord.ext import commands
+from helpers import held_after, start_discord_bot
 from pydantic import SecretStr
 
 import bot.discord_bot as discord_bot
@@ -73,15 +73,7 @@ def sent(monkeypatch):
 
 
 async def start_bot(core: BotCore, **kwargs) -> commands.Bot:
-    """The bot as `serve` builds it, wired to dpytest's fake Discord instead of logging in."""
-    bot = create_bot(core, sync_commands=False, **kwargs)
-    # dpytest creates members through the cache, which needs the (privileged) members intent; the real bot does not.
-    bot._connection._intents.members = True
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-    dpytest.configure(bot, text_channels=2, voice_channels=0, members=3)
-    await bot._async_setup_hook()  # after configure: dpytest replaces the connection state the loop is bound to
-    await bot.setup_hook()
-    return bot
+    return await start_discord_bot(core, **kwargs)
 
 
 @pytest.fixture
@@ -559,17 +551,7 @@ async def until(predicate) -> None:
 
 async def test_stop_button_keeps_the_text_so_far_for_the_asker_only(core, sent):
     bot = await start_bot(core, edit_interval=0)
-    release, steps = threading.Event(), []
-    advance = core.engine._advance
-
-    def gated(*args, **kwargs):  # the worker waits after a few steps: the reply is still streaming when pressed
-        steps.append(1)
-        if len(steps) > 3:
-            release.wait(30)
-        return advance(*args, **kwargs)
-
-    core.engine._advance = gated
-    try:
+    with held_after(core.engine, 3):  # the reply is still streaming when pressed
         asker = FakeInteraction(user_id=1)
         task = asyncio.create_task(slash(bot, asker, "gen", prompt="아 정말", label="긍정", min_length=100,
                                          max_length=100, seed="2"))
@@ -585,9 +567,6 @@ async def test_stop_button_keeps_the_text_so_far_for_the_asker_only(core, sent):
         assert "멈추는 중" in mine.final()[1]
         await asyncio.wait_for(task, 30)
         assert core.engine.telemetry.metrics.requests.labels("discord", "cancelled")._value.get() == 1
-    finally:
-        release.set()
-        del core.engine._advance
     kind, content, extra = asker.final()
     assert kind == "edit" and content.endswith("seed=2 · ⏹ 중지됨 (stopped)") and extra["view"] is None
     assert view.is_finished()  # the stream's one stop view ended with it

@@ -11,6 +11,7 @@ from conftest import make_settings, running_engine, shared_steps
 from core.engine import Engine
 from core.errors import BusyError, RequestTimeout, UserError
 from core.grammar import GenRequest, parse_gen
+from core.metrics import front_end_of
 from core.model_loading import load_model
 
 
@@ -82,6 +83,18 @@ async def test_stream_yields_growing_text_then_final(engine: Engine):
         assert later.continuations[0].startswith(earlier.continuations[0].rstrip("�"))
     final = await engine.generate(engine.prepare(req(engine, "긍정 아 정말 seed=3 min_length=16 max_length=16")))
     assert final.continuations == parts[-1].continuations
+
+
+async def test_closing_a_stream_counts_it_cancelled_before_close_returns(engine: Engine):
+    """A stopped reply (the stop button) is counted when the stream is closed, not a loop turn later."""
+    r = req(engine, "긍정 아 정말 seed=3 min_length=60 max_length=60")
+    cancelled = engine.telemetry.metrics.requests.labels(front_end_of(r.origin), "cancelled")
+    before = cancelled._value.get()
+    stream = engine.stream(engine.prepare(r))
+    first = await anext(stream)
+    assert not first.done
+    await stream.aclose()
+    assert cancelled._value.get() == before + 1
 
 
 async def test_full_queue_fails_fast_with_busy(tiny_dir, tmp_path):

@@ -7,7 +7,6 @@ import contextlib
 import json
 import urllib.parse
 
-import discord
 import discord.ext.test as dpytest
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -15,9 +14,9 @@ from browser import CHROMIUM, chromium_page
 from conftest import make_settings, telegram_running
 from discord.ext import commands
 from fake_bot_api import FakeBotAPI, finished
+from helpers import start_discord_bot
 from test_discord import FakeInteraction, slash
 
-from bot.discord_bot import create_bot
 from bot.web import create_app
 from core.backends import start_backend
 from core.errors import UserError
@@ -149,12 +148,7 @@ async def test_switching_is_for_admins_once_there_are_admins(tiny_dir, tmp_path,
 # ---- Discord -----------------------------------------------------------------------------------------------------
 async def test_discord_model_prefix_and_slash(tiny_dir, tmp_path, monkeypatch):
     async with models_core(settings_with_models(tiny_dir, tmp_path)) as core:
-        bot = create_bot(core, sync_commands=False)
-        bot._connection._intents.members = True
-        bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-        dpytest.configure(bot, text_channels=1, voice_channels=0, members=1)
-        await bot._async_setup_hook()
-        await bot.setup_hook()
+        bot = await start_discord_bot(core, text_channels=1, members=1)
         try:
             b = Recorder(core.served.get("tiny-b"), monkeypatch)
             with contextlib.suppress(commands.CommandInvokeError):

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-import threading
 
 import aiohttp
 import pytest
 from conftest import make_settings, running_core, telegram_running
 from fake_bot_api import FakeBotAPI, finished, parse_html
 from helpers import free_port as _free_port
+from helpers import held_after
 
 import bot.telegram_app as app
 import bot.telegram_bot as tg
@@ -449,25 +448,6 @@ async def ask_reply(fake: FakeBotAPI, chat_id: int, text: str, to: dict) -> dict
 
 
 # ---- stop ------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def held_after(engine, steps: int):
-    """The engine's worker waits before decoding step `steps + 1` until the block ends: a generation is certainly
-    still running while the test presses buttons (no clock involved)."""
-    release, seen = threading.Event(), []
-    advance = engine._advance
-
-    def gated(*args, **kwargs):
-        seen.append(1)
-        if len(seen) > steps:
-            release.wait(30)
-        return advance(*args, **kwargs)
-
-    engine._advance = gated
-    try:
-        yield
-    finally:
-        release.set()
-        del engine._advance
 
 
 def cancelled(core) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import urllib.parse
@@ -12,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from browser import CHROMIUM, chromium_page
 from conftest import gen_request
+from helpers import held_after
 
 import bot.web as web_module
 from bot.web import create_app
@@ -84,7 +84,6 @@ async def test_healthz_and_page(client: TestClient):
 
 
 async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient, monkeypatch):
-    import threading
 
     from core.engine import _Batch
 
@@ -172,25 +171,6 @@ async def test_api_keeps_one_sample_unless_asked_while_the_page_gets_the_chat_de
 
 
 # ---- stop ------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def held_after(engine, steps: int):
-    """The worker waits before decoding step `steps + 1` until the block ends: the stream is still running while
-    the test stops it (no clock involved)."""
-    release, seen = threading.Event(), []
-    advance = engine._advance
-
-    def gated(*args, **kwargs):
-        seen.append(1)
-        if len(seen) > steps:
-            release.wait(30)
-        return advance(*args, **kwargs)
-
-    engine._advance = gated
-    try:
-        yield
-    finally:
-        release.set()
-        del engine._advance
 
 
 async def test_stream_can_be_stopped_with_its_key(client: TestClient, core: BotCore, monkeypatch):
