@@ -88,7 +88,8 @@ def _knobs(body: dict, core: BotCore) -> Knobs:
     temperature = raw.get("temperature")
     if (_is_int(temperature) or isinstance(temperature, float)) and temperature == 0:
         raw.update(temperature=1.0, top_k=1)  # greedy, as OpenAI and vLLM read temperature 0: the most likely token
-    return validate_knobs(raw, core.engine.defaults, core.settings.limits)
+    # No server-side rerank in this dialect (best_of is accepted only as 1): the chats' default does not apply.
+    return replace(validate_knobs(raw, core.engine.defaults, core.settings.limits), best_of=1)
 
 
 def _ids_of(prompt: str | list[int], core: BotCore) -> tuple[str, list[int]]:

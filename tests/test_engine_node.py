@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -461,3 +462,22 @@ async def test_streamed_batched_prompts_match_the_unstreamed_choices(node):
         assert texts == {c["index"]: c["text"] for c in whole["choices"]}
         assert ends == {c["index"]: c["finish_reason"] for c in whole["choices"]}
         assert chunks[-1]["usage"] == whole["usage"]
+
+
+async def test_the_chats_best_of_default_does_not_apply_to_v1(tiny_dir, tmp_path, caplog):
+    """The dialect has no server-side rerank: a labelled prompt is sampled once even where chats default to best_of 4
+    (the request line says what was done)."""
+    settings = make_settings(tiny_dir, tmp_path, model={"quantize": "none"}, generation={"best_of": 4})
+    async with running_core(settings) as core:
+        server = TestServer(create_app(core), host="127.0.0.1")
+        await server.start_server()
+        try:
+            caplog.set_level(logging.INFO, logger="core.requests")
+            async with aiohttp.ClientSession() as http, \
+                    http.post(str(server.make_url("/v1/completions")),
+                              json={"prompt": "긍정 아 정말", "max_tokens": 4, "seed": 1}) as resp:
+                assert resp.status == 200
+        finally:
+            await server.close()
+    (line,) = [r.getMessage() for r in caplog.records if "frontend=openai" in r.getMessage()]
+    assert "best_of=1" in line
