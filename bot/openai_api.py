@@ -100,6 +100,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
         core.engine.telemetry.refused("openai", "user_error")
         return _error(400, str(exc))
     user = client_key(request)  # the engine's fair share is the client's
+    end_user = body.get("user")
+    if request.app.get(TOKEN_KEY) is not None and isinstance(end_user, str) and end_user:
+        # A caller holding the token is a trusted front end relaying many people (another bot's remote backend sends
+        # each person's key): their shares stay apart. Without a token anyone could mint users, so the address counts.
+        user = f"{user}/{end_user[:200]}"
     completion = replace(completion, prepared=tuple(replace(p, request=replace(p.request, user=user))
                                                     for p in completion.prepared))
     ident, created, name = f"cmpl-{secrets.token_hex(12)}", int(time.time()), model_id(core)

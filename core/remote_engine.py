@@ -395,6 +395,8 @@ class RemoteEngine:
         budget = knobs.max_length - len(prepared.prompt_ids)
         body = wire.completion_body(self.model_name, prepared.prompt_ids, knobs, seed, on_delta is not None,
                                     bool(self.extensions), bool(self.logprobs))
+        if prepared.request.user:  # OpenAI's end-user field: a node behind a token keeps each person's fair share
+            body["user"] = prepared.request.user
         sent: list[str] = []
 
         def shown(delta: str) -> None:

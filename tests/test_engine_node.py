@@ -481,3 +481,24 @@ async def test_the_chats_best_of_default_does_not_apply_to_v1(tiny_dir, tmp_path
             await server.close()
     (line,) = [r.getMessage() for r in caplog.records if "frontend=openai" in r.getMessage()]
     assert "best_of=1" in line
+
+
+@pytest.mark.parametrize("token", [TOKEN, None])
+async def test_the_end_user_field_splits_shares_only_behind_a_token(tiny_dir, tmp_path, token):
+    """A front end holding the token relays many people: each `user` gets its own share. Without a token anyone could
+    mint users to dodge the per-user cap, so the address alone counts."""
+    settings = make_settings(tiny_dir, tmp_path, model={"quantize": "none"}, web={"api_token": token})
+    async with running_core(settings) as core:
+        seen, submit = [], core.engine._submit
+        core.engine._submit = lambda prepared, streaming: (seen.append(prepared.request.user), submit(prepared, streaming))[1]
+        server = TestServer(create_app(core), host="127.0.0.1")
+        await server.start_server()
+        try:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with aiohttp.ClientSession(headers=headers) as http, \
+                    http.post(str(server.make_url("/v1/completions")),
+                              json={"prompt": "긍정 아", "max_tokens": 2, "user": "telegram:7"}) as resp:
+                assert resp.status == 200
+        finally:
+            await server.close()
+    assert seen == (["web:127.0.0.1/telegram:7"] if token else ["web:127.0.0.1"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import make_settings
 from fake_vllm import FakeVLLM
@@ -222,3 +224,12 @@ async def test_healthz_and_api_say_when_the_remote_is_down(tiny_dir, tmp_path):
     finally:
         bot_core.store.close()
         await engine.stop()
+
+
+async def test_each_sample_names_the_person_it_is_for(remote, vllm):
+    """OpenAI's `user` field carries the asker's key, so a node behind a token keeps people's fair shares apart."""
+    r = dataclasses.replace(req(remote, "긍정 아 정말 seed=7 n=2"), user="telegram:7")
+    await remote.generate(r)
+    assert [b["user"] for b in vllm.samples] == ["telegram:7", "telegram:7"]
+    await remote.generate(req(remote, "긍정 아 정말 seed=7"))  # nobody named (scripts, --check): no field
+    assert "user" not in vllm.samples[-1]
