@@ -111,7 +111,8 @@ async def test_the_bot_over_real_vllm_keeps_its_promises(vllm, tmp_path):
             alone = {"prompt": "부정 배우들 연기가", "best_of": 1, "seed": first["seeds"][0], "max_length": 30}
             resp = await client.post("/api/stream", json=alone)
             lines = [json.loads(line) for line in (await resp.text()).splitlines() if line]
-            assert resp.status == 200 and "partial" in lines[0] and len(lines) >= 2
+            # partial lines come as vLLM's tokens arrive; a 30-token reply can all be there before the first is read
+            assert resp.status == 200 and "results" in lines[-1] and all("partial" in line for line in lines[:-1])
             assert lines[-1]["results"] == first["results"][:1] and lines[-1]["seeds"] == first["seeds"][:1]
 
         # vLLM restarted mid-run: a request in flight hears "restarting or unreachable" (not a timeout) …
