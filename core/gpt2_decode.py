@@ -1,0 +1,252 @@
+"""The CPU engine's own GPT-2 forward for serving: a KV cache of fixed width per row and a few tensor operations per
+layer, so a row's numbers are the same bit for bit alone or in any batch, by construction.
+
+transformers' forward left-pads a batch to its longest row, builds masks, and goes through its cache and attention
+layers; the width of the padded keys then changes a row's last bits with its batch mates (so attention ran once per
+run of equal rows), and the Python around it cost more than the matrix products at one row. Here:
+
+- every row owns one slot of each layer's key/value buffers, `capacity` columns wide (the longest row the limits
+  allow), its keys at columns [0, length) and zeros after them; a step writes each row's new column in place;
+- a step's attention is one batched matrix product per layer over the whole fixed width, the columns a row has not
+  reached masked out with -inf: every (row, head) is the same computation with the same shapes whatever rows share
+  the batch (and the matrix kernels used give the same bits with 1 or 2 threads: tests/test_gpt2_decode.py);
+- a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
+  by row) and each prompt's causal attention on its own;
+- rows finished are dropped by moving the last slots into their places: nothing else is copied.
+
+It uses the model's own modules by their checkpoint names (transformer.wte/wpe/h[i].ln_1/attn.c_attn/…/lm_head), so
+the int8 layers and whatever else replaces a module keep working; `decode_batch` says when a model is something else
+(then the engine keeps transformers' forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel
+
+from core.devices import device_of
+
+NEG_INF = float("-inf")
+WIDTH_STEP = 16  # attention widths and buffer capacities are multiples of this
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `decode_batch` can serve `model`: a plain GPT-2 language model on the CPU."""
+    if type(model) is not GPT2LMHeadModel or device_of(model).type != "cpu":
+        return False
+    config = model.config
+    return not (getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False))
+
+
+def decode_batch(model: nn.Module) -> DecodeBatch | None:
+    """A DecodeBatch over `model`, or None where it does not apply."""
+    return DecodeBatch(model) if supports(model) else None
+
+
+class _Layer:
+    """One block's modules and its key/value buffers (slots × heads × capacity × head size)."""
+
+    def __init__(self, block: nn.Module, index: int, config: object):
+        self.ln_1, self.c_attn, self.proj = block.ln_1, block.attn.c_attn, block.attn.c_proj
+        self.ln_2, self.c_fc, self.act, self.c_out = block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj
+        scale = 1.0
+        if config.scale_attn_weights:
+            scale = (config.n_embd // config.n_head) ** -0.5
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(index + 1)
+        self.scale = scale
+        self.keys = self.values = torch.zeros(0, 0, 0, 0)
+
+
+class DecodeBatch:
+    """The running batch's state: what core.engine's `_Batch` keeps, with the same methods.
+
+    `positions` holds each row's length (its next token's position), in the engine's row order; `_slot` maps that
+    order to the buffers' slots."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        config = model.config
+        self.heads = int(config.n_head)
+        self.head_size = int(config.n_embd) // self.heads
+        self.limit = int(config.n_positions)
+        self.wte, self.wpe, self.ln_f = model.transformer.wte, model.transformer.wpe, model.transformer.ln_f
+        self.lm_head = model.lm_head
+        self.layers = [_Layer(block, i, config) for i, block in enumerate(model.transformer.h)]
+        self.mask = torch.zeros(0, 0)  # (slots, columns): 0 where a slot's row has a key, -inf elsewhere
+        self.positions: list[int] = []
+        self._slot: list[int] = []
+
+    # ---- buffers ---------------------------------------------------------------------------------------------
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Room for `rows` rows of `columns` keys: new zeroed buffers (doubling) holding the rows already there."""
+        slots, capacity = self.mask.shape
+        if rows <= slots and columns <= capacity:
+            return
+        if columns > self.limit:
+            raise ValueError(f"a row of {columns} tokens exceeds the model's {self.limit} positions")
+        if rows > slots:
+            slots = max(rows, 2 * slots, 4)
+        if columns > capacity:
+            capacity = min(self.limit, _round_up(max(columns, 2 * capacity), WIDTH_STEP))
+        used, old = len(self.positions), self.mask.shape[1]
+        for layer in self.layers:
+            keys = torch.zeros(slots, self.heads, capacity, self.head_size)
+            values = torch.zeros(slots, self.heads, capacity, self.head_size)
+            if used:
+                keys[:used, :, :old], values[:used, :, :old] = layer.keys[:used], layer.values[:used]
+            layer.keys, layer.values = keys, values
+        mask = torch.full((slots, capacity), NEG_INF)
+        mask[:used, :old] = self.mask[:used]
+        self.mask = mask
+
+    def _width(self, columns: int) -> int:
+        """The keys a step attends over: the longest row's, rounded up (fewer distinct shapes); a row's result is the
+        same whatever this width (the -inf columns add exact zeros; tests/test_gpt2_decode.py checks the kernels)."""
+        return min(_round_up(columns, WIDTH_STEP), self.limit)
+
+    # ---- the engine's interface ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
+        """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
+        lengths = [len(p) for p in prompts]
+        if max(lengths) > self.limit:
+            raise ValueError(f"a prompt of {max(lengths)} tokens exceeds the model's {self.limit} positions")
+        ids = torch.tensor([t for p in prompts for t in p])
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        x = self.wte(ids) + self.wpe(positions)  # (all tokens, embedding): every op but attention is row by row
+        ends = _accumulate(lengths)
+        spans = list(zip([0, *ends[:-1]], ends))
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, x, len(ids))  # (heads, tokens, head size) each
+            parts = [_causal_attention(q[:, a:b], k[:, a:b], v[:, a:b], layer.scale) for a, b in spans]
+            x = self._finish(layer, x, torch.cat(parts, dim=1).transpose(0, 1).reshape(len(ids), -1))
+            kept.append((k, v))
+        last = torch.tensor([end - 1 for end in ends])
+        logits = self.lm_head(self.ln_f(x.index_select(0, last))).float()
+        # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
+        first = len(self.positions)
+        self._reserve(first + sum(copies), self._width(max(lengths) + 1))
+        slot = first
+        for (a, b), n in zip(spans, copies):
+            for _ in range(n):
+                for layer, (k, v) in zip(self.layers, kept):
+                    layer.keys[slot, :, : b - a], layer.values[slot, :, : b - a] = k[:, a:b], v[:, a:b]
+                    layer.keys[slot, :, b - a:], layer.values[slot, :, b - a:] = 0, 0  # a dropped row's, before
+                self.mask[slot] = NEG_INF
+                self.mask[slot, : b - a] = 0
+                slot += 1
+        self._slot.extend(range(first, slot))
+        self.positions.extend(n for n, c in zip(lengths, copies) for _ in range(c))
+        return logits.repeat_interleave(torch.tensor(copies), 0)
+
+    @torch.inference_mode()
+    def step(self, last_tokens: list[int]) -> torch.Tensor:
+        """Feed each row its last token; returns next-token logits, one row each (float32, CPU)."""
+        rows, heads, size = len(last_tokens), self.heads, self.head_size
+        if max(self.positions) >= self.limit:
+            raise ValueError(f"a row of {max(self.positions) + 1} tokens exceeds the model's {self.limit} positions")
+        width = self._width(max(self.positions) + 1)
+        self._reserve(rows, width)
+        capacity = self.mask.shape[1]
+        # The batch runs in slot order; the engine's order is restored before the lm_head.
+        order = self._slot
+        by_slot, pos = [0] * rows, [0] * rows
+        for i, s in enumerate(order):
+            by_slot[s], pos[s] = last_tokens[i], self.positions[i]
+        position = torch.tensor(pos)
+        x = self.wte(torch.tensor(by_slot)) + self.wpe(position)
+        slots = torch.arange(rows)
+        self.mask[slots, position] = 0.0  # each row now also sees the key it is about to write
+        mask = self.mask[:rows, None, None, :width].expand(rows, heads, 1, width).reshape(-1, 1, width)
+        # Where each row's new key goes in a layer's buffer seen as (slots * heads * capacity, head size) rows.
+        column = ((slots[:, None] * heads + torch.arange(heads)) * capacity + position[:, None]).view(-1)
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, x, rows, step=True)  # each (rows, heads, head size)
+            layer.keys.view(-1, size).index_copy_(0, column, k.reshape(-1, size))
+            layer.values.view(-1, size).index_copy_(0, column, v.reshape(-1, size))
+            keys = layer.keys[:rows, :, :width].reshape(-1, width, size)  # views: rows and heads merge
+            values = layer.values[:rows, :, :width].reshape(-1, width, size)
+            scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
+            x = self._finish(layer, x, torch.bmm(scores.softmax(dim=-1), values).view(rows, -1))
+        if order != list(range(rows)):
+            x = x.index_select(0, torch.tensor(order))
+        self.positions = [p + 1 for p in self.positions]
+        return self.lm_head(self.ln_f(x)).float()
+
+    @torch.inference_mode()
+    def select(self, keep: list[int]) -> None:
+        """Keep the rows at `keep` (in that order): the last slots move into the places of the rows dropped."""
+        if not keep:
+            self.__init__(self.model)  # an idle engine holds no cache
+            return
+        kept_slots = [self._slot[i] for i in keep]
+        rows = len(keep)
+        moved = dict(zip(sorted(s for s in kept_slots if s >= rows), sorted(set(range(rows)) - set(kept_slots))))
+        if moved:
+            src, dst = torch.tensor(list(moved)), torch.tensor(list(moved.values()))
+            for layer in self.layers:
+                layer.keys[dst] = layer.keys[src]
+                layer.values[dst] = layer.values[src]
+            self.mask[dst] = self.mask[src]
+        self._slot = [moved.get(s, s) for s in kept_slots]
+        self.positions = [self.positions[i] for i in keep]
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to undo a failed step: a step only writes the column at each row's position."""
+        return list(self.positions), list(self._slot)
+
+    @torch.inference_mode()
+    def restore(self, saved: tuple) -> None:
+        self.positions, self._slot = list(saved[0]), list(saved[1])
+        for length, slot in zip(self.positions, self._slot):
+            self.mask[slot] = NEG_INF
+            self.mask[slot, :length] = 0
+
+    @torch.inference_mode()
+    def copy(self) -> DecodeBatch:
+        other = DecodeBatch(self.model)
+        rows = len(self.positions)
+        other._reserve(rows, self.mask.shape[1])
+        for mine, theirs in zip(self.layers, other.layers):
+            theirs.keys[:rows], theirs.values[:rows] = mine.keys[:rows], mine.values[:rows]
+        other.mask[:rows] = self.mask[:rows]
+        other.positions, other._slot = list(self.positions), list(self._slot)
+        return other
+
+    # ---- one block -------------------------------------------------------------------------------------------
+    def _qkv(self, layer: _Layer, x: torch.Tensor, tokens: int, step: bool = False) -> tuple[torch.Tensor, ...]:
+        qkv = layer.c_attn(layer.ln_1(x)).view(tokens, 3, self.heads, self.head_size)
+        if step:
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q, k, v = qkv.permute(1, 2, 0, 3)  # each (heads, tokens, head size)
+        return q, k, v
+
+    @staticmethod
+    def _finish(layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The attention's projection and the MLP, with GPT-2's residual connections."""
+        x = x + layer.proj(attended)
+        return x + layer.c_out(layer.act(layer.c_fc(layer.ln_2(x))))
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One prompt's attention, each token over itself and the tokens before it: (heads, tokens, head size)."""
+    n = q.shape[1]
+    mask = torch.full((n, n), NEG_INF).triu_(1)
+    scores = torch.baddbmm(mask.expand(q.shape[0], n, n), q, k.transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1), v)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _accumulate(values: list[int]) -> list[int]:
+    total, out = 0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
