@@ -167,10 +167,7 @@ class DecodeBatch:
             q, k, v = self._qkv(layer, x, rows, step=True)  # each (rows, heads, head size)
             layer.keys.view(-1, size).index_copy_(0, column, k.reshape(-1, size))
             layer.values.view(-1, size).index_copy_(0, column, v.reshape(-1, size))
-            keys = layer.keys[:rows, :, :width].reshape(-1, width, size)  # views: rows and heads merge
-            values = layer.values[:rows, :, :width].reshape(-1, width, size)
-            scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
-            x = self._finish(layer, x, torch.bmm(scores.softmax(dim=-1), values).view(rows, -1))
+            x = self._finish(layer, x, self.attend(layer, q, mask, rows, width).view(rows, -1))
         if order != list(range(rows)):
             x = x.index_select(0, torch.tensor(order))
         self.positions = [p + 1 for p in self.positions]
@@ -217,6 +214,14 @@ class DecodeBatch:
         return other
 
     # ---- one block -------------------------------------------------------------------------------------------
+    def attend(self, layer: _Layer, q: torch.Tensor, mask: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+        """Each row's query over its keys: one batched product per side over `width` columns (rows × heads)."""
+        size = self.head_size
+        keys = layer.keys[:rows, :, :width].reshape(-1, width, size)  # views: rows and heads merge
+        values = layer.values[:rows, :, :width].reshape(-1, width, size)
+        scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
+        return torch.bmm(scores.softmax(dim=-1), values)
+
     def _qkv(self, layer: _Layer, x: torch.Tensor, tokens: int, step: bool = False) -> tuple[torch.Tensor, ...]:
         qkv = layer.c_attn(layer.ln_1(x)).view(tokens, 3, self.heads, self.head_size)
         if step:

@@ -64,13 +64,14 @@ class RowInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=_TINY)  # (an inf-norm is 8x slower)
-        levels = rows.div(scale).round_()  # integers in [-127, 127]
+        levels = rows.div(scale)  # in [-127, 127]; rounded to integers (half to even) as they are quantized
         if self.packed is not None:
-            # fbgemm quantizes with scale 1 (exact: they are integers already), sums int8 products in int32 and
-            # multiplies by the channel scale: float(acc) * weight_scale, as the line below.
+            # fbgemm quantizes with scale 1 and zero point 128 (rounding half to even, as torch.round: one pass fewer
+            # than rounding here), sums int8 products in int32 and multiplies by the channel scale:
+            # float(acc) * weight_scale, as the line below.
             out = _FBGEMM_LINEAR(levels, 1.0, 128, self.packed).mul_(scale)
         else:
-            acc = torch._int_mm(levels.to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (torch's int8 GEMM)
+            acc = torch._int_mm(levels.round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (int8 GEMM)
             out = torch.mul(acc, self.weight_scale).mul_(scale)
         # Separate multiplies and adds (no fused multiply-add): each is correctly rounded wherever a kernel splits it.
         if self.bias is not None:
