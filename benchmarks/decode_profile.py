@@ -13,7 +13,9 @@ the Python around them. Side by side, steps interleaved, medians reported:
 Model: GPT-2 with KoGPT2-base's shape, random weights. Batch: `--rows` rows of mixed prompt lengths (4 lengths, as a
 burst of chats brings) and as many knob sets (benchmarks/engine_speed.py's). Each part is timed with wall clocks
 around its calls (torch.profiler's per-operator times drift on a shared 2-core box), so the parts add up to the
-step. `--threads` fixes the thread count (the engine's tuner picks 1 or 2 per batch size while serving).
+step. `--threads` fixes the thread count (the engine's tuner picks 1 or 2 per batch size while serving). On a box
+other work shares, `--threads 1 --clock cpu` counts this process's CPU time instead of wall time: steadier, and
+the same thing when one thread does all the work.
 """
 
 from __future__ import annotations
@@ -57,19 +59,20 @@ def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Clock:
-    """Wall time per part, summed over a step; a call may count towards several parts (they nest)."""
+    """Time per part, summed over a step; a call may count towards several parts (they nest)."""
 
-    def __init__(self):
+    def __init__(self, now=time.perf_counter):
         self.spent: dict[str, float] = defaultdict(float)
+        self.now = now
 
     def wrap(self, parts: tuple[str, ...], fn):
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started = self.now()
             try:
                 return fn(*args, **kwargs)
             finally:
                 for part in parts:
-                    self.spent[part] += time.perf_counter() - started
+                    self.spent[part] += self.now() - started
         return timed
 
 
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -109,7 +113,7 @@ def main() -> None:
     dynamic = torch.ao.quantization.quantize_dynamic(dynamic_int8(copy.deepcopy(fp32)), {torch.nn.Linear},
                                                      dtype=torch.qint8)
     int8 = quantize_int8(rowwise_attention(fp32))
-    clock = Clock()  # one clock: the paths run one after another, and `hf` and `own` share the int8 model
+    clock = Clock(time.process_time if args.clock == "cpu" else time.perf_counter)  # one clock: the paths run one after another, and `hf` and `own` share the int8 model
     instrument(int8, clock)
     instrument(dynamic, clock)
     gen = torch.Generator().manual_seed(1)
@@ -132,13 +136,13 @@ def main() -> None:
     for step in range(args.steps + 3):
         for name, batch in batches.items():  # interleaved: every path sees the same neighbours' load
             clock.spent.clear()
-            started = time.perf_counter()
+            started = clock.now()
             logits = clock.wrap(("forward",), batch.step)([t[-1] for t in tokens[name]])
             ids = engine_ids(tokens[name])
             drawn = clock.wrap(("sampling",), next_tokens)(ids, logits, knobs, generators[name], 0)
             for t, token in zip(tokens[name], drawn):
                 t.append(token)
-            total = time.perf_counter() - started
+            total = clock.now() - started
             if step < 3:
                 continue
             spent = dict(clock.spent)
@@ -149,8 +153,8 @@ def main() -> None:
             values += [spent["sampling"], total - spent["forward"] - spent["sampling"], total]
             for part, value in zip(PARTS, values):
                 per_step[name][part].append(value)
-    print(f"{args.rows} rows, KoGPT2-base shape, ms per decode step (median of {args.steps} interleaved steps), "
-          f"{torch.get_num_threads()} threads, prompts of {lengths[0]}-{lengths[-1]} tokens + {args.steps + 3} steps")
+    print(f"{args.rows} rows, KoGPT2-base shape, {args.clock} ms per decode step (median of {args.steps} interleaved "
+          f"steps), {torch.get_num_threads()} threads, prompts of {lengths[0]}-{lengths[-1]} tokens + {args.steps + 3} steps")
     print(f"{'part':<52} {'dynamic':>8} {'hf':>8} {'own':>8} {'own/hf':>7}")
     for part in PARTS:
         dyn, hf, own = (statistics.median(per_step[n][part]) * 1000 for n in ("dynamic", "hf", "own"))
