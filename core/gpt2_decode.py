@@ -1,18 +1,19 @@
-"""The CPU engine's own GPT-2 forward for serving: a KV cache of fixed width per row and a few tensor operations per
-layer, so a row's numbers are the same bit for bit alone or in any batch, by construction.
+"""The CPU engine's own GPT-2 forward for serving: each row's keys in a slot of its own and a few tensor operations
+per layer, so that a row's numbers are the same bit for bit alone or in any batch.
 
 transformers' forward left-pads a batch to its longest row, builds masks, and goes through its cache and attention
-layers; the width of the padded keys then changes a row's last bits with its batch mates (so attention ran once per
+layers; the width of the padded keys then changed a row's last bits with its batch mates (so attention ran once per
 run of equal rows), and the Python around it cost more than the matrix products at one row. Here:
 
-- every row owns one slot of each layer's key/value buffers, `capacity` columns wide (the longest row the limits
-  allow), its keys at columns [0, length) and zeros after them; a step writes each row's new column in place;
-- a step's attention is one batched matrix product per layer over the whole fixed width, the columns a row has not
-  reached masked out with -inf: every (row, head) is the same computation with the same shapes whatever rows share
-  the batch (and the matrix kernels used give the same bits with 1 or 2 threads: tests/test_gpt2_decode.py);
+- every row owns one slot of each layer's key/value buffers, its keys at columns [0, length) and zeros after them;
+  a step writes each row's new column in place (one indexed copy per layer and side);
+- a step's attention is one batched matrix product per side and layer over the buffers' width (the longest row's,
+  rounded up to WIDTH_STEP), the columns a row has not reached masked out with -inf: each (row, head) is its own
+  product, whose bits do not depend on the batch, the width or the thread count (the -inf columns add exact zeros;
+  tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads);
 - a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
   by row) and each prompt's causal attention on its own;
-- rows finished are dropped by moving the last slots into their places: nothing else is copied.
+- rows that end are dropped by moving the last slots into their places.
 
 It uses the model's own modules by their checkpoint names (transformer.wte/wpe/h[i].ln_1/attn.c_attn/…/lm_head), so
 the int8 layers and whatever else replaces a module keep working; `decode_batch` says when a model is something else
@@ -45,7 +46,7 @@ def decode_batch(model: nn.Module) -> DecodeBatch | None:
 
 
 class _Layer:
-    """One block's modules and its key/value buffers (slots × heads × capacity × head size)."""
+    """One block's modules and its key/value buffers (slots × heads × width × head size)."""
 
     def __init__(self, block: nn.Module, index: int, config: object):
         self.ln_1, self.c_attn, self.proj = block.ln_1, block.attn.c_attn, block.attn.c_proj
@@ -79,31 +80,32 @@ class DecodeBatch:
         self._slot: list[int] = []
 
     # ---- buffers ---------------------------------------------------------------------------------------------
-    def _reserve(self, rows: int, columns: int) -> None:
-        """Room for `rows` rows of `columns` keys: new zeroed buffers (doubling) holding the rows already there."""
+    def _fit(self, rows: int, width: int) -> None:
+        """Buffers with at least `rows` slots and exactly `width` columns, holding the rows already there.
+
+        The width is the attention's: the matrix kernels read a buffer's rows (slot, head) at a stride, and a view of
+        fewer columns than the buffer has made the two products per layer about twice as slow here, so the buffers
+        are reallocated when the longest row crosses a multiple of WIDTH_STEP (or leaves) instead."""
         slots, capacity = self.mask.shape
-        if rows <= slots and columns <= capacity:
+        if rows <= slots and width == capacity:
             return
-        if columns > self.limit:
-            raise ValueError(f"a row of {columns} tokens exceeds the model's {self.limit} positions")
-        if rows > slots:
-            slots = max(rows, 2 * slots, 4)
-        if columns > capacity:
-            capacity = min(self.limit, _round_up(max(columns, 2 * capacity), WIDTH_STEP))
-        used, old = len(self.positions), self.mask.shape[1]
+        slots = max(rows, 2 * slots, 4) if rows > slots else slots
+        used, kept = len(self.positions), min(width, capacity)
         for layer in self.layers:
-            keys = torch.zeros(slots, self.heads, capacity, self.head_size)
-            values = torch.zeros(slots, self.heads, capacity, self.head_size)
+            keys = torch.zeros(slots, self.heads, width, self.head_size)
+            values = torch.zeros(slots, self.heads, width, self.head_size)
             if used:
-                keys[:used, :, :old], values[:used, :, :old] = layer.keys[:used], layer.values[:used]
+                keys[:used, :, :kept], values[:used, :, :kept] = layer.keys[:used, :, :kept], layer.values[:used, :, :kept]
             layer.keys, layer.values = keys, values
-        mask = torch.full((slots, capacity), NEG_INF)
-        mask[:used, :old] = self.mask[:used]
+        mask = torch.full((slots, width), NEG_INF)
+        mask[:used, :kept] = self.mask[:used, :kept]
         self.mask = mask
 
     def _width(self, columns: int) -> int:
         """The keys a step attends over: the longest row's, rounded up (fewer distinct shapes); a row's result is the
         same whatever this width (the -inf columns add exact zeros; tests/test_gpt2_decode.py checks the kernels)."""
+        if columns > self.limit:
+            raise ValueError(f"a row of {columns} tokens exceeds the model's {self.limit} positions")
         return min(_round_up(columns, WIDTH_STEP), self.limit)
 
     # ---- the engine's interface ------------------------------------------------------------------------------
@@ -111,8 +113,7 @@ class DecodeBatch:
     def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
         """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
         lengths = [len(p) for p in prompts]
-        if max(lengths) > self.limit:
-            raise ValueError(f"a prompt of {max(lengths)} tokens exceeds the model's {self.limit} positions")
+        self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
         ids = torch.tensor([t for p in prompts for t in p])
         positions = torch.cat([torch.arange(n) for n in lengths])
         x = self.wte(ids) + self.wpe(positions)  # (all tokens, embedding): every op but attention is row by row
@@ -128,7 +129,7 @@ class DecodeBatch:
         logits = self.lm_head(self.ln_f(x.index_select(0, last))).float()
         # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
         first = len(self.positions)
-        self._reserve(first + sum(copies), self._width(max(lengths) + 1))
+        self._fit(first + sum(copies), max(self.mask.shape[1], self._width(max(lengths))))
         slot = first
         for (a, b), n in zip(spans, copies):
             for _ in range(n):
@@ -146,11 +147,8 @@ class DecodeBatch:
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each (float32, CPU)."""
         rows, heads, size = len(last_tokens), self.heads, self.head_size
-        if max(self.positions) >= self.limit:
-            raise ValueError(f"a row of {max(self.positions) + 1} tokens exceeds the model's {self.limit} positions")
         width = self._width(max(self.positions) + 1)
-        self._reserve(rows, width)
-        capacity = self.mask.shape[1]
+        self._fit(rows, width)
         # The batch runs in slot order; the engine's order is restored before the lm_head.
         order = self._slot
         by_slot, pos = [0] * rows, [0] * rows
@@ -160,14 +158,14 @@ class DecodeBatch:
         x = self.wte(torch.tensor(by_slot)) + self.wpe(position)
         slots = torch.arange(rows)
         self.mask[slots, position] = 0.0  # each row now also sees the key it is about to write
-        mask = self.mask[:rows, None, None, :width].expand(rows, heads, 1, width).reshape(-1, 1, width)
-        # Where each row's new key goes in a layer's buffer seen as (slots * heads * capacity, head size) rows.
-        column = ((slots[:, None] * heads + torch.arange(heads)) * capacity + position[:, None]).view(-1)
+        mask = self.mask[:rows, None, None].expand(rows, heads, 1, width).reshape(-1, 1, width)
+        # Where each row's new key goes in a layer's buffer seen as (slots * heads * width, head size) rows.
+        column = ((slots[:, None] * heads + torch.arange(heads)) * width + position[:, None]).view(-1)
         for layer in self.layers:
             q, k, v = self._qkv(layer, x, rows, step=True)  # each (rows, heads, head size)
             layer.keys.view(-1, size).index_copy_(0, column, k.reshape(-1, size))
             layer.values.view(-1, size).index_copy_(0, column, v.reshape(-1, size))
-            x = self._finish(layer, x, self.attend(layer, q, mask, rows, width).view(rows, -1))
+            x = self._finish(layer, x, self.attend(layer, q, mask, rows).view(rows, -1))
         if order != list(range(rows)):
             x = x.index_select(0, torch.tensor(order))
         self.positions = [p + 1 for p in self.positions]
@@ -190,6 +188,7 @@ class DecodeBatch:
             self.mask[dst] = self.mask[src]
         self._slot = [moved.get(s, s) for s in kept_slots]
         self.positions = [self.positions[i] for i in keep]
+        self._fit(rows, self._width(max(self.positions) + 1))  # the longest row left: narrower buffers
 
     def snapshot(self) -> tuple:
         """What `restore` needs to undo a failed step: a step only writes the column at each row's position."""
@@ -206,7 +205,7 @@ class DecodeBatch:
     def copy(self) -> DecodeBatch:
         other = DecodeBatch(self.model)
         rows = len(self.positions)
-        other._reserve(rows, self.mask.shape[1])
+        other._fit(rows, self.mask.shape[1])
         for mine, theirs in zip(self.layers, other.layers):
             theirs.keys[:rows], theirs.values[:rows] = mine.keys[:rows], mine.values[:rows]
         other.mask[:rows] = self.mask[:rows]
@@ -214,11 +213,11 @@ class DecodeBatch:
         return other
 
     # ---- one block -------------------------------------------------------------------------------------------
-    def attend(self, layer: _Layer, q: torch.Tensor, mask: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-        """Each row's query over its keys: one batched product per side over `width` columns (rows × heads)."""
-        size = self.head_size
-        keys = layer.keys[:rows, :, :width].reshape(-1, width, size)  # views: rows and heads merge
-        values = layer.values[:rows, :, :width].reshape(-1, width, size)
+    def attend(self, layer: _Layer, q: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
+        """Each row's query over its keys: one batched product per side over every column (rows × heads)."""
+        size, width = self.head_size, self.mask.shape[1]
+        keys = layer.keys[:rows].view(-1, width, size)  # the first slots: contiguous
+        values = layer.values[:rows].view(-1, width, size)
         scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
         return torch.bmm(scores.softmax(dim=-1), values)
 
