@@ -330,7 +330,7 @@ class Engine:
     def _new_batch(self) -> Batch:
         """The running batch: GPT-2 on a CPU through the engine's own decode path (core/gpt2_decode.py), anything
         else (another device, a wrapped or different model) through transformers' forward."""
-        return decode_batch(self.model) or _Batch(self.model)
+        return decode_batch(self.model, self.limits.max_batch_size) or _Batch(self.model)
 
     def _prefill_jobs(self, jobs: list[_Job], batch: Batch, active: int) -> list[_Row]:
         """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""

@@ -40,9 +40,9 @@ def supports(model: nn.Module) -> bool:
     return not (getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False))
 
 
-def decode_batch(model: nn.Module) -> DecodeBatch | None:
-    """A DecodeBatch over `model`, or None where it does not apply."""
-    return DecodeBatch(model) if supports(model) else None
+def decode_batch(model: nn.Module, rows: int = 4) -> DecodeBatch | None:
+    """A DecodeBatch over `model` with room for `rows` rows at first, or None where it does not apply."""
+    return DecodeBatch(model, rows) if supports(model) else None
 
 
 class _Layer:
@@ -66,8 +66,9 @@ class DecodeBatch:
     `positions` holds each row's length (its next token's position), in the engine's row order; `_slot` maps that
     order to the buffers' slots."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, rows: int = 4):
         self.model = model
+        self.first_slots = rows  # slots the first prefill reserves (the engine's batch size: no regrowing)
         config = model.config
         self.heads = int(config.n_head)
         self.head_size = int(config.n_embd) // self.heads
@@ -89,13 +90,16 @@ class DecodeBatch:
         slots, capacity = self.mask.shape
         if rows <= slots and width == capacity:
             return
-        slots = max(rows, 2 * slots, 4) if rows > slots else slots
+        slots = max(rows, 2 * slots, self.first_slots) if rows > slots else slots
         used, kept = len(self.positions), min(width, capacity)
         for layer in self.layers:
-            keys = torch.zeros(slots, self.heads, width, self.head_size)
-            values = torch.zeros(slots, self.heads, width, self.head_size)
+            # Slots past `used` are written whole when a prefill takes them: only the rows kept need zeros.
+            keys = torch.empty(slots, self.heads, width, self.head_size)
+            values = torch.empty(slots, self.heads, width, self.head_size)
             if used:
-                keys[:used, :, :kept], values[:used, :, :kept] = layer.keys[:used, :, :kept], layer.values[:used, :, :kept]
+                keys[:used, :, :kept] = layer.keys[:used, :, :kept]
+                values[:used, :, :kept] = layer.values[:used, :, :kept]
+                keys[:used, :, kept:], values[:used, :, kept:] = 0, 0
             layer.keys, layer.values = keys, values
         mask = torch.full((slots, width), NEG_INF)
         mask[:used, :kept] = self.mask[:used, :kept]
@@ -135,7 +139,7 @@ class DecodeBatch:
             for _ in range(n):
                 for layer, (k, v) in zip(self.layers, kept):
                     layer.keys[slot, :, : b - a], layer.values[slot, :, : b - a] = k[:, a:b], v[:, a:b]
-                    layer.keys[slot, :, b - a:], layer.values[slot, :, b - a:] = 0, 0  # a dropped row's, before
+                    layer.keys[slot, :, b - a:], layer.values[slot, :, b - a:] = 0, 0  # whatever the slot held before
                 self.mask[slot] = NEG_INF
                 self.mask[slot, : b - a] = 0
                 slot += 1
@@ -175,7 +179,7 @@ class DecodeBatch:
     def select(self, keep: list[int]) -> None:
         """Keep the rows at `keep` (in that order): the last slots move into the places of the rows dropped."""
         if not keep:
-            self.__init__(self.model)  # an idle engine holds no cache
+            self.__init__(self.model, self.first_slots)  # an idle engine holds no cache
             return
         kept_slots = [self._slot[i] for i in keep]
         rows = len(keep)
@@ -203,7 +207,7 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def copy(self) -> DecodeBatch:
-        other = DecodeBatch(self.model)
+        other = DecodeBatch(self.model, self.first_slots)
         rows = len(self.positions)
         other._fit(rows, self.mask.shape[1])
         for mine, theirs in zip(self.layers, other.layers):
