@@ -22,17 +22,10 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], list(range(11, 30)), [31]]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dir_module: Path) -> dict[str, torch.nn.Module]:
-    fp32 = load_model(make_settings(tiny_dir_module, tiny_dir_module, model={"quantize": "none"}).model).model
-    int8 = load_model(make_settings(tiny_dir_module, tiny_dir_module, model={"quantize": "int8"}).model).model
-    return {"fp32": fp32, "int8": int8}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_model import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("tiny-decode") / "kogpt2-tiny")
+def models(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.nn.Module]:
+    store = tmp_path_factory.mktemp("decode-store")
+    return {kind: load_model(make_settings(tiny_dir, store, model={"quantize": quantize}).model).model
+            for kind, quantize in (("fp32", "none"), ("int8", "int8"))}
 
 
 def _script(batch: DecodeBatch | _Batch) -> list[torch.Tensor]:
@@ -176,8 +169,8 @@ def test_a_failed_step_is_undone_and_a_copy_is_independent(models):
     assert probe.positions == expected and batch.positions == fresh.positions
 
 
-def test_the_engine_decodes_gpt2_on_a_cpu_itself_and_anything_else_through_transformers(models, tiny_dir_module):
-    settings = make_settings(tiny_dir_module, tiny_dir_module)
+def test_the_engine_decodes_gpt2_on_a_cpu_itself_and_anything_else_through_transformers(models, tiny_dir):
+    settings = make_settings(tiny_dir, tiny_dir)
     loaded = load_model(settings.model)
     assert isinstance(Engine(loaded, settings)._new_batch(), DecodeBatch)
 
@@ -202,10 +195,10 @@ def test_layer_scaling_options_match_transformers():
     assert torch.allclose(ours.step([5, 6]), theirs.step([5, 6]), atol=1e-5)
 
 
-async def test_engine_seeds_hold_when_rows_end_at_different_steps(tiny_dir_module, tmp_path):
+async def test_engine_seeds_hold_when_rows_end_at_different_steps(tiny_dir, tmp_path):
     """Through the engine: requests of different lengths end while the others run."""
 
-    settings = make_settings(tiny_dir_module, tmp_path, limits={"max_batch_size": 32})
+    settings = make_settings(tiny_dir, tmp_path, limits={"max_batch_size": 32})
     async with running_engine(settings) as engine:
         texts = [f"긍정 아 정말 seed={s} min_length={4 + s} max_length={6 + 3 * s} top_k=20" for s in range(6)]
         requests = [engine.prepare(parse_gen(t, engine.defaults, engine.limits)) for t in texts]
