@@ -118,18 +118,30 @@ class DecodeBatch:
         """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
         lengths = [len(p) for p in prompts]
         self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
-        ids = torch.tensor([t for p in prompts for t in p])
-        positions = torch.cat([torch.arange(n) for n in lengths])
+        # Prompts of one length side by side: each such group's attention is one batched product per side.
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        ids = torch.tensor([t for i in order for t in prompts[i]])
+        positions = torch.cat([torch.arange(lengths[i]) for i in order])
         x = self.wte(ids) + self.wpe(positions)  # (all tokens, embedding): every op but attention is row by row
-        ends = _accumulate(lengths)
-        spans = list(zip([0, *ends[:-1]], ends))
-        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        groups: list[tuple[int, int, int]] = []  # (first token, prompts, length)
+        start = 0
+        for i in order:
+            if groups and groups[-1][2] == lengths[i]:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1, lengths[i])
+            else:
+                groups.append((start, 1, lengths[i]))
+            start += lengths[i]
+        causal = {n: torch.full((n, n), NEG_INF).triu_(1) for _, _, n in groups}
+        kept: list[torch.Tensor] = []
         for layer in self.layers:
-            q, k, v = self._qkv(layer, x, len(ids))  # (heads, tokens, head size) each
-            parts = [_causal_attention(q[:, a:b], k[:, a:b], v[:, a:b], layer.scale) for a, b in spans]
-            x = self._finish(layer, x, torch.cat(parts, dim=1).transpose(0, 1).reshape(len(ids), -1))
-            kept.append((k, v))
-        last = torch.tensor([end - 1 for end in ends])
+            qkv = layer.c_attn(layer.ln_1(x)).view(len(ids), 3, self.heads, self.head_size)
+            parts = [self._causal_attention(layer, qkv[a:a + count * n].view(count, n, 3, self.heads, -1), causal[n])
+                     for a, count, n in groups]
+            x = self._finish(layer, x, torch.cat(parts))
+            kept.append(qkv)
+        starts = dict(zip(order, _accumulate([0] + [lengths[i] for i in order])))  # each prompt's first token
+        spans = [(starts[i], starts[i] + lengths[i]) for i in range(len(prompts))]
+        last = torch.tensor([b - 1 for _, b in spans])
         logits = self.lm_head(self.ln_f(x.index_select(0, last))).float()
         # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
         first = len(self.positions)
@@ -137,8 +149,9 @@ class DecodeBatch:
         slot = first
         for (a, b), n in zip(spans, copies):
             for _ in range(n):
-                for layer, (k, v) in zip(self.layers, kept):
-                    layer.keys[slot, :, : b - a], layer.values[slot, :, : b - a] = k[:, a:b], v[:, a:b]
+                for layer, qkv in zip(self.layers, kept):
+                    layer.keys[slot, :, : b - a] = qkv[a:b, 1].transpose(0, 1)
+                    layer.values[slot, :, : b - a] = qkv[a:b, 2].transpose(0, 1)
                     layer.keys[slot, :, b - a:], layer.values[slot, :, b - a:] = 0, 0  # whatever the slot held before
                 self.mask[slot] = NEG_INF
                 self.mask[slot, : b - a] = 0
@@ -166,7 +179,7 @@ class DecodeBatch:
         # Where each row's new key goes in a layer's buffer seen as (slots * heads * width, head size) rows.
         column = ((slots[:, None] * heads + torch.arange(heads)) * width + position[:, None]).view(-1)
         for layer in self.layers:
-            q, k, v = self._qkv(layer, x, rows, step=True)  # each (rows, heads, head size)
+            q, k, v = self._qkv(layer, x, rows)  # each (rows, heads, head size)
             layer.keys.view(-1, size).index_copy_(0, column, k.reshape(-1, size))
             layer.values.view(-1, size).index_copy_(0, column, v.reshape(-1, size))
             x = self._finish(layer, x, self.attend(layer, q, mask, rows).view(rows, -1))
@@ -225,26 +238,24 @@ class DecodeBatch:
         scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
         return torch.bmm(scores.softmax(dim=-1), values)
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, tokens: int, step: bool = False) -> tuple[torch.Tensor, ...]:
-        qkv = layer.c_attn(layer.ln_1(x)).view(tokens, 3, self.heads, self.head_size)
-        if step:
-            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k, v = qkv.permute(1, 2, 0, 3)  # each (heads, tokens, head size)
-        return q, k, v
+    def _qkv(self, layer: _Layer, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+        qkv = layer.c_attn(layer.ln_1(x)).view(rows, 3, self.heads, self.head_size)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]  # each (rows, heads, head size)
+
+    def _causal_attention(self, layer: _Layer, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Prompts of one length (qkv: prompts × tokens × 3 × heads × head size), each token over itself and the
+        tokens before it in its own prompt; returns (prompts × tokens, embedding)."""
+        count, n, _, heads, size = qkv.shape
+        q, k, v = (qkv[:, :, i].transpose(1, 2).reshape(count * heads, n, size) for i in range(3))
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=layer.scale)
+        out = torch.bmm(scores.softmax(dim=-1), v)
+        return out.view(count, heads, n, size).transpose(1, 2).reshape(count * n, heads * size)
 
     @staticmethod
     def _finish(layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The attention's projection and the MLP, with GPT-2's residual connections."""
         x = x + layer.proj(attended)
         return x + layer.c_out(layer.act(layer.c_fc(layer.ln_2(x))))
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One prompt's attention, each token over itself and the tokens before it: (heads, tokens, head size)."""
-    n = q.shape[1]
-    mask = torch.full((n, n), NEG_INF).triu_(1)
-    scores = torch.baddbmm(mask.expand(q.shape[0], n, n), q, k.transpose(1, 2), alpha=scale)
-    return torch.bmm(scores.softmax(dim=-1), v)
 
 
 def _round_up(n: int, step: int) -> int:

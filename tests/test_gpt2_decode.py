@@ -98,6 +98,20 @@ def test_a_row_alone_equals_that_row_in_a_changing_batch(models, threads: int):
         torch.set_num_threads(before)
 
 
+def test_prompts_of_one_length_prefilled_together_equal_each_alone(models):
+    """Prompts of the same length share their attention's batched products in a prefill (in any order given)."""
+    model = models["int8"]
+    prompts = [[40, 41, 42, 43], PROMPTS[2], [50, 51, 52, 53], PROMPTS[0], [60, 61]]
+    batch = DecodeBatch(model)
+    together = [batch.prefill(prompts, [1, 1, 2, 1, 1])]
+    together += [batch.step([7, 8, 9, 9, 10, 11]) for _ in range(3)]
+    rows = [0, 1, 2, 2, 3, 4]  # each row's prompt
+    for row, i in enumerate(rows):
+        alone = DecodeBatch(model)
+        got = [alone.prefill([prompts[i]], [1])[0]] + [alone.step([[7, 8, 9, 9, 10, 11][row]])[0] for _ in range(3)]
+        assert all(torch.equal(a, b[row]) for a, b in zip(got, together)), row
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention_kernels_give_the_same_bits_at_any_width(threads: int):
     """The step's attention runs over the batch's longest row (rounded up); a row's columns past its own length
