@@ -1,0 +1,89 @@
+"""A checkpoint's tensors, read one at a time: a load holds one tensor of the file in memory, never the whole file.
+
+safetensors files are read with plain reads at each tensor's offset (the format: an 8-byte header size, a JSON
+header, the data). PyTorch's `.bin`/`.pt`/`.ckpt` files are opened with `torch.load(mmap=True)`: nothing is read
+until a tensor is used, and a tensor's pages leave the process's memory once it has been copied out."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.memory import drop_mapped_pages
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a checkpoint, not read yet."""
+
+    shape: tuple[int, ...]
+    _read: Callable[[int, int], torch.Tensor]  # rows [begin, end) of the first dimension, as stored
+    _release: Callable[[], None] = lambda: None
+    _fresh: bool = False  # whether `_read` returns a new tensor (plain reads) or a view into the loaded file
+
+    def rows(self, begin: int, end: int) -> torch.Tensor:
+        """Rows [begin, end) as a new float32 tensor."""
+        part = self._read(begin, end)
+        return part.float() if self._fresh else part.to(torch.float32, copy=True)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor as a new float32 tensor, after which its file pages are let go."""
+        tensor = self.rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)
+        self.release()
+        return tensor
+
+    def release(self) -> None:
+        self._release()
+
+
+def from_tensor(tensor: torch.Tensor, mapped: bool) -> StoredTensor:
+    """A tensor `torch.load` returned; `mapped`: it lies in a memory map of the file (mmap=True), whose pages are
+    dropped once it has been read."""
+    flat = tensor.reshape(1) if tensor.dim() == 0 else tensor
+    return StoredTensor(tuple(tensor.shape), lambda begin, end: flat[begin:end],
+                        (lambda: drop_mapped_pages(tensor)) if mapped else (lambda: None))
+
+
+def safetensors_file(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors file, by name, in the file's order; ValueError when it is not one we can read."""
+    with path.open("rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: not a safetensors header")
+    tensors: dict[str, StoredTensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path.name}: tensor {name} has dtype {info['dtype']}")
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
+        tensors[name] = StoredTensor(shape, _file_rows(path, 8 + size + begin, row_bytes, shape, dtype, name), _fresh=True)
+    return tensors
+
+
+def _file_rows(path: Path, offset: int, row_bytes: int, shape: tuple[int, ...], dtype: torch.dtype,
+               name: str) -> Callable[[int, int], torch.Tensor]:
+    def read(begin: int, end: int) -> torch.Tensor:
+        tensor = torch.empty((end - begin, *shape[1:]), dtype=dtype)
+        raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with path.open("rb") as f:
+            f.seek(offset + begin * row_bytes)
+            if f.readinto(raw) != len(raw):
+                raise ValueError(f"{path.name}: tensor {name} is truncated")
+        return tensor
+
+    return read
