@@ -14,7 +14,7 @@ Rows (each its own process, rows interleaved `--repeats` times, medians reported
                      at once, each with its own knobs.
   embedded           a real `python -m bot` with the default settings (models/nsmc-small, web on): `--busy-seconds`
                      of 16 concurrent clients sending `POST /api` and `POST /api/stream` (mixed knobs, n, best_of);
-                     RSS (VmRSS) right after the busy minute, and the peak (VmHWM).
+                     RSS (VmRSS) at the last answer and 1 s later, and the peak (VmHWM).
 `--baseline DIR` adds the bot rows served by another checkout of the project (suffix "-before"). Ready times include
 the interpreter's start and every import; a first start after a reboot also reads the files from disk.
 """
@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.engine_speed import CONCURRENT, NEW_TOKENS, build_model, knob_sets  # noqa: E402
 
 BOT_ROWS = ("bot-base", "embedded")
+SETTLE_S = 1.0  # the embedded row's RSS is read this long after its last answer (an idle engine trims after 0.1 s)
 
 
 def _status(pid: int | str, key: str) -> float:
@@ -174,6 +175,8 @@ def run_bot_row(row: str, root: Path, work: Path, model_dir: Path, busy_seconds:
             asyncio.run(burst(url, model_dir))
         else:
             result["answered"] = asyncio.run(busy(url, busy_seconds))
+            result["rss_at_end_mb"] = _status(bot.pid, "VmRSS")
+            time.sleep(SETTLE_S)
             result["rss_after_busy_mb"] = _status(bot.pid, "VmRSS")
         result["peak_rss_mb"] = _status(bot.pid, "VmHWM")
         return result
@@ -221,14 +224,14 @@ def main() -> None:
                     result = run_bot_row(row.removesuffix("-before"), root, work, model_dir, args.busy_seconds)
                 runs[row].append(result)
                 print(f"  run {repeat + 1}/{args.repeats} {row}: {json.dumps(result)}", flush=True)
-    keys = ("ready_s", "peak_rss_mb", "rss_after_busy_mb")
+    keys = ("ready_s", "peak_rss_mb", "rss_at_end_mb", "rss_after_busy_mb")
     med = {row: {k: statistics.median(r[k] for r in rs) if k in rs[0] else None for k in keys} for row, rs in runs.items()}
     print()
-    print(f"{'row':<24} {'ready s':>8} {'peak RSS MB':>12} {'RSS after busy MB':>18}")
+    print(f"{'row':<24} {'ready s':>8} {'peak RSS MB':>12} {'RSS at end MB':>14} {'1 s later MB':>13}")
     for row in rows:
         m = med[row]
-        after = f"{m['rss_after_busy_mb']:.0f}" if m["rss_after_busy_mb"] is not None else "-"
-        print(f"{row:<24} {m['ready_s']:>8.1f} {m['peak_rss_mb']:>12.0f} {after:>18}")
+        end, after = (f"{m[k]:.0f}" if m[k] is not None else "-" for k in ("rss_at_end_mb", "rss_after_busy_mb"))
+        print(f"{row:<24} {m['ready_s']:>8.1f} {m['peak_rss_mb']:>12.0f} {end:>14} {after:>13}")
     from core.devices import usable_cpus
 
     print(f"\nmedians of {args.repeats} interleaved runs; busy: {args.busy_seconds:.0f} s of {CONCURRENT} concurrent "
