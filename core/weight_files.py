@@ -17,7 +17,9 @@ import torch
 
 from core.memory import drop_mapped_pages
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,12 @@ def from_tensor(tensor: torch.Tensor, mapped: bool) -> StoredTensor:
 
 
 def safetensors_file(path: Path) -> dict[str, StoredTensor]:
-    """Every tensor of a safetensors file, by name, in the file's order; ValueError when it is not one we can read."""
+    """Every tensor of a safetensors file, by name, in the file's order; ValueError when it is not one we can read
+    (checked here, before any tensor is read: a tensor's bytes lie inside the file)."""
     with path.open("rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(size))
+    file_size = path.stat().st_size
     if not isinstance(header, dict):
         raise ValueError(f"{path.name}: not a safetensors header")
     tensors: dict[str, StoredTensor] = {}
@@ -71,6 +75,8 @@ def safetensors_file(path: Path) -> dict[str, StoredTensor]:
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
+        if 8 + size + end > file_size:
+            raise ValueError(f"{path.name}: tensor {name} is truncated")
         tensors[name] = StoredTensor(shape, _file_rows(path, 8 + size + begin, row_bytes, shape, dtype, name), _fresh=True)
     return tensors
 

@@ -18,6 +18,7 @@ from transformers import GPT2LMHeadModel
 
 import core.engine
 import core.model_loading
+from core.errors import ModelLoadError
 from core.grammar import parse_gen
 from core.int8_rows import Int8Embedding, quantize_rows
 from core.memory import drop_mapped_pages
@@ -162,3 +163,22 @@ async def test_the_engine_gives_freed_memory_back_once_it_is_idle(tiny_dir: Path
         request = parse_gen("긍정 아 정말 max_length=12", engine.defaults, engine.limits)
         await engine.generate(engine.prepare(request))
         await asyncio.wait_for(trims.wait(), 30)
+
+
+def test_a_truncated_safetensors_checkpoint_is_one_sentence_before_anything_is_read(tiny_dir: Path, trained,
+                                                                                     tmp_path: Path):
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.clone() for k, v in trained.state_dict().items() if k != "lm_head.weight"}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    for quantize in ("int8", "none"):
+        with pytest.raises(ModelLoadError, match="safetensors.*truncated"):
+            load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(path), quantize=quantize))
+
+
+def test_old_causal_mask_buffers_in_a_safetensors_checkpoint_are_skipped(tiny_dir: Path, trained, tmp_path: Path):
+    """Older transformers saved each layer's boolean causal mask; the model rebuilds it."""
+    state = {k: v.clone() for k, v in trained.state_dict().items() if k != "lm_head.weight"}
+    state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    save_file(state, str(tmp_path / "old.safetensors"))
+    model = load_model(ModelSettings(pretrained=str(tiny_dir), checkpoint=str(tmp_path / "old.safetensors"))).model
+    assert torch.equal(model(input_ids=IDS).logits, _reference(trained)(input_ids=IDS).logits)
