@@ -15,7 +15,9 @@ Rows (each its own process, rows interleaved `--repeats` times, medians reported
   embedded           a real `python -m bot` with the default settings (models/nsmc-small, web on): `--busy-seconds`
                      of 16 concurrent clients sending `POST /api` and `POST /api/stream` (mixed knobs, n, best_of);
                      RSS (VmRSS) at the last answer and 1 s later, and the peak (VmHWM).
-`--baseline DIR` adds the bot rows served by another checkout of the project (suffix "-before"). Ready times include
+  ckpt-load          `load_model` alone (defaults: int8) from a Lightning-style `.ckpt` of the same weights with an
+                     optimizer state (Adam's two moments: a 1.5 GB file): peak RSS and seconds, imports included.
+`--baseline DIR` adds every bot row run from another checkout of the project (suffix "-before"). Ready times include
 the interpreter's start and every import; a first start after a reboot also reads the files from disk.
 """
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_speed import CONCURRENT, NEW_TOKENS, build_model, knob_sets  # noqa: E402
 
-BOT_ROWS = ("bot-base", "embedded")
+BOT_ROWS = ("bot-base", "embedded", "ckpt-load")
 SETTLE_S = 1.0  # the embedded row's RSS is read this long after its last answer (an idle engine trims after 0.1 s)
 
 
@@ -166,6 +168,32 @@ async def busy(url: str, seconds: float) -> int:
     return answered
 
 
+def write_ckpt(model_dir: Path) -> Path:
+    """The weights as the tutorial's Lightning checkpoint holds them: `model.`-prefixed, beside an optimizer state."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = {f"model.{k}": v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    moments = [{"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)} for v in state.values()]
+    path = model_dir.parent / "epoch=1-val_loss=3.00.ckpt"
+    torch.save({"epoch": 1, "state_dict": state, "optimizer_states": [{"state": dict(enumerate(moments))}]}, path)
+    return path
+
+
+def run_ckpt_load(root: Path, model_dir: Path, ckpt: Path) -> dict:
+    """`load_model` from `ckpt` in a fresh process of checkout `root`."""
+    code = ("import time, pathlib; started = time.perf_counter()\n"
+            "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
+            f"load_model(ModelSettings(pretrained={str(model_dir)!r}, checkpoint={str(ckpt)!r}))\n"
+            "status = pathlib.Path('/proc/self/status').read_text()\n"
+            "print(time.perf_counter() - started, int(status.split('VmHWM:')[1].split()[0]) / 1024)")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BOT_", "PYTHON"))}, "PYTHONPATH": str(root),
+           "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    seconds, peak = map(float, out.stdout.split())
+    return {"ready_s": seconds, "peak_rss_mb": peak}
+
+
 def run_bot_row(row: str, root: Path, work: Path, model_dir: Path, busy_seconds: float) -> dict:
     bot, url, spawned = start_bot(root, work, model_dir if row == "bot-base" else None)
     try:
@@ -190,7 +218,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="another checkout of the project: adds the -before rows")
     parser.add_argument("--busy-seconds", type=float, default=60.0)
-    parser.add_argument("--rows", nargs="+", help="a subset of: ctranslate2-int8 bot-base embedded (and -before)")
+    parser.add_argument("--rows", nargs="+", help="a subset of: ctranslate2-int8 bot-base embedded ckpt-load (and -before)")
     parser.add_argument("--ct2-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ct2_child:
@@ -211,6 +239,7 @@ def main() -> None:
         build_model(model_dir)
         if "ctranslate2-int8" in rows:
             convert_for_ctranslate2(model_dir)
+        ckpt = write_ckpt(model_dir) if any(r.startswith("ckpt-load") for r in rows) else None
         runs: dict[str, list[dict]] = {row: [] for row in rows}
         for repeat in range(args.repeats):
             for row in rows:
@@ -221,7 +250,10 @@ def main() -> None:
                     result = json.loads(out.stdout.strip().splitlines()[-1])
                 else:
                     root = args.baseline.resolve() if row.endswith("-before") else ROOT
-                    result = run_bot_row(row.removesuffix("-before"), root, work, model_dir, args.busy_seconds)
+                    if row.startswith("ckpt-load"):
+                        result = run_ckpt_load(root, model_dir, ckpt)
+                    else:
+                        result = run_bot_row(row.removesuffix("-before"), root, work, model_dir, args.busy_seconds)
                 runs[row].append(result)
                 print(f"  run {repeat + 1}/{args.repeats} {row}: {json.dumps(result)}", flush=True)
     keys = ("ready_s", "peak_rss_mb", "rss_at_end_mb", "rss_after_busy_mb")

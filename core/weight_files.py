@@ -48,10 +48,18 @@ class StoredTensor:
 
 def from_tensor(tensor: torch.Tensor, mapped: bool) -> StoredTensor:
     """A tensor `torch.load` returned; `mapped`: it lies in a memory map of the file (mmap=True), whose pages are
-    dropped once it has been read."""
+    dropped as soon as rows have been copied out of them."""
     flat = tensor.reshape(1) if tensor.dim() == 0 else tensor
-    return StoredTensor(tuple(tensor.shape), lambda begin, end: flat[begin:end],
-                        (lambda: drop_mapped_pages(tensor)) if mapped else (lambda: None))
+    if not mapped:
+        return StoredTensor(tuple(tensor.shape), lambda begin, end: flat[begin:end])
+
+    def read(begin: int, end: int) -> torch.Tensor:
+        part = flat[begin:end]
+        copied = part.clone()
+        drop_mapped_pages(part)
+        return copied
+
+    return StoredTensor(tuple(tensor.shape), read, lambda: drop_mapped_pages(tensor), _fresh=True)
 
 
 def safetensors_file(path: Path) -> dict[str, StoredTensor]:
