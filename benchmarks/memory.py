@@ -183,6 +183,7 @@ def write_ckpt(model_dir: Path) -> Path:
 def run_ckpt_load(root: Path, model_dir: Path, ckpt: Path) -> dict:
     """`load_model` from `ckpt` in a fresh process of checkout `root`."""
     code = ("import time, pathlib; started = time.perf_counter()\n"
+            "import torch; torch.set_num_threads(1)  # as the bot loads (core.engine.start_engine)\n"
             "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
             f"load_model(ModelSettings(pretrained={str(model_dir)!r}, checkpoint={str(ckpt)!r}))\n"
             "status = pathlib.Path('/proc/self/status').read_text()\n"

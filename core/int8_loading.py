@@ -49,11 +49,11 @@ def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]]) -> n
     for key, stored in tensors:
         key = key if key in expected else f"transformer.{key}"  # a base GPT2Model's weights have no prefix
         if key not in expected or (key == HEAD and config.tie_word_embeddings):
-            stored.release()
+            stored.drop()
             continue  # an old causal-mask buffer, or a tied lm_head's copy of the embedding (the tie wins)
         if key == EMBEDDING:
             values, scale = quantize_rows(*stored.shape, stored.rows)  # never whole in float32 (157 MB for KoGPT2)
-            stored.release()
+            stored.drop()
             model.set_input_embeddings(Int8Embedding(values, scale))
             continue
         path, _, leaf = key.rpartition(".")

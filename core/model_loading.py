@@ -20,7 +20,7 @@ from core.hub import load_named, local_dir, unreachable_hint
 from core.int8_loading import build_int8, load_int8_streaming
 from core.settings import ModelSettings
 from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
-from core.weight_files import StoredTensor, from_tensor, safetensors_file
+from core.weight_files import StoredTensor, mapped_tensor, safetensors_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,7 +166,7 @@ def read_state_dict(path: Path) -> dict[str, StoredTensor]:
         raise ModelLoadError(
             f"{path}에 모델 가중치(state_dict)가 없습니다. (no state dict of tensors in {path})"
         )
-    return {key: from_tensor(value, mapped=True) for key, value in obj.items()}
+    return {key: mapped_tensor(value) for key, value in obj.items()}
 
 
 def _strip_prefix(state: dict[str, T]) -> dict[str, T]:

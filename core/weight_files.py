@@ -27,31 +27,24 @@ class StoredTensor:
     """One tensor of a checkpoint, not read yet."""
 
     shape: tuple[int, ...]
-    _read: Callable[[int, int], torch.Tensor]  # rows [begin, end) of the first dimension, as stored
-    _release: Callable[[], None] = lambda: None
-    _fresh: bool = False  # whether `_read` returns a new tensor (plain reads) or a view into the loaded file
+    read: Callable[[int, int], torch.Tensor]  # rows [begin, end) of the first dimension as a new tensor, as stored
+    drop: Callable[[], None] = lambda: None  # lets go of whatever file pages reading it brought into memory
 
     def rows(self, begin: int, end: int) -> torch.Tensor:
         """Rows [begin, end) as a new float32 tensor."""
-        part = self._read(begin, end)
-        return part.float() if self._fresh else part.to(torch.float32, copy=True)
+        return self.read(begin, end).float()
 
     def load(self) -> torch.Tensor:
         """The whole tensor as a new float32 tensor, after which its file pages are let go."""
         tensor = self.rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)
-        self.release()
+        self.drop()
         return tensor
 
-    def release(self) -> None:
-        self._release()
 
-
-def from_tensor(tensor: torch.Tensor, mapped: bool) -> StoredTensor:
-    """A tensor `torch.load` returned; `mapped`: it lies in a memory map of the file (mmap=True), whose pages are
-    dropped as soon as rows have been copied out of them."""
+def mapped_tensor(tensor: torch.Tensor) -> StoredTensor:
+    """A tensor of `torch.load(mmap=True)`: it lies in a memory map of the file, whose pages are dropped as soon as
+    rows have been copied out of them."""
     flat = tensor.reshape(1) if tensor.dim() == 0 else tensor
-    if not mapped:
-        return StoredTensor(tuple(tensor.shape), lambda begin, end: flat[begin:end])
 
     def read(begin: int, end: int) -> torch.Tensor:
         part = flat[begin:end]
@@ -59,7 +52,7 @@ def from_tensor(tensor: torch.Tensor, mapped: bool) -> StoredTensor:
         drop_mapped_pages(part)
         return copied
 
-    return StoredTensor(tuple(tensor.shape), read, lambda: drop_mapped_pages(tensor), _fresh=True)
+    return StoredTensor(tuple(tensor.shape), read, lambda: drop_mapped_pages(tensor))
 
 
 def safetensors_file(path: Path) -> dict[str, StoredTensor]:
@@ -85,7 +78,7 @@ def safetensors_file(path: Path) -> dict[str, StoredTensor]:
             raise ValueError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
         if 8 + size + end > file_size:
             raise ValueError(f"{path.name}: tensor {name} is truncated")
-        tensors[name] = StoredTensor(shape, _file_rows(path, 8 + size + begin, row_bytes, shape, dtype, name), _fresh=True)
+        tensors[name] = StoredTensor(shape, _file_rows(path, 8 + size + begin, row_bytes, shape, dtype, name))
     return tensors
 
 
