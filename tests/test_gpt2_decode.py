@@ -219,3 +219,31 @@ async def test_engine_seeds_hold_when_rows_end_at_different_steps(tiny_dir, tmp_
         alone = [await engine.generate(r) for r in requests]
         together = await asyncio.gather(*(engine.generate(r) for r in requests))
         assert [a.continuations for a in alone] == [b.continuations for b in together]
+
+
+async def test_a_step_failing_midway_fails_only_its_request_and_the_others_keep_their_text(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A step that fails inside the layers (after the mask and the first layer's keys were written) is undone: the
+    request to blame fails, and the others go on to the very text they give alone."""
+    settings = make_settings(tiny_dir, tmp_path)
+    async with running_engine(settings) as engine:
+        def request(text):
+            return engine.prepare(parse_gen(text, engine.defaults, engine.limits))
+
+        good = [request(f"긍정 아 정말 seed={s} min_length=20 max_length=20") for s in range(3)]
+        long_prompt = request("부정 " + "배우들 연기가 좋았다 " * 12 + "min_length=64 max_length=64")
+        cut = len(long_prompt.prompt_ids) + 3  # only the long request's rows reach this position
+        assert cut > 20  # (max_length counts the prompt)
+        alone = [await engine.generate(g) for g in good]
+        real_attend = DecodeBatch.attend
+
+        def attend(self, layer, q, mask, rows):
+            if layer is self.layers[1] and max(self.positions) >= cut:
+                raise RuntimeError("step failed")
+            return real_attend(self, layer, q, mask, rows)
+
+        monkeypatch.setattr(DecodeBatch, "attend", attend)
+        results = await asyncio.gather(engine.generate(long_prompt), *(engine.generate(g) for g in good),
+                                       return_exceptions=True)
+        assert isinstance(results[0], RuntimeError) and "step failed" in str(results[0])
+        assert [r.continuations for r in results[1:]] == [a.continuations for a in alone]
