@@ -100,7 +100,8 @@ async def test_group_answers_own_username_and_ignores_other_bots(bot):
     assert ours["text"].startswith("긍정 배우들 연기가")
     theirs = bot.user_message(GROUP, "/gen@OtherBot 긍정 배우들 연기가")
     unknown_other = bot.user_message(GROUP, "/weather@OtherBot")
-    await bot.settled()  # both were fetched and handled: nothing more will come for them
+    await ask(bot, GROUP, "/help@ThisBot")  # its own name, in any case
+    await bot.settled()  # all three were fetched and handled: nothing more will come for them
     assert bot.replies_to(theirs) == [] and bot.replies_to(unknown_other) == []
     plain = await ask(bot, GROUP, "/gen 부정 스토리가", final=True)  # privacy mode still delivers /gen
     assert plain["text"].startswith("부정 스토리가")
