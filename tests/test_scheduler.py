@@ -183,3 +183,13 @@ def test_wait_wakes_when_another_thread_puts_enough_rows():
     q.put("a", "A1", rows=2, steps=10)
     waiter.join(30)
     assert woke == [True]
+
+
+def test_what_starts_in_this_turn_counts_for_the_next_pass():
+    # 3 rows free, rows running with 2, 8 and 9 steps left; G needs 5: its rows are free after 8 steps. The 2-step
+    # request passes and ends before then too, so the next pass finds G's rows free after 8 steps, not 9.
+    q: FairQueue[str] = FairQueue(size=64, user_rows=1000)
+    q.put("big", "G", rows=5, steps=50)
+    q.put("short", "X", rows=1, steps=2)
+    q.put("long", "Y", rows=1, steps=9)
+    assert q.take(3, running=[9, 2, 8]) == ["X"]

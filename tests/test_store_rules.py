@@ -10,6 +10,8 @@ import pytest
 
 from core.chat_store import ChatStore
 from core.errors import StoreError
+from core.knobs import default_knobs
+from core.settings import GenerationSettings, LimitsSettings
 
 SAVE_FAILED_TAIL = ". 생성은 계속 쓸 수 있습니다. (could not save the chat settings: a store failure; /gen still works)"
 READ_FAILED_TAIL = ". 생성은 계속 쓸 수 있습니다. (could not read the chat settings: a store failure; /gen still works)"
@@ -72,6 +74,13 @@ def test_a_chats_model_when_the_store_fails(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"store {closed.path}: could not read a chat's model: Cannot operate on a closed database."]
     assert caplog.records[0].levelno == logging.ERROR
+
+
+def test_a_chat_whose_settings_cannot_be_read_gets_the_servers_defaults(tmp_path, caplog):
+    defaults = default_knobs(GenerationSettings())
+    closed = broken(tmp_path, read_only=False)
+    assert closed.knobs("telegram:1", defaults, LimitsSettings()) == defaults  # the chat keeps working
+    assert caplog.records[-1].getMessage().startswith(f"store {closed.path}: could not read chat settings: ")
 
 
 def test_a_second_set_merges_with_the_first(store):
