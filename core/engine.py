@@ -26,6 +26,7 @@ from core.devices import device_of, usable_cpus
 from core.errors import BusyError, ShuttingDown, UserError
 from core.knobs import Knobs, default_knobs
 from core.kv_cache import growing_cache
+from core.memory import return_freed_memory
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, next_tokens
@@ -91,6 +92,7 @@ class Engine:
         self._stopping = threading.Event()
         self._jobs: set[_Job] = set()  # submitted and not yet answered (event-loop side)
         self._closing = False
+        self._worked = False  # whether the worker has run anything since it last gave freed memory back
         # Every request ends here (or in _submit), so every front end is counted and logged in one place.
         self.telemetry = Telemetry(lambda: self.queue_depth)
 
@@ -378,11 +380,15 @@ class Engine:
         """Take waiting jobs that fit the batch, fairly across users; wait a short window for company when idle."""
         if not rows:
             if not self._queue.wait(0.1):
+                if self._worked:  # idle after work: what it freed goes back to the OS (~100 MB after a burst)
+                    return_freed_memory()
+                    self._worked = False
                 return []
             if self.limits.batch_window_ms:
                 self._queue.wait(self.limits.batch_window_ms / 1000, self.limits.max_batch_size)
         remaining = [row.job.request.knobs.max_length - len(row.tokens) for row in rows]
         jobs = self._queue.take(self.limits.max_batch_size - len(rows), remaining)
+        self._worked = self._worked or bool(jobs)
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
