@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from conftest import make_settings
 from fake_bot_api import FakeBotAPI, finished
 from helpers import ROOT, subprocess_env
-from test_faults import Held, engine_over
+from test_faults import engine_over
 
 from bot.runner import run_front_ends
 from core.engine import RESTARTING
@@ -88,12 +89,24 @@ async def test_sigterm_sends_the_reply_in_flight_then_restart_does_not_answer_ag
         await fake.close()
 
 
+class HeldOnceShown:
+    """A model hook: a slow model (at least 50 ms a decoding step, so 120 tokens outlast the wait for the first text)
+    until the test has seen the reply's first text, then held, until the test lets go, past any grace."""
+
+    def __init__(self):
+        self.shown, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, input_ids, position_ids):
+        if self.shown.wait(0.05):
+            self.go.wait(30)
+
+
 async def test_work_unfinished_after_the_grace_is_told_the_bot_is_restarting(tiny_dir, tmp_path):
     fake = await FakeBotAPI(TOKEN).start()
     settings = make_settings(tiny_dir, tmp_path, web={"enabled": False},
                              limits={"user_interval_s": 0, "shutdown_grace_s": 0.5},
                              telegram={"token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.file_url})
-    held = Held(rows=1, after=3)  # the first text is shown, then the worker stalls past any grace
+    held = HeldOnceShown()
     engine = engine_over(settings, held)
     engine.start()
     core = BotCore.create(settings, engine)
@@ -103,6 +116,7 @@ async def test_work_unfinished_after_the_grace_is_told_the_bot_is_restarting(tin
         await fake.wait_for(lambda: fake.called("getUpdates", status=None))
         message = fake.user_message(CHAT, "/gen 긍정 아 정말 min_length=120 max_length=120")
         await fake.wait_for(lambda: fake.replies_to(message), timeout=20)  # generating, first text shown
+        held.shown.set()  # from the next step on, the work cannot finish
         stop.set()  # what SIGTERM does
         await asyncio.wait_for(runner, 20)
         (reply,) = fake.replies_to(message)
