@@ -517,7 +517,7 @@ def test_admins_change_the_allowlists_at_run_time():
 def two_models(core) -> FakeBackend:
     """Serve a second model, "other", next to the default ("base"); it writes other words."""
     other = FakeBackend(core.settings, core.engine.clock, words=("가", "나", "다"))
-    other.sentiment = False
+    other.sentiment, other.per_byte = False, True  # its own tokenizer: a token per byte
     core.models = Models({"base": core.engine, "other": other}, "base")
     return other
 
@@ -529,7 +529,9 @@ async def test_model_picks_the_backend_for_a_request_and_the_chat_default_for_th
     prepared = talk.from_text("긍정 아 정말 model=other", WHO)
     assert prepared.request.model == "other" and other.prepared[-1] is prepared
     assert talk.from_fields({"prompt": "아", "model": "other"}, WHO).request.model == "other"
-    assert talk.from_reply(SHOWN, "model=other", WHO).request.model == "other"
+    continued = talk.from_reply(SHOWN, "model=other", WHO)
+    assert continued.request.model == "other" and len(continued.prompt_ids) == 28  # counted by its tokenizer
+    assert continued.request.knobs.max_length == 28 + 20
     target = Target()
     gen = await talk.reply(target, prepared)
     assert gen.continuations == (" 가 나 다",) and (other.closed, core.engine.closed) == (1, 0)
@@ -657,7 +659,8 @@ async def test_a_stream_that_ends_without_a_result_is_an_apology_not_a_silent_cu
     assert await talk.reply(target, talk.from_text("긍정 아 정말", WHO)) is None
     last = target.calls[-1][1]
     assert last.error and last.text.startswith(f"<{APOLOGY} [요청 ID ") and not last.stopped
-    assert "ended without a result" in caplog.text and core.engine.closed == 1
+    record = next(r for r in caplog.records if r.levelname == "ERROR")
+    assert str(record.exc_info[1]) == "the generation stream ended without a result" and core.engine.closed == 1
 
 
 # ---- the reply door: a reply to a result continues it --------------------------------------------------------------
@@ -677,6 +680,7 @@ def test_a_reply_continues_the_shown_result_with_the_chats_knobs():
 @pytest.mark.parametrize(("args", "label", "prompt", "lengths"), [
     ("그리고 또 top_k=5", "긍정", "아 정말 하나 둘 그리고 또", (27, 8)),
     ("부정 그런데", "부정", "아 정말 하나 둘 그런데", (26, 7)),
+    ("부정 그런데 정말", "부정", "아 정말 하나 둘 그런데 정말", (27, 8)),
     ("neg", "부정", "아 정말 하나 둘", (25, 6)),
     ("   그리고   또  ", "긍정", "아 정말 하나 둘 그리고 또", (27, 8)),
     ("max_length=12", "긍정", "아 정말 하나 둘", (12, 6)),  # given: it counts the whole text, as in /gen
@@ -698,8 +702,10 @@ def test_a_reply_is_held_to_the_length_cap():
     fifteen = "긍정 " + " ".join(["말"] * 14) + "\n\nseed=1"
     knobs = talk.from_reply(fifteen, "", Who("telegram:1", "telegram:8")).request.knobs
     assert (knobs.min_length, knobs.max_length) == (16, 16)
+    # At the cap or past it (the words added to the text), the same sentence.
     for who, shown, args in ((Who("telegram:1", "telegram:9"), fifteen, "말"),
-                             (Who("telegram:1", "telegram:10"), fifteen.replace("말", "말 말", 1), "")):
+                             (Who("telegram:1", "telegram:10"), fifteen.replace("말", "말 말", 1), ""),
+                             (Who("telegram:1", "telegram:11"), fifteen, "말 말 말")):
         with pytest.raises(UserError) as info:
             talk.from_reply(shown, args, who)
         assert str(info.value) == "최대 길이(16토큰)에 도달해 더 이어 쓸 수 없습니다. (reached the 16-token limit)"
