@@ -4,6 +4,7 @@ and a fake clock (no model, no network, no sleeping: the whole file runs in well
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from fake_backend import Collecting as Target
@@ -16,17 +17,27 @@ from core.errors import NotAllowed, QuotaExceeded, RateLimited, ShuttingDown, Us
 from core.followups import EXPIRED, NOT_A_RESULT
 from core.models import Models
 from core.replies import APOLOGY
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 from core.types import GenRequest
 
 STEPS = 10  # the fake backend writes ten words, one a step, 0.25 s of fake time each
 
 
+_LOADED: dict[str, Settings] = {}
+
+
+def shipped(**sections: dict) -> Settings:
+    """The shipped settings.toml with `sections` overriding it: read once per variant, a private copy each time."""
+    key = json.dumps(sections, sort_keys=True)
+    if key not in _LOADED:
+        _LOADED[key] = load_settings(store={"path": ":memory:"}, **sections)
+    return _LOADED[key].model_copy(deep=True)
+
+
 def make(clock: FakeClock | None = None, access: Access | None = None, **sections: dict):
     """A conversation over the shipped settings.toml (best_of 4 included), `sections` overriding it."""
     clock = clock or FakeClock()
-    settings = load_settings(store={"path": ":memory:"}, **sections)
-    core = fake_core(settings, clock)
+    core = fake_core(shipped(**sections), clock)
     return Conversation(core, access or Access({"chat": [], "user": []}), clock=clock), core, clock
 
 
