@@ -644,7 +644,7 @@ async def test_only_the_asker_may_stop_a_reply():
     target = Stopping(talk, Who("telegram:1", "telegram:8"))
     assert (await talk.reply(target, talk.from_text("긍정 아 정말", WHO), asker=WHO.user)).done
     assert str(target.refused) == "요청한 사람만 멈출 수 있습니다. (only the person who asked can stop it)"
-    assert target.shown()[-1] == ("edit", STEPS)
+    assert target.shown()[-1] == ("edit", STEPS) and counted(core, "user_error") == 1
     # Without an asker (the web), whoever was sent the key may stop it.
     talk, core, _ = make()
     target = Stopping(talk, Who("web", None, client="web:1"))
