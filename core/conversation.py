@@ -353,6 +353,7 @@ class Conversation:
             # A backend's stream ends with a finished state or an error; a reply left with a cursor forever is not ok.
             raise RuntimeError("the generation stream ended without a result")
         except Exception as exc:  # noqa: BLE001 (every failure becomes a reply; unexpected ones are logged)
+            typing.cancel()
             text = error_text(exc, what)
             if text is not None:
                 with contextlib.suppress(Exception):

@@ -764,3 +764,68 @@ def test_continuing_counts_every_token_a_text_can_have():
     with pytest.raises(UserError) as info:
         talk.from_button(f"c:{past}:0", Who("telegram:1", None))
     assert str(info.value) == "최대 길이(40토큰)에 도달해 더 이어 쓸 수 없습니다. (reached the 40-token limit)"
+
+
+# ---- "typing…" ends with the reply, however it ends ------------------------------------------------------------
+class Slow(Target):
+    """A target whose calls take a network round trip (other tasks run meanwhile), logging what it was asked."""
+
+    def __init__(self, **kwargs):
+        super().__init__(edit_interval=0.0, **kwargs)
+        self.log: list[str] = []
+
+    async def _trip(self, what: str) -> None:
+        self.log.append(what)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def send(self, reply):
+        await self._trip("final" if reply.final else "partial")
+        await super().send(reply)
+
+    async def edit(self, reply):
+        await self._trip("final" if reply.final else "partial")
+        await super().edit(reply)
+
+    async def typing(self):
+        self.log.append("typing")
+
+
+@pytest.mark.parametrize("ending", ["result", "stopped", "error"])
+async def test_no_typing_once_the_answer_or_the_error_is_there(monkeypatch, ending):
+    import core.conversation as conversation
+
+    monkeypatch.setattr(conversation, "TYPING_REFRESH_S", 0)  # refresh at every chance the loop gives it
+    talk, core, _ = make()
+    target = Slow()
+    if ending == "error":
+        core.engine.error, core.engine.fail_at = UserError("안 돼요 (no)"), 4
+    if ending == "stopped":
+        core.engine.hold_at = 4
+    reply = asyncio.create_task(talk.reply(target, talk.from_text("긍정 아 정말", WHO), asker=WHO.user))
+    if ending == "stopped":
+        await core.engine.holding.wait()
+        talk.from_button(f"s:{target.calls[-1][1].stop}", WHO)
+    await reply
+    for _ in range(5):  # time for a typing task that was left running to show itself
+        await asyncio.sleep(0)
+    assert "typing" in target.log[: target.log.index("final")]
+    assert "typing" not in target.log[target.log.index("final"):], target.log
+
+
+async def test_a_reply_cancelled_from_outside_stops_typing_and_the_stream(monkeypatch):
+    import core.conversation as conversation
+
+    monkeypatch.setattr(conversation, "TYPING_REFRESH_S", 0)
+    talk, core, _ = make()
+    core.engine.hold_at = 3
+    target = Slow()
+    reply = asyncio.create_task(talk.reply(target, talk.from_text("긍정 아 정말", WHO)))
+    await core.engine.holding.wait()
+    reply.cancel()  # the adapter's task, at shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await reply
+    typed = target.log.count("typing")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert target.log.count("typing") == typed and core.engine.closed == 1
