@@ -829,3 +829,12 @@ async def test_a_reply_cancelled_from_outside_stops_typing_and_the_stream(monkey
     for _ in range(5):
         await asyncio.sleep(0)
     assert target.log.count("typing") == typed and core.engine.closed == 1
+
+
+async def test_a_reply_leaves_no_task_behind():
+    talk, core, _ = make(limits={"user_interval_s": 0})
+    await talk.reply(Target(), talk.from_text("긍정 아 정말", WHO))
+    await talk.reply(Stopping(talk, WHO), talk.from_text("긍정 아 정말", WHO), asker=WHO.user)
+    for _ in range(3):  # cancelled tasks finish on their next turn
+        await asyncio.sleep(0)
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # no waiter per step, no typing loop
