@@ -41,6 +41,11 @@ def make(clock: FakeClock | None = None, access: Access | None = None, **section
     return Conversation(core, access or Access({"chat": [], "user": []}), clock=clock), core, clock
 
 
+async def bounded(awaitable):
+    """`awaitable`, or a failure if it is still pending after 10 s: a broken stop fails by name, not as a hang."""
+    return await asyncio.wait_for(awaitable, 10)
+
+
 def counted(core, outcome: str, frontend: str = "telegram") -> float:
     return core.engine.telemetry.metrics.requests.labels(frontend, outcome)._value.get()
 
@@ -656,9 +661,9 @@ async def test_a_stop_pressed_while_the_backend_is_busy_ends_the_reply_at_once()
     core.engine.hold_at = 3  # the stream waits before its third step until released (it is not, here)
     target = Target(edit_interval=0.0)
     reply = asyncio.create_task(talk.reply(target, talk.from_text("긍정 아 정말", WHO), asker=WHO.user))
-    await core.engine.holding.wait()
+    await bounded(core.engine.holding.wait())
     assert talk.from_button(f"s:{target.calls[-1][1].stop}", WHO) is None
-    gen = await reply
+    gen = await bounded(reply)
     assert target.shown() == [("send", 1), ("edit", 2), ("edit", 2)] and target.calls[-1][1].stopped
     assert gen.new_tokens == 2 and core.engine.closed == 1  # the pending read was cancelled: the stream is closed
 
@@ -804,9 +809,9 @@ async def test_no_typing_once_the_answer_or_the_error_is_there(monkeypatch, endi
         core.engine.hold_at = 4
     reply = asyncio.create_task(talk.reply(target, talk.from_text("긍정 아 정말", WHO), asker=WHO.user))
     if ending == "stopped":
-        await core.engine.holding.wait()
+        await bounded(core.engine.holding.wait())
         talk.from_button(f"s:{target.calls[-1][1].stop}", WHO)
-    await reply
+    await bounded(reply)
     for _ in range(5):  # time for a typing task that was left running to show itself
         await asyncio.sleep(0)
     assert "typing" in target.log[: target.log.index("final")]
@@ -821,10 +826,10 @@ async def test_a_reply_cancelled_from_outside_stops_typing_and_the_stream(monkey
     core.engine.hold_at = 3
     target = Slow()
     reply = asyncio.create_task(talk.reply(target, talk.from_text("긍정 아 정말", WHO)))
-    await core.engine.holding.wait()
+    await bounded(core.engine.holding.wait())
     reply.cancel()  # the adapter's task, at shutdown
     with pytest.raises(asyncio.CancelledError):
-        await reply
+        await bounded(reply)
     typed = target.log.count("typing")
     for _ in range(5):
         await asyncio.sleep(0)
