@@ -14,7 +14,7 @@ from core import admin
 from core.access import REFUSAL, Access, StoredAccess
 from core.conversation import Buttons, Conversation, Who, error_text
 from core.errors import NotAllowed, QuotaExceeded, RateLimited, ShuttingDown, UserError
-from core.followups import EXPIRED, NOT_A_RESULT
+from core.followups import EXPIRED, NOT_A_RESULT, button_data, stop_data
 from core.models import Models
 from core.replies import APOLOGY
 from core.settings import Settings, load_settings
@@ -281,6 +281,15 @@ def test_continue_gets_the_original_requests_budget_from_the_text_so_far():
     with pytest.raises(UserError) as info:
         talk.from_button(f"c:{past}:0", Who("telegram:1", None))
     assert str(info.value) == "최대 길이(16토큰)에 도달해 더 이어 쓸 수 없습니다. (reached the 16-token limit)"
+
+
+def test_the_buttons_data_is_what_the_button_door_reads():
+    talk, core, _ = make(limits={"user_interval_s": 0})
+    first = talk.from_text("긍정 아 정말 n=2", WHO)
+    key = core.followups.remember(core.engine.result(first, 2, True), 3)
+    assert talk.from_button(button_data(key), WHO).request.prompt == "아 정말"
+    assert talk.from_button(button_data(key, 1), WHO).request.prompt == "아 정말 하나 둘"
+    assert max(len(button_data(key, 1)), len(stop_data(key))) <= 64  # Telegram's limit on callback data
 
 
 @pytest.mark.parametrize("data", ["c:{key}:2", "c:ZZZZZZZZ:0", "r:{key}x", "x:{key}", "", "c:{key}:-1"])
@@ -622,7 +631,7 @@ class Stopping(Target):
         await super().edit(reply)
         if reply.stop and len(self.calls) == self.at:
             try:
-                assert self.talk.from_button(f"s:{reply.stop}", self.who) is None  # nothing new to generate
+                assert self.talk.from_button(stop_data(reply.stop), self.who) is None  # nothing new to generate
             except UserError as exc:
                 self.refused = exc
 
