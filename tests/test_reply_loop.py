@@ -741,6 +741,7 @@ def test_a_reply_is_held_to_the_length_cap():
     ("긍정 아 정말 하나 ▌", "", "답장한 메시지는 이어 쓸 수 있는 생성 결과가 아닙니다"),  # still streaming
     (SHOWN, "top_p=7", "top_p"),
     (SHOWN, "\ud83d 아", "U+D83D"),
+    (SHOWN, "아 seed=1\ud83d", "U+D83D"),  # in a knob's value too: the broken text is what is wrong
     (SHOWN, "아" * 501, "최대 500자"),
     (SHOWN.replace("긍정 ", ""), "best_of=2", "best_of는 라벨"),
 ])
