@@ -59,7 +59,8 @@ def test_decorations_are_removed():
 def test_other_messages_are_not_results():
     settings = load_settings(model={"pretrained": "x"})
     streaming = Generation(GenRequest("긍정", "아", KNOBS), (" 정말",), (3,), 1, done=False)
-    for text in (APOLOGY, help_text(KNOBS, settings.limits), render_generation(streaming, 4096), "seed=1", ""):
+    for text in (APOLOGY, help_text(KNOBS, settings.limits), render_generation(streaming, 4096), "seed=1", "",
+                 "긍정 아 정말\n\nseed=1, 2"):  # several seeds but no numbered candidates: not our rendering
         assert parse_result(text) is None, text
 
 
