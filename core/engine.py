@@ -24,8 +24,10 @@ from core import logprobs, rerank
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
 from core.devices import device_of, usable_cpus
 from core.errors import BusyError, ShuttingDown, UserError
+from core.gpt2_decode import DecodeBatch, decode_batch
 from core.knobs import Knobs, default_knobs
 from core.kv_cache import growing_cache
+from core.memory import return_freed_memory
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
 from core.sampling import PAD_ID, next_tokens
@@ -91,6 +93,7 @@ class Engine:
         self._stopping = threading.Event()
         self._jobs: set[_Job] = set()  # submitted and not yet answered (event-loop side)
         self._closing = False
+        self._worked = False  # whether the worker has run anything since it last gave freed memory back
         # Every request ends here (or in _submit), so every front end is counted and logged in one place.
         self.telemetry = Telemetry(lambda: self.queue_depth)
 
@@ -299,7 +302,7 @@ class Engine:
             candidates = candidates_for(usable_cpus())
         torch.set_num_threads(candidates[0])
         tuner = ThreadTuner(candidates, torch.set_num_threads)
-        batch = _Batch(self.model)
+        batch = self._new_batch()
         rows: list[_Row] = []
         while not (self._stopping.is_set() and not rows and not len(self._queue)):
             try:
@@ -324,9 +327,14 @@ class Engine:
                 for job in {row.job for row in rows}:
                     self._fail(job, exc)
                 rows = []
-                batch = _Batch(self.model)
+                batch = self._new_batch()
 
-    def _prefill_jobs(self, jobs: list[_Job], batch: _Batch, active: int) -> list[_Row]:
+    def _new_batch(self) -> Batch:
+        """The running batch: GPT-2 on a CPU through the engine's own decode path (core/gpt2_decode.py), anything
+        else (another device, a wrapped or different model) through transformers' forward."""
+        return decode_batch(self.model, self.limits.max_batch_size) or _Batch(self.model)
+
+    def _prefill_jobs(self, jobs: list[_Job], batch: Batch, active: int) -> list[_Row]:
         """Prefill the newly admitted jobs in one forward pass; if that fails, one by one so only the culprit fails."""
         # Rows of one length side by side: each run of them shares one attention call (core.speedups, per-row keys).
         jobs = sorted(jobs, key=lambda job: len(job.prompt_ids))
@@ -342,7 +350,7 @@ class Engine:
             rows.extend(self._prefill_alone(job, batch, active + len(rows)))
         return rows
 
-    def _prefill_alone(self, job: _Job, batch: _Batch, active: int) -> list[_Row]:
+    def _prefill_alone(self, job: _Job, batch: Batch, active: int) -> list[_Row]:
         """Prefill one job; if that fails, only this job fails and the batch is left as it was."""
         try:
             return self._prefill(job, batch)
@@ -353,7 +361,7 @@ class Engine:
             self._fail(job, exc)
             return []
 
-    def _fail_culprits(self, rows: list[_Row], batch: _Batch, exc: Exception) -> list[_Row]:
+    def _fail_culprits(self, rows: list[_Row], batch: Batch, exc: Exception) -> list[_Row]:
         """A batched step failed: step each job's rows alone on a throw-away copy and fail only the jobs that fail
         alone. When every job passes alone, the batch as a whole is to blame and the error goes up."""
         jobs = list(dict.fromkeys(row.job for row in rows))
@@ -378,14 +386,18 @@ class Engine:
         """Take waiting jobs that fit the batch, fairly across users; wait a short window for company when idle."""
         if not rows:
             if not self._queue.wait(0.1):
+                if self._worked:  # idle after work: what it freed goes back to the OS (~100 MB after a burst)
+                    return_freed_memory()
+                    self._worked = False
                 return []
             if self.limits.batch_window_ms:
                 self._queue.wait(self.limits.batch_window_ms / 1000, self.limits.max_batch_size)
         remaining = [row.job.request.knobs.max_length - len(row.tokens) for row in rows]
         jobs = self._queue.take(self.limits.max_batch_size - len(rows), remaining)
+        self._worked = self._worked or bool(jobs)
         return [job for job in jobs if not job.cancelled]
 
-    def _prefill(self, job: _Job, batch: _Batch) -> list[_Row]:
+    def _prefill(self, job: _Job, batch: Batch) -> list[_Row]:
         return self._start([job], batch.prefill([job.prompt_ids], [job.request.rows]))
 
     def _start(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Row]:
@@ -464,7 +476,7 @@ class Engine:
         for i, value in zip(scored, values):
             rows[i].job.own_logprobs[rows[i].candidate] += value
 
-    def _retire(self, rows: list[_Row], batch: _Batch) -> list[_Row]:
+    def _retire(self, rows: list[_Row], batch: Batch) -> list[_Row]:
         keep = [i for i, row in enumerate(rows) if not row.job.finished[row.candidate] and not row.job.cancelled]
         if len(keep) != len(rows):
             batch.select(keep)
@@ -597,6 +609,9 @@ class _Batch:
         start = int(self.mask.any(dim=0).nonzero()[0])
         self.mask = self.mask[:, start:]
         self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self.layers]
+
+
+Batch = DecodeBatch | _Batch  # the running batch: prefill, step, select, snapshot/restore, copy, positions
 
 
 def _cache_argument() -> str:

@@ -21,8 +21,9 @@ _LABEL_OF = {alias.casefold(): label for label, aliases in LABEL_ALIASES.items()
 
 USAGE = "사용법: /gen [긍정|부정] 프롬프트 [key=value …] — 예: /gen 긍정 아 정말 top_p=0.9"
 
-# `key=value` anywhere in the text; spaces and full-width ＝ around the sign are tolerated.
-_KNOB_RE = re.compile(r"(?<!\S)([^\W\d][\w\-]*)(\s*)[=＝](\s*)(\S*)")
+# `key=value` anywhere in the text; spaces and full-width ＝ around the sign are tolerated, and a full-width hyphen in
+# the key (`ｔｏｐ－ｋ`) as the ASCII one (the key is NFKC-normalised when it is resolved).
+_KNOB_RE = re.compile(r"(?<!\S)([^\W\d][\w\-－]*)(\s*)[=＝](\s*)(\S*)")
 _COMMAND_RE = re.compile(r"^\s*[/!]?([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)", re.ASCII)
 
 

@@ -17,8 +17,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
 from core.hub import load_named, local_dir, unreachable_hint
+from core.int8_loading import build_int8, load_int8_streaming
 from core.settings import ModelSettings
-from core.speedups import fuse_gelu, load_int8_streaming, quantize_int8, rowwise_attention
+from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
+from core.weight_files import StoredTensor, mapped_tensor, safetensors_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,7 +128,8 @@ def pick_checkpoint(directory: Path) -> Path:
 
 
 def _torch_load_safely(path: Path) -> object:
-    """torch.load with weights_only=True, admitting only known hyper-parameter containers as inert stand-ins."""
+    """torch.load with weights_only=True, admitting only known hyper-parameter containers as inert stand-ins. The
+    tensors are memory-mapped: none is read before it is used (torch's zip format, the only one admitted here)."""
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as exc:  # noqa: BLE001 (reported as one sentence)
@@ -140,21 +143,20 @@ def _torch_load_safely(path: Path) -> object:
     stand_ins = [argparse.Namespace if name == "argparse.Namespace" else (_InertDict, name) for name in unsafe]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 (reported as one sentence)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}을(를) 읽을 수 없습니다. (cannot read checkpoint: {first_line})") from None
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from a Lightning `.ckpt`, a bare `.bin`/`.pt` state dict, or a `.safetensors` file."""
+def read_state_dict(path: Path) -> dict[str, StoredTensor]:
+    """Weights from a Lightning `.ckpt`, a bare `.bin`/`.pt` state dict, or a `.safetensors` file, each tensor read
+    only when it is used (core/weight_files.py), so a load holds one tensor of the file at a time."""
     if not path.exists():
         raise ModelLoadError(f"체크포인트 파일 {path}이(가) 없습니다. (checkpoint not found: {path})")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path))
+            return safetensors_file(path)
         except Exception as exc:  # noqa: BLE001 (reported as one sentence)
             raise ModelLoadError(f"{path}은(는) safetensors 파일이 아닙니다. (not a safetensors file: {exc})") from None
     obj = _torch_load_safely(path)
@@ -164,20 +166,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(
             f"{path}에 모델 가중치(state_dict)가 없습니다. (no state dict of tensors in {path})"
         )
-    return obj
+    return {key: mapped_tensor(value) for key, value in obj.items()}
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefix(state: dict[str, T]) -> dict[str, T]:
     # The tutorial's LightningModule holds the GPT-2 as `self.model`.
     if all(key.startswith("model.") for key in state):
         return {key.removeprefix("model."): value for key, value in state.items()}
     return state
 
 
-def model_from_state_dict(config: GPT2Config, state: dict[str, torch.Tensor], origin: str) -> GPT2LMHeadModel:
-    """Build GPT2LMHeadModel from `config` and load `state`, naming the first key that does not fit."""
-    model = GPT2LMHeadModel(config)
-    expected = model.state_dict()
+def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], origin: str,
+                          int8: bool = False) -> GPT2LMHeadModel:
+    """GPT2LMHeadModel from `config` with the weights of `state`, naming the first key that does not fit; with
+    `int8`, each weight quantized as it is read (core/int8_loading.py), else copied into the float32 model one at a
+    time."""
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in GPT2LMHeadModel(config).state_dict().items()}
     state = {k: v for k, v in _strip_prefix(state).items() if not (k.endswith(_IGNORABLE_SUFFIXES) and k not in expected)}
     for key, value in state.items():
         if key not in expected:
@@ -185,16 +190,22 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, torch.Tensor], or
                 f"{origin}의 키 '{key}'가 사전학습 설정의 모델에 없습니다. (unexpected key '{key}': "
                 f"the checkpoint does not match model.pretrained)"
             )
-        if tuple(value.shape) != tuple(expected[key].shape):
+        if value.shape != expected[key]:
             raise ModelLoadError(
-                f"{origin}의 '{key}' 크기 {tuple(value.shape)}가 모델의 {tuple(expected[key].shape)}와 다릅니다. "
+                f"{origin}의 '{key}' 크기 {value.shape}가 모델의 {expected[key]}와 다릅니다. "
                 f"(shape mismatch for '{key}': the checkpoint does not match model.pretrained)"
             )
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [key for key in expected if key not in state and key not in tied]
     if missing:
         raise ModelLoadError(f"{origin}에 '{missing[0]}' 키가 없습니다. (missing key '{missing[0]}')")
-    model.load_state_dict(state, strict=False)
+    if int8 and (model := build_int8(config, state.items())) is not None:
+        return model
+    model = GPT2LMHeadModel(config)
+    targets = model.state_dict()  # shares each parameter's storage: copying into it loads the model
+    with torch.no_grad():
+        for key, stored in state.items():
+            targets[key].copy_(stored.load())
     if tied:
         model.tie_weights()
     return model
@@ -234,7 +245,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         else:
             if path.is_dir():
                 path = pick_checkpoint(path)
-            model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path))
+            model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path), int8)
             source = f"{pretrained} + {path}"
             tutorial_checkpoint = True
     tokenizer = load_tokenizer(tokenizer_source)

@@ -6,20 +6,17 @@ batch, bit for bit: that is what lets a seed give the same text alone or in any 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
-import struct
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers import AttentionInterface
 from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
+
+from core.int8_rows import TINY, Int8Embedding, quantize_rows
+from core.memory import return_freed_memory
 
 
 def fuse_gelu(model: nn.Module) -> nn.Module:
@@ -44,15 +41,21 @@ class RowInt8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         weight = weight.detach()
-        self.register_buffer("weight_int8", torch.empty(weight.shape, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.empty(weight.shape[0]))
-        for rows in torch.arange(weight.shape[0]).split(_ROWS_AT_ONCE):  # a few MB of float temporaries at a time
-            part = weight[rows[0]:rows[-1] + 1].float()
-            scale = part.abs().amax(dim=1).clamp(min=_TINY) / 127
-            self.weight_int8[rows[0]:rows[-1] + 1] = part.div(scale[:, None]).round_().clamp_(-127, 127)
-            self.weight_scale[rows[0]:rows[-1] + 1] = scale
+        self._store(*quantize_rows(weight.shape[0], weight.shape[1], lambda begin, end: weight[begin:end]), bias)
+
+    @classmethod
+    def from_int8(cls, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> RowInt8Linear:
+        """The layer over weights already quantized by `quantize_rows` (a tied lm_head over its Int8Embedding's)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._store(weight_int8, weight_scale, bias)  # noqa: SLF001 (its own class)
+        return layer
+
+    def _store(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = weight_int8.shape
         self.packed = _fbgemm_pack(self.weight_int8, self.weight_scale)
         if self.packed is not None:
             self.weight_int8 = None  # fbgemm keeps its own copy, in the layout its kernels read
@@ -64,13 +67,14 @@ class RowInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=_TINY)  # (an inf-norm is 8x slower)
-        levels = rows.div(scale).round_()  # integers in [-127, 127]
+        levels = rows.div(scale)  # in [-127, 127]; rounded to integers (half to even) as they are quantized
         if self.packed is not None:
-            # fbgemm quantizes with scale 1 (exact: they are integers already), sums int8 products in int32 and
-            # multiplies by the channel scale: float(acc) * weight_scale, as the line below.
+            # fbgemm quantizes with scale 1 and zero point 128 (rounding half to even, as torch.round: one pass fewer
+            # than rounding here), sums int8 products in int32 and multiplies by the channel scale:
+            # float(acc) * weight_scale, as the line below.
             out = _FBGEMM_LINEAR(levels, 1.0, 128, self.packed).mul_(scale)
         else:
-            acc = torch._int_mm(levels.to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (torch's int8 GEMM)
+            acc = torch._int_mm(levels.round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (int8 GEMM)
             out = torch.mul(acc, self.weight_scale).mul_(scale)
         # Separate multiplies and adds (no fused multiply-add): each is correctly rounded wherever a kernel splits it.
         if self.bias is not None:
@@ -81,8 +85,7 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
 
 
-_TINY = torch.finfo(torch.float32).tiny  # a row of zeros keeps a finite scale (its int8 values are all 0)
-_ROWS_AT_ONCE = 1024
+_TINY = TINY
 _FBGEMM_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
 
 
@@ -101,11 +104,20 @@ def _fbgemm_pack(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Script
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Every linear layer (GPT-2's Conv1D and the lm_head) as a RowInt8Linear; inference only.
+    """Every linear layer (GPT-2's Conv1D and the lm_head) as a RowInt8Linear and the token embedding as an
+    Int8Embedding (a tied lm_head then reads the embedding's int8 rows); inference only.
 
     Layer by layer and in place: each fp32 layer is dropped as soon as its int8 copy exists, so the peak is the fp32
     model plus one layer."""
     model.eval()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embedding) is nn.Embedding:
+        tied = type(head) is nn.Linear and head.weight is embedding.weight
+        int8 = Int8Embedding.from_float(embedding.weight)
+        model.set_input_embeddings(int8)
+        if tied:
+            model.set_output_embeddings(RowInt8Linear.from_int8(int8.weight_int8, int8.weight_scale, head.bias))
+        del embedding, head
     # (parent, name) pairs only: holding the layers themselves would keep every fp32 weight alive to the end.
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, Conv1D) or type(child) is nn.Linear]
@@ -114,7 +126,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         weight = child.weight.t() if isinstance(child, Conv1D) else child.weight
         setattr(parent, name, RowInt8Linear(weight, child.bias))
         del child, weight
-    _return_freed_memory()
+    return_freed_memory()
     return model
 
 
@@ -175,105 +187,3 @@ def _row_runs(attention_mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
         else:
             runs.append((row, row + 1, f, f + n))
     return runs
-
-
-def _return_freed_memory() -> None:
-    """Hand the freed fp32 weights back to the OS: glibc keeps freed blocks of this size for reuse otherwise."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of a safetensors file, one at a time, with plain reads: a memory map's pages would stay in the
-    process's memory until the whole file is unmapped (the format: an 8-byte header size, a JSON header, the data)."""
-    with path.open("rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path.name}: tensor {name} has dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            raw = tensor.reshape(-1).view(torch.uint8).numpy()
-            f.seek(8 + size + begin)
-            if f.readinto(memoryview(raw)) != end - begin:
-                raise ValueError(f"{path.name}: tensor {name} is truncated")
-            yield name, tensor.float()
-
-
-def load_int8_streaming(directory: Path, config: GPT2Config) -> nn.Module | None:
-    """GPT-2 from a directory of safetensors weights, each linear layer quantized as soon as it is read, so the fp32
-    model never exists as a whole: the peak is the int8 model, the fp32 embeddings and one layer. None when the
-    directory has no safetensors weights or the model needs something this loader does not provide."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        return None
-    with _large_blocks_returned():
-        return _load_int8(files, config)
-
-
-@contextlib.contextmanager
-def _large_blocks_returned() -> Iterator[None]:
-    """While loading, glibc gives every block over 128 KiB back to the OS when freed. By default it raises that
-    threshold to the size of the largest block freed so far (up to 32 MiB) and keeps freed layers for reuse, which
-    made the load's peak ~200 MB higher; afterwards the threshold stays at that 32 MiB maximum, as a running process
-    would reach anyway."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        yield
-        return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 128 * 1024)
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-        _return_freed_memory()
-
-
-def _load_int8(files: list[Path], config: GPT2Config) -> nn.Module | None:
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config).eval()
-    expected = set(model.state_dict())
-    convs = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for file in files:
-        for key, tensor in _read_safetensors(file):
-            key = key if key in expected else f"transformer.{key}"  # a base GPT2Model's weights have no prefix
-            if key not in expected:
-                continue  # buffers older transformers saved (attn.bias, masked_bias)
-            path, _, leaf = key.rpartition(".")
-            if path not in convs:
-                module = model.get_submodule(path)
-                if leaf in dict(module.named_buffers(recurse=False)):
-                    module.register_buffer(leaf, tensor)
-                else:
-                    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
-                continue
-            parts = pending.setdefault(path, {})
-            parts[leaf] = tensor
-            if len(parts) == 2:
-                parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent), name, RowInt8Linear(parts["weight"].t(), parts["bias"]))
-                del pending[path]
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta and name.endswith("attn.bias"):  # GPT-2's causal mask in older transformers
-            n = buffer.shape[-1]
-            parent, _, leaf = name.rpartition(".")
-            model.get_submodule(parent).register_buffer(
-                leaf, torch.tril(torch.ones(n, n, dtype=torch.bool)).view(buffer.shape), persistent=False
-            )
-    if pending or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        return None
-    return quantize_int8(model)  # what is left: the lm_head (an nn.Linear)

@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import transformers
@@ -99,17 +100,30 @@ async def running_core(settings: Settings) -> AsyncIterator[BotCore]:
 
 @contextlib.asynccontextmanager
 async def telegram_running(bot_core: BotCore, fake) -> AsyncIterator[None]:
-    """The Telegram front end's `serve()` as bot/runner.py runs it, polling `fake`; it must stop promptly after."""
+    """The Telegram front end's `serve()` as bot/runner.py runs it, polling `fake`; it must stop promptly after.
+
+    `fake.settled()` works inside: it joins PTB's update queue, which counts an update done once its handler returned.
+    """
     import bot.telegram_app as tg
 
-    stop = asyncio.Event()
-    task = asyncio.create_task(tg.serve(bot_core, stop))
-    await fake.wait_for(lambda: fake.called("getUpdates", status=None) or task.done())
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    real_build, stop = tg.build_application, asyncio.Event()
+    polls = len(fake.called("getUpdates", status=None))  # a fake that served an earlier bot has seen polls already
+    with mock.patch.object(tg, "build_application", build):
+        task = asyncio.create_task(tg.serve(bot_core, stop))
+        await fake.wait_for(lambda: len(fake.called("getUpdates", status=None)) > polls or task.done())
     if task.done():
         task.result()
+    fake.handlers_done = built[0].update_queue.join
     try:
         yield
     finally:
+        fake.handlers_done = None
         stop.set()
         await asyncio.wait_for(task, 10)
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -55,6 +56,8 @@ class _Failure:
     status: int | None = 429  # None: no error (a slow answer only)
     drop: bool = False
     delay: float = 0.0
+    hold: asyncio.Event | None = None  # answer only once the test sets it
+
 
 
 def parse_html(text: str) -> tuple[str, list[dict]]:
@@ -106,6 +109,11 @@ class FakeBotAPI:
         self.webhook: dict | None = None
         self._updates: list[dict] = []
         self.last_update_id = 0
+        self.confirmed_update_id = 0  # the bot asked for the updates after this one: it has fetched up to here
+        self.answering = 0  # calls being answered now, long polls left out
+        # The bot's side of `settled`: returns once every fetched update's handler has returned (conftest's
+        # telegram_running sets it to PTB's update queue's join).
+        self.handlers_done: Callable[[], Awaitable[None]] | None = None
         self._update_ids = itertools.count(1)
         self._message_ids: dict[int, itertools.count] = {}
         self._query_ids = itertools.count(1)
@@ -139,10 +147,12 @@ class FakeBotAPI:
 
     # ---- test controls -----------------------------------------------------------------------------------------
     def fail_next(self, method: str, times: int = 1, retry_after: int = 1, chat_id: int | None = None, *,
-                  status: int | None = 429, drop: bool = False, delay: float = 0.0) -> None:
-        """Fault the next `times` calls of `method` (for `chat_id`, if given): wait `delay` s first, then drop the
-        connection (`drop`), answer `status` (429 carries retry_after; 5xx a server error) or, with None, answer."""
-        self._failures.append(_Failure(method, times, retry_after, chat_id, status, drop, delay))
+                  status: int | None = 429, drop: bool = False, delay: float = 0.0,
+                  hold: asyncio.Event | None = None) -> None:
+        """Fault the next `times` calls of `method` (for `chat_id`, if given): wait `delay` s (and until `hold` is set)
+        first, then drop the connection (`drop`), answer `status` (429 carries retry_after; 5xx a server error) or,
+        with None, answer."""
+        self._failures.append(_Failure(method, times, retry_after, chat_id, status, drop, delay, hold))
 
     def _next_message_id(self, chat_id: int) -> int:
         return next(self._message_ids.setdefault(chat_id, itertools.count(1)))
@@ -222,6 +232,16 @@ class FakeBotAPI:
         chat, mid = message["chat"]["id"], message["message_id"]
         return [m for m in self.sent(chat) if m.get("reply_to_message", {}).get("message_id") == mid]
 
+    async def settled(self, timeout: float = 30.0) -> None:
+        """Every update queued so far was fetched and its handler has returned, and no call the bot made is still
+        being answered: nothing more can come for those updates. A test that checks something did NOT happen waits
+        for this, never for a while."""
+        assert self.handlers_done is not None, "settled() needs the bot's side: run it with conftest's telegram_running"
+        target = self.last_update_id
+        await self.wait_for(lambda: self.confirmed_update_id >= target, timeout)
+        await asyncio.wait_for(self.handlers_done(), timeout)
+        await self.wait_for(lambda: self.answering == 0, timeout)
+
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -251,6 +271,8 @@ class FakeBotAPI:
         params = await self._params(request)
         call = Call(method, params)
         self.calls.append(call)
+        polling = method == "getUpdates"
+        self.answering += not polling
         try:
             if token != self.token:
                 raise ApiError(401, "Unauthorized")
@@ -258,6 +280,8 @@ class FakeBotAPI:
             if failure is not None:
                 if failure.delay:
                     await asyncio.sleep(failure.delay)
+                if failure.hold is not None:
+                    await failure.hold.wait()
                 if failure.drop:
                     call.status = 0
                     request.transport.close()  # the client sees the connection close without an answer
@@ -277,6 +301,8 @@ class FakeBotAPI:
             if exc.parameters:
                 body["parameters"] = exc.parameters
             return web.json_response(body, status=exc.code)
+        finally:
+            self.answering -= not polling
         return web.json_response({"ok": True, "result": result})
 
     def _take_failure(self, method: str, params: dict) -> _Failure | None:
@@ -292,6 +318,7 @@ class FakeBotAPI:
 
     async def _api_getUpdates(self, params: dict) -> list[dict]:
         offset = int(params.get("offset") or 0)
+        self.confirmed_update_id = max(self.confirmed_update_id, offset - 1)
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
         if not self._updates:
             self._new_update.clear()

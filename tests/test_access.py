@@ -81,7 +81,7 @@ async def test_telegram_allowlist(tiny_dir, tmp_path, refusal):
         await fake.wait_for(lambda: all(finished((fake.replies_to(m) or [{}])[0]) for m in (mine, in_group)))
         if refusal == "reply":
             await fake.wait_for(lambda: fake.replies_to(stranger) and fake.replies_to(stranger_help))
-        await asyncio.sleep(0.3)
+        await fake.settled()  # every update handled: an answer to the ignored ones would be here by now
         for m in (stranger, stranger_help):
             got = fake.replies_to(m)
             assert [r["text"] for r in got] == ([REFUSAL] if refusal == "reply" else [])

@@ -150,7 +150,7 @@ async def test_telegram_battery(tiny_dir, tmp_path):
                 return bool(got) and (case.expect != OK or result_finished(got[0]))
 
             await fake.wait_for(lambda: all(settled(c) for c in CASES), timeout=60)
-            await asyncio.sleep(0.3)  # room for a second reply, which must not come
+            await fake.settled()  # every handler has returned: a second reply would be here by now
             for i, case in enumerate(CASES):
                 got = replies(case)
                 assert len(got) == 1 and len(fake.called("sendMessage", chat_id=5000 + i)) == 1, (case.id, got)

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import gc
 import threading
-import time
 
 import pytest
 import torch
@@ -119,38 +118,61 @@ async def test_a_failed_best_of_scoring_pass_fails_only_the_requests_it_scored(s
 
 
 # ---- drain at shutdown -------------------------------------------------------------------------------------------
-def slow_hook(input_ids, position_ids):
-    time.sleep(0.03)  # ~30 ms per forward: a 40-token generation takes over a second
+class Held:
+    """A model hook that holds the worker inside a decoding step of `rows` rows (past the first `after` such steps)
+    until the test lets go: a drain starts while that work is certainly in flight, with no timing involved."""
+
+    def __init__(self, rows: int = 2, after: int = 0):
+        self.rows, self.after, self.steps = rows, after, 0
+        self.holding, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, input_ids, position_ids):
+        if tuple(input_ids.shape) == (self.rows, 1):  # one decoding step of that many rows
+            self.steps += 1
+            if self.steps > self.after:
+                self.holding.set()
+                self.go.wait(30)
+
+    async def in_flight(self) -> None:
+        assert await asyncio.get_running_loop().run_in_executor(None, self.holding.wait, 30), "never held"
 
 
 async def test_drain_lets_in_flight_work_finish_and_refuses_new_work(settings):
-    engine = engine_over(settings, slow_hook)
+    held = Held()
+    engine = engine_over(settings, held)
     engine.start()
     try:
         jobs = [asyncio.ensure_future(engine.generate(request(engine, f"긍정 아 정말 min_length=30 max_length=30 seed={i}")))
                 for i in range(2)]
-        await asyncio.sleep(0.1)
-        assert await asyncio.wait_for(engine.drain(grace=20), 30) == 0
-        assert all(len(job.result().continuations[0]) > 0 for job in jobs)
+        await held.in_flight()
+        drain = asyncio.ensure_future(engine.drain(grace=20))
+        await asyncio.sleep(0)  # one turn of the loop: the drain task starts and closes the door
         with pytest.raises(ShuttingDown, match="다시 시작"):
             await engine.generate(request(engine, "긍정 아 정말"))
+        assert not drain.done() and not any(job.done() for job in jobs)  # it waits for the work in flight …
+        held.go.set()
+        assert await asyncio.wait_for(drain, 30) == 0  # … which finishes
+        assert all(len(job.result().continuations[0]) > 0 for job in jobs)
     finally:
+        held.go.set()
         await engine.stop()
 
 
 async def test_drain_tells_unfinished_work_the_bot_is_restarting(settings):
-    engine = engine_over(settings, slow_hook)
+    held = Held()  # never let go before the drain: the work cannot finish within any grace
+    engine = engine_over(settings, held)
     engine.start()
     try:
-        jobs = [asyncio.ensure_future(engine.generate(request(engine, f"긍정 아 정말 min_length=120 max_length=120 seed={i}")))
+        jobs = [asyncio.ensure_future(engine.generate(request(engine, f"긍정 아 정말 min_length=30 max_length=30 seed={i}")))
                 for i in range(2)]
-        await asyncio.sleep(0.1)
-        assert await asyncio.wait_for(engine.drain(grace=0.2), 10) == 2
+        await held.in_flight()
+        assert await asyncio.wait_for(engine.drain(grace=0.05), 10) == 2
         for job in jobs:
             with pytest.raises(ShuttingDown) as info:
                 await job
             assert str(info.value) == RESTARTING
     finally:
+        held.go.set()
         await asyncio.wait_for(engine.stop(), 10)  # the worker dropped the abandoned rows, so it stops at once
 
 
@@ -181,7 +203,7 @@ async def one_final_reply(fake: FakeBotAPI, text: str) -> dict:
         return fake.replies_to(message)
 
     await fake.wait_for(lambda: any(finished(m) for m in replies()), timeout=20)
-    await asyncio.sleep(0.3)
+    await fake.settled()  # handled, and no faulted call still being answered: a duplicate would be here by now
     assert len(replies()) == 1
     return replies()[0]
 
@@ -226,7 +248,8 @@ async def test_timed_out_and_cancelled_requests_are_not_left_in_flight(tiny_dir,
         with pytest.raises(RequestTimeout):
             await engine.generate(request(engine, "긍정 아 정말"))
         waiting = asyncio.ensure_future(engine.generate(request(engine, "부정 별로")))
-        await asyncio.sleep(0)  # let it submit
+        await asyncio.sleep(0)  # one turn of the loop: it submits (synchronously, in its first step)
+        assert engine.queue_depth == 1  # waiting behind the stalled worker
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting

@@ -27,8 +27,12 @@ def test_readme_example():
     assert req.knobs.top_k == 50 and req.knobs.max_length == 20  # the tutorial's defaults
 
 
-@pytest.mark.parametrize("word, label", [("pos", "긍정"), ("Positive", "긍정"), ("👍", "긍정"), ("[부정]", "부정"),
-                                         ("NEG", "부정"), ("negative", "부정"), ("bad", "부정")])
+@pytest.mark.parametrize("word, label", [
+    ("긍정", "긍정"), ("긍", "긍정"), ("pos", "긍정"), ("Positive", "긍정"), ("GOOD", "긍정"), ("+", "긍정"), ("👍", "긍정"),
+    ("😀", "긍정"), ("😊", "긍정"), ("(긍정):", "긍정"),
+    ("부정", "부정"), ("부", "부정"), ("NEG", "부정"), ("negative", "부정"), ("bad", "부정"), ("-", "부정"), ("👎", "부정"),
+    ("😡", "부정"), ("😞", "부정"), ("[부정]", "부정"), ("부정.", "부정"),
+])
 def test_label_aliases_normalise_to_training_words(word, label):
     req = gen(f"{word} 아 정말")
     assert req.label == label and req.model_prompt == f"{label} 아 정말"
@@ -44,7 +48,8 @@ def test_label_alone_writes_a_whole_review():
 
 
 @pytest.mark.parametrize("text", ["p=0.5 k=3 t=0.7 긍정 아", "긍정 아 top_p ＝ 0.5 top_k= 3 temp =0.7",
-                                  "긍정 아 TOP_P=0.5 Top-K=3 온도=0.7", "긍정 아 top_p=０.５ k=3 temperature=.7"])
+                                  "긍정 아 TOP_P=0.5 Top-K=3 온도=0.7", "긍정 아 top_p=０.５ k=3 temperature=.7",
+                                  "긍정 아 ｐ=0.5 ｔｏｐ－ｋ=3 ＴＥＭＰ＝0.7"])  # full-width keys, as some keyboards type them
 def test_aliases_fullwidth_and_spaces(text):
     req = gen(text)
     assert (req.label, req.prompt) == ("긍정", "아")
@@ -108,6 +113,7 @@ def test_prose_with_equals_sign_and_space_stays_prompt():
 def test_split_command():
     assert split_command("/gen@MyBot 긍정 아") == ("gen", "MyBot", "긍정 아")
     assert split_command("/gen") == ("gen", None, "")
+    assert split_command("!gen 긍정 아") == ("gen", None, "긍정 아")  # the prefix form, as typed out of habit
     assert split_command("그냥 말") == ("", None, "그냥 말")
 
 

@@ -247,6 +247,29 @@ def test_a_fraction_of_a_second_interval_still_limits_and_says_one_second():
         limiter.check("u")
 
 
+def test_the_limiter_says_the_wait_rounded_up_once_per_window_and_again_in_the_next():
+    from core.errors import RateLimited
+    from core.rate_limit import UserRateLimiter
+
+    now = [100.0]
+    limiter = UserRateLimiter(10, clock=lambda: now[0])
+
+    def refusal(user: str) -> tuple[str, bool]:
+        with pytest.raises(RateLimited) as info:
+            limiter.check(user)
+        return str(info.value), info.value.quiet
+
+    limiter.check("a")
+    limiter.check("b")  # each user has their own window
+    now[0] = 107.7  # 2.3 s left: told 3, never a wait that is too short
+    assert refusal("a") == ("조금만 천천히 해 주세요. 3초 후에 다시 시도해 주세요. (please wait 3 s)", False)
+    assert refusal("a")[1] is True and refusal("b")[1] is False  # the rest of a's burst is quiet; b is told once
+    now[0] = 110.0  # exactly one interval after a's generation: admitted, and the next window tells again
+    limiter.check("a")
+    now[0] = 119.5
+    assert refusal("a") == ("조금만 천천히 해 주세요. 1초 후에 다시 시도해 주세요. (please wait 1 s)", False)
+
+
 def test_the_limiter_forgets_its_oldest_users_first():
     from core.rate_limit import UserRateLimiter
 

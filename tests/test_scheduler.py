@@ -109,3 +109,87 @@ def test_the_table_of_users_stays_small():
         q.put(f"u{i}", i, rows=1, steps=1)
         assert q.take(1) == [i]
     assert len(q._served) <= MAX_REMEMBERED + 1  # users long gone are forgotten
+
+
+def test_only_what_ends_by_the_time_enough_rows_are_free_may_pass():
+    # One row free, three running with 3, 5 and 8 steps left: the 3-row request at the head has its rows after 5 steps.
+    def queue(*others: tuple[str, int], rows: int = 3) -> FairQueue[str]:
+        q: FairQueue[str] = FairQueue(size=64, user_rows=1000)
+        q.put("big", "G", rows=rows, steps=50)
+        for name, steps in others:
+            q.put(name, name, rows=1, steps=steps)
+        return q
+
+    assert queue(("five", 5), ("six", 6)).take(1, running=[8, 3, 5]) == ["five"]  # ends with the 5-step row: passes
+    assert queue(("six", 6)).take(1, running=[8, 3, 5]) == []  # one step longer: would hold G's row
+    assert queue(("two", 2)).take(1, running=[8, 3, 5]) == ["two"]
+    assert queue(("one", 1), rows=2).take(1, running=[9, 1]) == ["one"]  # G needs one more row: free after 1 step
+    assert queue(("none", 0), rows=2).take(1, running=[9, 1]) == ["none"]  # no steps at all counts as one
+    assert queue(("two", 2), rows=2).take(1, running=[9, 1]) == []
+    assert queue(("one", 1)).take(2, running=[]) == []  # nothing running: no row will ever be freed before G's turn
+
+
+def test_arrival_breaks_a_tie_between_users_not_who_came_first_long_ago():
+    q: FairQueue[str] = FairQueue(size=64, user_rows=1000)
+    q.put("a", "A0", rows=1, steps=10)
+    q.put("b", "B0", rows=1, steps=10)
+    q.put("a", "A1", rows=1, steps=10)
+    assert q.remove("A0")  # its asker left: a's next request is younger than b's
+    assert q.take(1) == ["B0"] and q.take(1) == ["A1"]
+
+
+def test_removing_one_request_keeps_the_users_others():
+    q: FairQueue[str] = FairQueue(size=64, user_rows=1000)
+    for item in ("A0", "A1", "A2"):
+        q.put("a", item, rows=2, steps=10)
+    assert q.remove("A1")
+    assert len(q) == 2 and q.waiting_rows("a") == 4 and q.waiting_rows() == 4
+    assert q.take(10) == ["A0", "A2"] and q.waiting_rows() == 0 and q.waiting_rows("a") == 0
+
+
+def test_a_user_who_comes_back_keeps_the_lead_they_took():
+    q: FairQueue[str] = FairQueue(size=64, user_rows=1000)
+    q.put("a", "A0", rows=8, steps=10)
+    assert q.take(8) == ["A0"]  # a alone took 8 rows at turn 0
+    q.put("a", "A1", rows=1, steps=10)  # back before anyone else came: still 8 rows ahead
+    q.put("b", "B0", rows=1, steps=10)
+    assert q.take(1) == ["B0"] and q.take(1) == ["A1"]
+
+
+def test_past_the_memory_bound_only_the_smallest_leads_are_forgiven():
+    q: FairQueue[str] = FairQueue(size=MAX_REMEMBERED + 8, user_rows=10_000)
+    users = [f"u{i}" for i in range(MAX_REMEMBERED + 1)]
+    for rows, user in enumerate(users, 1):  # all at turn 0: leads of 1, 2, … rows, each remembered
+        q.put(user, user, rows=rows, steps=1)
+    for rows, user in enumerate(users, 1):
+        assert q.take(rows) == [user]
+    # One user past the bound: the clock moved to the smallest lead (1), so u0 is forgiven, u1 (2) is not.
+    q.put("u1", "again-u1", rows=1, steps=1)
+    q.put("u0", "again-u0", rows=1, steps=1)
+    q.put("new", "new", rows=1, steps=1)
+    assert [q.take(1) for _ in range(3)] == [["again-u0"], ["new"], ["again-u1"]]
+
+
+def test_wait_wakes_when_another_thread_puts_enough_rows():
+    import threading
+
+    q: FairQueue[str] = FairQueue(size=4, user_rows=100)
+    q.put("a", "A0", rows=1, steps=10)
+    assert q.wait(0) is True  # one row waiting is enough by default
+    q.take(1)
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(q.wait(30, rows=2)))
+    waiter.start()
+    q.put("a", "A1", rows=2, steps=10)
+    waiter.join(30)
+    assert woke == [True]
+
+
+def test_what_starts_in_this_turn_counts_for_the_next_pass():
+    # 3 rows free, rows running with 2, 8 and 9 steps left; G needs 5: its rows are free after 8 steps. The 2-step
+    # request passes and ends before then too, so the next pass finds G's rows free after 8 steps, not 9.
+    q: FairQueue[str] = FairQueue(size=64, user_rows=1000)
+    q.put("big", "G", rows=5, steps=50)
+    q.put("short", "X", rows=1, steps=2)
+    q.put("long", "Y", rows=1, steps=9)
+    assert q.take(3, running=[9, 2, 8]) == ["X"]

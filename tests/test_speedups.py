@@ -25,6 +25,17 @@ def test_int8_linear_is_the_exact_integer_product_rescaled():
     assert torch.equal(layer(x)[3], layer.bias)  # a zero row gives the bias, not NaN
 
 
+def test_int8_linear_rounds_halves_to_even_as_torch_round():
+    """The levels are rounded where they are quantized (not before): a row whose largest value is 127 has scale 1,
+    so its halves stay halves and must round to even, as the exact product above assumes."""
+    layer = _layer(96, 40)
+    x = torch.randint(-254, 255, (3, 96)).float() / 2
+    x[:, 0] = 127.0
+    x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])
+    exact = (torch.round(x).double() @ layer.int8_weight.double().t()).float()
+    assert torch.equal(layer(x), exact * layer.weight_scale * 1.0 + layer.bias)
+
+
 def test_int8_linear_is_close_to_the_float_layer():
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(64, 128, generator=gen), torch.randn(64, generator=gen)

@@ -100,8 +100,8 @@ async def test_group_answers_own_username_and_ignores_other_bots(bot):
     assert ours["text"].startswith("긍정 배우들 연기가")
     theirs = bot.user_message(GROUP, "/gen@OtherBot 긍정 배우들 연기가")
     unknown_other = bot.user_message(GROUP, "/weather@OtherBot")
-    await ask(bot, GROUP, "/help@ThisBot")  # handled after the two above were seen
-    await asyncio.sleep(0.2)
+    await ask(bot, GROUP, "/help@ThisBot")  # its own name, in any case
+    await bot.settled()  # all three were fetched and handled: nothing more will come for them
     assert bot.replies_to(theirs) == [] and bot.replies_to(unknown_other) == []
     plain = await ask(bot, GROUP, "/gen 부정 스토리가", final=True)  # privacy mode still delivers /gen
     assert plain["text"].startswith("부정 스토리가")
@@ -201,7 +201,7 @@ async def test_burst_from_many_chats_gets_one_reply_each(bot):
     chats = [2000 + i for i in range(8)]
     messages = [bot.user_message(chat, f"/gen 긍정 영화 {i}") for i, chat in enumerate(chats)]
     await bot.wait_for(lambda: all(any(finished(r) for r in bot.replies_to(m)) for m in messages), 20)
-    await asyncio.sleep(0.2)
+    await bot.settled()  # every handler has returned: a second message would be here by now
     for chat, message in zip(chats, messages):
         assert len(bot.called("sendMessage", chat_id=chat)) == 1
         assert bot.replies_to(message)[0]["text"].startswith(f"긍정 영화 {chats.index(chat)}")
@@ -219,7 +219,7 @@ async def test_edited_gen_does_not_generate_again(bot):
     await bot.wait_for(lambda: any(finished(r) for r in bot.replies_to(message)))
     bot.edit_user_message(message, "/gen 부정 아 정말")
     await bot.wait_for(lambda: len(bot.replies_to(message)) == 2)
-    await asyncio.sleep(0.2)
+    await bot.settled()
     generated, hint = bot.replies_to(message)
     assert "reply_markup" in generated and "수정한 메시지" in hint["text"]
     assert len([m for m in bot.sent(PRIVATE) if "reply_markup" in m]) == 1

@@ -86,17 +86,21 @@ async def test_healthz_and_page(client: TestClient):
 async def test_stream_sends_growing_text_then_the_tutorial_result(client: TestClient, monkeypatch):
 
     from core.engine import _Batch
+    from core.gpt2_decode import DecodeBatch
 
     # No timing in the test: the worker is held at its first decoding step until the page has read a partial line,
     # and partial lines are not throttled. (A fast machine may otherwise finish before the first edit is due.)
     monkeypatch.setattr(web_module, "STREAM_INTERVAL_S", 0.0)
-    gate, real_step = threading.Event(), _Batch.step
+    gate = threading.Event()
 
-    def held_step(self, last_tokens):
-        gate.wait(60)
-        return real_step(self, last_tokens)
+    def held(real_step):
+        def held_step(self, last_tokens):
+            gate.wait(60)
+            return real_step(self, last_tokens)
+        return held_step
 
-    monkeypatch.setattr(_Batch, "step", held_step)
+    for batch_type in (_Batch, DecodeBatch):  # whichever the engine runs this model with
+        monkeypatch.setattr(batch_type, "step", held(batch_type.step))
     body = {"prompt": "아 정말", "label": "긍정", "min_length": 40, "max_length": 40, "seed": 4, "n": 2}
     resp = await client.post("/api/stream", json=body)
     assert resp.status == 200 and resp.content_type == "application/x-ndjson"

@@ -1,0 +1,271 @@
+"""The CPU engine's own GPT-2 forward for serving: each row's keys in a slot of its own and a few tensor operations
+per layer, so that a row's numbers are the same bit for bit alone or in any batch.
+
+transformers' forward left-pads a batch to its longest row, builds masks, and goes through its cache and attention
+layers; the width of the padded keys then changed a row's last bits with its batch mates (so attention ran once per
+run of equal rows), and the Python around it cost more than the matrix products at one row. Here:
+
+- every row owns one slot of each layer's key/value buffers, its keys at columns [0, length) and zeros after them;
+  a step writes each row's new column in place (one indexed copy per layer and side);
+- a step's attention is one batched matrix product per side and layer over the buffers' width (the longest row's,
+  rounded up to WIDTH_STEP), the columns a row has not reached masked out with -inf: each (row, head) is its own
+  product, whose bits do not depend on the batch, the width or the thread count (the -inf columns add exact zeros;
+  tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads);
+- a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
+  by row) and each prompt's causal attention on its own;
+- rows that end are dropped by moving the last slots into their places.
+
+It uses the model's own modules by their checkpoint names (transformer.wte/wpe/h[i].ln_1/attn.c_attn/…/lm_head), so
+the int8 layers and whatever else replaces a module keep working; `decode_batch` says when a model is something else
+(then the engine keeps transformers' forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel
+
+from core.devices import device_of
+
+NEG_INF = float("-inf")
+WIDTH_STEP = 16  # attention widths and buffer capacities are multiples of this
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `decode_batch` can serve `model`: a plain GPT-2 language model on the CPU."""
+    if type(model) is not GPT2LMHeadModel or device_of(model).type != "cpu":
+        return False
+    config = model.config
+    return not (getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False))
+
+
+def decode_batch(model: nn.Module, rows: int = 4) -> DecodeBatch | None:
+    """A DecodeBatch over `model` with room for `rows` rows at first, or None where it does not apply."""
+    return DecodeBatch(model, rows) if supports(model) else None
+
+
+class _Layer:
+    """One block's modules and its key/value buffers (slots × heads × width × head size)."""
+
+    def __init__(self, block: nn.Module, index: int, config: object):
+        self.ln_1, self.c_attn, self.proj = block.ln_1, block.attn.c_attn, block.attn.c_proj
+        self.ln_2, self.c_fc, self.act, self.c_out = block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj
+        scale = 1.0
+        if config.scale_attn_weights:
+            scale = (config.n_embd // config.n_head) ** -0.5
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(index + 1)
+        self.scale = scale
+        self.keys = self.values = torch.zeros(0, 0, 0, 0)
+
+
+class DecodeBatch:
+    """The running batch's state: what core.engine's `_Batch` keeps, with the same methods.
+
+    `positions` holds each row's length (its next token's position), in the engine's row order; `_slot` maps that
+    order to the buffers' slots."""
+
+    def __init__(self, model: nn.Module, rows: int = 4):
+        self.model = model
+        self.first_slots = rows  # slots the first prefill reserves (the engine's batch size: no regrowing)
+        config = model.config
+        self.heads = int(config.n_head)
+        self.head_size = int(config.n_embd) // self.heads
+        self.limit = int(config.n_positions)
+        self.wte, self.wpe, self.ln_f = model.transformer.wte, model.transformer.wpe, model.transformer.ln_f
+        self.lm_head = model.lm_head
+        self.layers = [_Layer(block, i, config) for i, block in enumerate(model.transformer.h)]
+        self.mask = torch.zeros(0, 0)  # (slots, columns): 0 where a slot's row has a key, -inf elsewhere
+        self.positions: list[int] = []
+        self._slot: list[int] = []
+
+    # ---- buffers ---------------------------------------------------------------------------------------------
+    def _fit(self, rows: int, width: int) -> None:
+        """Buffers with at least `rows` slots and exactly `width` columns, holding the rows already there.
+
+        The width is the attention's: the matrix kernels read a buffer's rows (slot, head) at a stride, and a view of
+        fewer columns than the buffer has made the two products per layer about twice as slow here, so the buffers
+        are reallocated when the longest row crosses a multiple of WIDTH_STEP (or leaves) instead."""
+        slots, capacity = self.mask.shape
+        if rows <= slots and width == capacity:
+            return
+        slots = max(rows, 2 * slots, self.first_slots) if rows > slots else slots
+        used, kept = len(self.positions), min(width, capacity)
+        for layer in self.layers:
+            # Slots past `used` are written whole when a prefill takes them: only the rows kept need zeros.
+            keys = torch.empty(slots, self.heads, width, self.head_size)
+            values = torch.empty(slots, self.heads, width, self.head_size)
+            if used:
+                keys[:used, :, :kept] = layer.keys[:used, :, :kept]
+                values[:used, :, :kept] = layer.values[:used, :, :kept]
+                keys[:used, :, kept:], values[:used, :, kept:] = 0, 0
+            layer.keys, layer.values = keys, values
+        mask = torch.full((slots, width), NEG_INF)
+        mask[:used, :kept] = self.mask[:used, :kept]
+        self.mask = mask
+
+    def _width(self, columns: int) -> int:
+        """The keys a step attends over: the longest row's, rounded up (fewer distinct shapes); a row's result is the
+        same whatever this width (the -inf columns add exact zeros; tests/test_gpt2_decode.py checks the kernels)."""
+        if columns > self.limit:
+            raise ValueError(f"a row of {columns} tokens exceeds the model's {self.limit} positions")
+        return min(_round_up(columns, WIDTH_STEP), self.limit)
+
+    # ---- the engine's interface ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
+        """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
+        lengths = [len(p) for p in prompts]
+        self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
+        # Prompts of one length side by side: each such group's attention is one batched product per side.
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        ids = torch.tensor([t for i in order for t in prompts[i]])
+        positions = torch.cat([torch.arange(lengths[i]) for i in order])
+        x = self.wte(ids) + self.wpe(positions)  # (all tokens, embedding): every op but attention is row by row
+        groups: list[tuple[int, int, int]] = []  # (first token, prompts, length)
+        start = 0
+        for i in order:
+            if groups and groups[-1][2] == lengths[i]:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1, lengths[i])
+            else:
+                groups.append((start, 1, lengths[i]))
+            start += lengths[i]
+        causal = {n: torch.full((n, n), NEG_INF).triu_(1) for _, _, n in groups}
+        kept: list[torch.Tensor] = []
+        for layer in self.layers:
+            qkv = layer.c_attn(layer.ln_1(x)).view(len(ids), 3, self.heads, self.head_size)
+            parts = [self._causal_attention(layer, qkv[a:a + count * n].view(count, n, 3, self.heads, -1), causal[n])
+                     for a, count, n in groups]
+            x = self._finish(layer, x, torch.cat(parts))
+            kept.append(qkv)
+        starts = dict(zip(order, _accumulate([0] + [lengths[i] for i in order])))  # each prompt's first token
+        spans = [(starts[i], starts[i] + lengths[i]) for i in range(len(prompts))]
+        last = torch.tensor([b - 1 for _, b in spans])
+        logits = self.lm_head(self.ln_f(x.index_select(0, last))).float()
+        # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
+        first = len(self.positions)
+        self._fit(first + sum(copies), max(self.mask.shape[1], self._width(max(lengths))))
+        slot = first
+        for (a, b), n in zip(spans, copies):
+            for _ in range(n):
+                for layer, qkv in zip(self.layers, kept):
+                    layer.keys[slot, :, : b - a] = qkv[a:b, 1].transpose(0, 1)
+                    layer.values[slot, :, : b - a] = qkv[a:b, 2].transpose(0, 1)
+                    layer.keys[slot, :, b - a:], layer.values[slot, :, b - a:] = 0, 0  # whatever the slot held before
+                self.mask[slot] = NEG_INF
+                self.mask[slot, : b - a] = 0
+                slot += 1
+        self._slot.extend(range(first, slot))
+        self.positions.extend(n for n, c in zip(lengths, copies) for _ in range(c))
+        return logits.repeat_interleave(torch.tensor(copies), 0)
+
+    @torch.inference_mode()
+    def step(self, last_tokens: list[int]) -> torch.Tensor:
+        """Feed each row its last token; returns next-token logits, one row each (float32, CPU)."""
+        rows, heads, size = len(last_tokens), self.heads, self.head_size
+        width = self._width(max(self.positions) + 1)
+        self._fit(rows, width)
+        # The batch runs in slot order; the engine's order is restored before the lm_head.
+        order = self._slot
+        by_slot, pos = [0] * rows, [0] * rows
+        for i, s in enumerate(order):
+            by_slot[s], pos[s] = last_tokens[i], self.positions[i]
+        position = torch.tensor(pos)
+        x = self.wte(torch.tensor(by_slot)) + self.wpe(position)
+        slots = torch.arange(rows)
+        self.mask[slots, position] = 0.0  # each row now also sees the key it is about to write
+        mask = self.mask[:rows, None, None].expand(rows, heads, 1, width).reshape(-1, 1, width)
+        # Where each row's new key goes in a layer's buffer seen as (slots * heads * width, head size) rows.
+        column = ((slots[:, None] * heads + torch.arange(heads)) * width + position[:, None]).view(-1)
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, x, rows)  # each (rows, heads, head size)
+            layer.keys.view(-1, size).index_copy_(0, column, k.reshape(-1, size))
+            layer.values.view(-1, size).index_copy_(0, column, v.reshape(-1, size))
+            x = self._finish(layer, x, self.attend(layer, q, mask, rows).view(rows, -1))
+        if order != list(range(rows)):
+            x = x.index_select(0, torch.tensor(order))
+        self.positions = [p + 1 for p in self.positions]
+        return self.lm_head(self.ln_f(x)).float()
+
+    @torch.inference_mode()
+    def select(self, keep: list[int]) -> None:
+        """Keep the rows at `keep` (in that order): the last slots move into the places of the rows dropped."""
+        if not keep:
+            self.__init__(self.model, self.first_slots)  # an idle engine holds no cache
+            return
+        kept_slots = [self._slot[i] for i in keep]
+        rows = len(keep)
+        moved = dict(zip(sorted(s for s in kept_slots if s >= rows), sorted(set(range(rows)) - set(kept_slots))))
+        if moved:
+            src, dst = torch.tensor(list(moved)), torch.tensor(list(moved.values()))
+            for layer in self.layers:
+                layer.keys[dst] = layer.keys[src]
+                layer.values[dst] = layer.values[src]
+            self.mask[dst] = self.mask[src]
+        self._slot = [moved.get(s, s) for s in kept_slots]
+        self.positions = [self.positions[i] for i in keep]
+        self._fit(rows, self._width(max(self.positions) + 1))  # the longest row left: narrower buffers
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to undo a failed step: a step only writes the column at each row's position."""
+        return list(self.positions), list(self._slot)
+
+    @torch.inference_mode()
+    def restore(self, saved: tuple) -> None:
+        self.positions, self._slot = list(saved[0]), list(saved[1])
+        for length, slot in zip(self.positions, self._slot):
+            self.mask[slot] = NEG_INF
+            self.mask[slot, :length] = 0
+
+    @torch.inference_mode()
+    def copy(self) -> DecodeBatch:
+        other = DecodeBatch(self.model, self.first_slots)
+        rows = len(self.positions)
+        other._fit(rows, self.mask.shape[1])
+        for mine, theirs in zip(self.layers, other.layers):
+            theirs.keys[:rows], theirs.values[:rows] = mine.keys[:rows], mine.values[:rows]
+        other.mask[:rows] = self.mask[:rows]
+        other.positions, other._slot = list(self.positions), list(self._slot)
+        return other
+
+    # ---- one block -------------------------------------------------------------------------------------------
+    def attend(self, layer: _Layer, q: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
+        """Each row's query over its keys: one batched product per side over every column (rows × heads)."""
+        size, width = self.head_size, self.mask.shape[1]
+        keys = layer.keys[:rows].view(-1, width, size)  # the first slots: contiguous
+        values = layer.values[:rows].view(-1, width, size)
+        scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
+        return torch.bmm(scores.softmax(dim=-1), values)
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+        qkv = layer.c_attn(layer.ln_1(x)).view(rows, 3, self.heads, self.head_size)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]  # each (rows, heads, head size)
+
+    def _causal_attention(self, layer: _Layer, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Prompts of one length (qkv: prompts × tokens × 3 × heads × head size), each token over itself and the
+        tokens before it in its own prompt; returns (prompts × tokens, embedding)."""
+        count, n, _, heads, size = qkv.shape
+        q, k, v = (qkv[:, :, i].transpose(1, 2).reshape(count * heads, n, size) for i in range(3))
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=layer.scale)
+        out = torch.bmm(scores.softmax(dim=-1), v)
+        return out.view(count, heads, n, size).transpose(1, 2).reshape(count * n, heads * size)
+
+    @staticmethod
+    def _finish(layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The attention's projection and the MLP, with GPT-2's residual connections."""
+        x = x + layer.proj(attended)
+        return x + layer.c_out(layer.act(layer.c_fc(layer.ln_2(x))))
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _accumulate(values: list[int]) -> list[int]:
+    total, out = 0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
