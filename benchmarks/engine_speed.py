@@ -11,8 +11,9 @@ random weights, built offline; tokenizer trained on NSMC reviews. Workloads:
       one knob set (it has no per-request knobs in a batch) — the reference a speed-minded user would deploy.
 Rows: tutorial (fp32, one `generate` per request, in turn), ctranslate2-int8, bot-fp32 (`model.quantize = "none"`), bot
 (the defaults: int8 on a CPU), and bot-contended: the defaults while a CPU-bound process spins on one core.
-Each row runs in its own process (the bot rows in a `python -m bot` child; peak RSS is the bot's), rows interleaved
-`--repeats` times, medians reported. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
+Each row warms up with one request and one burst (other seeds) before it is timed, so the bot's thread tuner has met
+the burst's batch sizes once, as on a running bot. Each row runs in its own process (the bot rows in a `python -m bot`
+child; peak RSS is the bot's), rows interleaved `--repeats` times, medians reported. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
 checkout of the project (e.g. `git archive <commit> | tar -x -C DIR`), for a before/after in the same run; `--rows`
 picks rows.
 """
@@ -132,7 +133,8 @@ def run_ctranslate2(model_dir: Path) -> dict:
     prompts = [tokenizer.convert_ids_to_tokens(tokenizer(s["prompt"])["input_ids"]) for s in knob_sets()]
     options = {"max_length": NEW_TOKENS, "min_length": NEW_TOKENS, "include_prompt_in_result": False,
                "sampling_topk": 50, "sampling_topp": 1.0, "sampling_temperature": 1.0}
-    generator.generate_batch(prompts[:1], **{**options, "max_length": 4, "min_length": 4})  # warm-up
+    generator.generate_batch(prompts[:1], **{**options, "max_length": 4, "min_length": 4})  # warm-up, as the bot's:
+    generator.generate_batch(prompts, **options)  # one request, then one burst
     started = time.perf_counter()
     single = generator.generate_batch(prompts[:1], **options)
     a = time.perf_counter() - started
@@ -190,7 +192,10 @@ def run_bot(model_dir: Path, quantize: str, contended: bool, root: Path = ROOT) 
         async def main() -> dict:
             specs = knob_sets()
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
-                await post(http, {**specs[0], "seed": 99})  # warm-up
+                # Warm-up: one request, then one burst with other seeds, so the timed burst meets a server in its
+                # steady state (the thread tuner has timed its batch sizes once, as traffic does on a running bot).
+                await post(http, {**specs[0], "seed": 99})
+                await asyncio.gather(*(post(http, {**s, "seed": 1000 + i}) for i, s in enumerate(specs)))
                 started = time.perf_counter()
                 await post(http, {**specs[0], "top_k": 50, "top_p": 1.0, "no_repeat_ngram_size": 0})
                 a = time.perf_counter() - started

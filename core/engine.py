@@ -308,6 +308,7 @@ class Engine:
             try:
                 new_jobs = self._admit(rows)
                 if new_jobs:
+                    tuner.settle(len(rows) + sum(job.request.rows for job in new_jobs))
                     rows.extend(self._prefill_jobs(new_jobs, batch, len(rows)))
                 rows = self._retire(rows, batch)
                 if not rows:

@@ -106,3 +106,21 @@ def test_with_more_cpus_a_clear_loser_is_timed_once_and_the_rest_compared():
         tuner.run(8, machine.step, 8)
     assert tuner.choices == {4: 4}
     assert machine.history.count(8) == 1 and machine.history[-1] == 4
+
+
+def test_a_prefill_runs_at_the_count_chosen_for_the_batch_it_joins():
+    # Under contention one thread wins at 16 rows; a prefill into that batch must not run at the losing count.
+    machine = Machine(lambda threads, rows: {2: 0.5, 1: 0.03}[threads])
+    tuner = tuner_on(machine)
+    tuner.settle(16)  # nothing measured for 16 rows yet: the count in force stays
+    assert machine.sets == 0
+    for _ in range(2 * thread_tuner.SAMPLES):  # enough steps to finish the measurement
+        tuner.run(16, machine.step, 16)
+    assert tuner.choices[bucket_of(16)] == 1
+    tuner.run(1, machine.step, 1)  # a one-row step measures its own bucket, starting at two threads
+    assert machine.threads == 2
+    tuner.settle(16)
+    assert machine.threads == 1
+    sets = machine.sets
+    tuner.settle(16)  # already in force: not set again
+    assert machine.sets == sets
