@@ -136,7 +136,7 @@ class Conversation:
         self.backend = core.engine
         self.access = access or Access({})
         self.admins = admins  # user keys ("telegram:123")
-        self.clock = clock  # the edit throttle's (tests pass a fake one)
+        self.clock = clock  # the edit throttle's and the logged latency's (tests pass a fake one)
 
     def is_admin(self, who: Who) -> bool:
         return who.user is not None and who.user in self.admins
@@ -213,7 +213,7 @@ class Conversation:
                 self.core.stops.stop(press.key, who.user)
                 return None
             if press.candidate is None:
-                request = replace(followups.regenerate(press.key), origin=who.chat, user=who.share)
+                request = replace(followups.regenerate(press.key), origin=who.chat)
                 prepared = self.backend_of(request).prepare(request)
             else:
                 backend = self.core.served.get(followups.model_of(press.key))
@@ -328,8 +328,8 @@ class Conversation:
         typing = asyncio.create_task(_keep_typing(target))
         stream = self.backend_of(prepared.request).stream(prepared)
         stop_key, stop = self.core.stops.open(asker)
-        started = time.monotonic()
-        next_at = self.clock() + target.edit_interval
+        started = self.clock()
+        next_at = started + target.edit_interval
         last: Generation | None = None
         try:
             while True:
@@ -340,7 +340,7 @@ class Conversation:
                     typing.cancel()  # no "typing…" after the answer is there
                     key = self.core.followups.remember(gen, len(prepared.prompt_ids))
                     await shown.show(Reply(self.render(gen, target.style), gen, Buttons(key, len(gen.continuations))))
-                    self._log(Who(prepared.request.origin or "internal", asker), "ok", time.monotonic() - started)
+                    self._log(Who(prepared.request.origin or "internal", asker), "ok", self.clock() - started)
                     return gen
                 last = gen
                 if self.clock() >= next_at and target.spare():
@@ -350,7 +350,10 @@ class Conversation:
                 typing.cancel()
                 await shown.show(Reply(self.render(last, target.style, stopped=True), last, stopped=True))
                 return last
+            # A backend's stream ends with a finished state or an error; a reply left with a cursor forever is not ok.
+            raise RuntimeError("the generation stream ended without a result")
         except Exception as exc:  # noqa: BLE001 (every failure becomes a reply; unexpected ones are logged)
+            typing.cancel()
             text = error_text(exc, what)
             if text is not None:
                 with contextlib.suppress(Exception):
@@ -360,7 +363,6 @@ class Conversation:
             self.core.stops.close(stop_key)
             typing.cancel()
             await stream.aclose()  # stops the backend's work if we left early: its rows go at the next step
-        return None
 
     @staticmethod
     def render(gen: Generation, style: Style, stopped: bool = False) -> str:

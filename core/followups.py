@@ -99,20 +99,23 @@ class FollowUps:
             raise UserError(EXPIRED)
         old = gen.request
         # The label stays the label (so best_of still reranks toward it) and the text so far becomes the prompt:
-        # the model sees exactly the text shown. Tokenized with room for every token it could have (a token covers
-        # at least one byte), so the "reached the limit" message below is the one a user sees.
+        # the model sees exactly the text shown.
         written = gen.continuations[candidate]
         prompt = old.prompt + written if old.prompt else written.lstrip()
         draft = GenRequest(label=old.label, prompt=prompt, knobs=old.knobs, origin=old.origin, model=old.model)
-        room = max(cap, len(draft.model_prompt.encode("utf-8"))) + 1
-        draft = replace(draft, knobs=replace(old.knobs, max_length=room))
-        prepared = prepare(draft, continuing=True)
+        prepared = prepare(_with_room(draft, cap), continuing=True)
         used = len(prepared.prompt_ids)
         if used >= cap:
             raise reached_limit(cap)
         budget = old.knobs.max_length - found.prompt_tokens
         knobs = replace(old.knobs, seed=None, n=1, min_length=min(used + 1, cap), max_length=min(cap, used + max(1, budget)))
         return replace(prepared, request=replace(draft, knobs=knobs))
+
+
+def _with_room(draft: GenRequest, cap: int) -> GenRequest:
+    """`draft` with a max_length above any token count its text can have (a token covers at least one byte), so it
+    is tokenized whatever its length and the caller's "reached the limit" check is the one a user sees."""
+    return replace(draft, knobs=replace(draft.knobs, max_length=max(cap, len(draft.model_prompt.encode("utf-8"))) + 1))
 
 
 def reached_limit(cap: int) -> UserError:
@@ -142,9 +145,9 @@ def reply_continuation(shown: str, args: str, defaults: Knobs, limits: LimitsSet
     added = check_prompt(prose, limits)
     text = " ".join(part for part in (result.text, added) if part)
     cap = limits.max_length
-    draft = GenRequest(label=label, prompt=text, knobs=replace(knobs, max_length=cap + 1))
+    draft = GenRequest(label=label, prompt=text, knobs=knobs)
     check_best_of(draft, given)
-    used = len(prepare(draft, continuing=True).prompt_ids)  # room to spare: the limit message below is the one seen
+    used = len(prepare(_with_room(draft, cap), continuing=True).prompt_ids)
     if used >= cap:
         raise reached_limit(cap)
     max_length = knobs.max_length if "max_length" in given else min(cap, used + knobs.max_length)

@@ -33,11 +33,11 @@ class Stops:
     def close(self, key: str) -> None:
         self._running.pop(key, None)
 
-    def stop(self, key: str, user: str | None, admin: bool = False) -> None:
+    def stop(self, key: str, user: str | None) -> None:
         """Stop the reply `key` for `user`; a UserError when it is over already or belongs to someone else."""
         running = self._running.get(key)
         if running is None:
             raise UserError(STOP_GONE)
-        if running.owner is not None and running.owner != user and not admin:
+        if running.owner is not None and running.owner != user:
             raise UserError(NOT_YOURS)
         running.event.set()

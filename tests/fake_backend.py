@@ -47,9 +47,15 @@ class FakeBackend:
         self.fail_at = 0
         self.prepared: list[PreparedRequest] = []
         self.closed = 0  # streams closed (finished, failed or left early)
+        # The stream waits for `hold` before step `hold_at`, having set `holding` (a read the reply loop waits on).
+        self.hold_at = 0
+        self.hold, self.holding = asyncio.Event(), asyncio.Event()
+        self.final = True  # False: the stream ends without a finished state (a backend that breaks its contract)
+        self.per_byte = False  # one token per byte of the prompt (the most tokens a text can have) instead of per word
 
     def prepare(self, request: GenRequest, continuing: bool = False) -> PreparedRequest:
-        ids = [5 + i for i, _ in enumerate(request.model_prompt.split())]
+        parts = request.model_prompt.encode() if self.per_byte else request.model_prompt.split()
+        ids = [5 + i for i, _ in enumerate(parts)]
         prepared = PreparedRequest(request, tuple(check_prompt_ids(ids, request, self.limits, continuing)), continuing)
         self.prepared.append(prepared)
         return prepared
@@ -66,9 +72,13 @@ class FakeBackend:
                 await asyncio.sleep(0)  # a real backend waits for its worker: other tasks (typing) run meanwhile
                 if self.error is not None and step == self.fail_at:
                     raise self.error
+                if step == self.hold_at:
+                    self.holding.set()
+                    await self.hold.wait()
                 self.clock.advance(self.step_s)
                 yield self.result(prepared, step, False)
-            yield self.result(prepared, len(self.words), True)
+            if self.final:
+                yield self.result(prepared, len(self.words), True)
         finally:
             self.closed += 1
 

@@ -59,5 +59,16 @@ def test_decorations_are_removed():
 def test_other_messages_are_not_results():
     settings = load_settings(model={"pretrained": "x"})
     streaming = Generation(GenRequest("긍정", "아", KNOBS), (" 정말",), (3,), 1, done=False)
-    for text in (APOLOGY, help_text(KNOBS, settings.limits), render_generation(streaming, 4096), "seed=1", ""):
+    for text in (APOLOGY, help_text(KNOBS, settings.limits), render_generation(streaming, 4096), "seed=1", "",
+                 "긍정 아 정말\n\nseed=1, 2"):  # several seeds but no numbered candidates: not our rendering
         assert parse_result(text) is None, text
+
+
+def test_the_first_candidate_ends_at_the_first_separator_whatever_the_others_hold():
+    gen = Generation(GenRequest("긍정", "아", KNOBS), (" 좋다", " 별로\n\n2. 최악", " 음"), (1, 2, 3), 4)
+    assert parse_result(render_generation(gen, 4096)).text == "아 좋다"
+
+
+def test_a_result_that_finished_is_not_marked_stopped():
+    done = Generation(GenRequest("긍정", "아", KNOBS), (" 정말",), (3,), 1, done=True, confidence=(0.93,))
+    assert render_generation(done, 4096, stopped=True) == render_generation(done, 4096) == "긍정 아 정말\n\nseed=3 · 긍정 93%"

@@ -190,6 +190,13 @@ def test_help_lists_the_grammar_every_knob_and_examples():
     assert help_text(KNOBS, limits).startswith("/gen [긍정|부정]")
     unsteered = help_text(KNOBS, limits, steered=False, escape=lambda s: s.replace("⚠️", "!"))
     assert unsteered.split("\n")[:3] == [UNSTEERED.replace("⚠️", "!"), "", "/gen [긍정|부정] 프롬프트 [key=value …]"]
+    # Then what the backend cannot do, then the chat's model when there is a choice (and how to switch it).
+    full = help_text(KNOBS, limits, command="!gen", steered=False, model="other", notice="best_of 없음 (no best_of)")
+    assert full.split("\n")[:7] == [UNSTEERED, "", "best_of 없음 (no best_of)", "",
+                                    "모델 (model): other — 목록·바꾸기는 !model, 한 요청만 model=이름", "",
+                                    "!gen [긍정|부정] 프롬프트 [key=value …]"]
+    assert help_text(KNOBS, limits, model="other").split("\n")[:2] == [
+        "모델 (model): other — 목록·바꾸기는 /model, 한 요청만 model=이름", ""]
 
 
 # ---- the rerank ---------------------------------------------------------------------------------------------
