@@ -107,6 +107,26 @@ def run_tutorial(model_dir: Path) -> dict:
     return {"a_ms_per_token": single / NEW_TOKENS * 1000, "b_wall_s": time.perf_counter() - started}
 
 
+def convert_for_ctranslate2(model_dir: Path) -> None:
+    """CTranslate2's int8 copy of the weights, beside `model_dir` (its converter wants one vocabulary entry per
+    embedding row; the benchmark's tokenizer is smaller than KoGPT2's 51,200, so its copy is padded with unused tokens,
+    never produced from text)."""
+    import ctranslate2
+    from transformers import PreTrainedTokenizerFast
+
+    source = model_dir.parent / "ct2-source"
+    source.mkdir()
+    for item in model_dir.iterdir():
+        (source / item.name).symlink_to(item)
+    padded = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    padded.add_tokens([f"<unused{i}>" for i in range(51200 - len(padded))])
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (source / name).unlink(missing_ok=True)
+    padded.save_pretrained(source)
+    ctranslate2.converters.TransformersConverter(str(source)).convert(str(model_dir.parent / "ct2-int8"),
+                                                                      quantization="int8")
+
+
 def run_ctranslate2(model_dir: Path) -> dict:
     """CTranslate2's int8 generator over the same weights: (a) one prompt, (b) the 16 prompts in one batch."""
     import ctranslate2
@@ -117,18 +137,7 @@ def run_ctranslate2(model_dir: Path) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     converted = model_dir.parent / "ct2-int8"
     if not converted.exists():
-        # The converter wants one vocabulary entry per embedding row; the benchmark's tokenizer is smaller than
-        # KoGPT2's 51,200, so its copy is padded with unused tokens (never produced from text).
-        source = model_dir.parent / "ct2-source"
-        source.mkdir()
-        for item in model_dir.iterdir():
-            (source / item.name).symlink_to(item)
-        padded = PreTrainedTokenizerFast.from_pretrained(model_dir)
-        padded.add_tokens([f"<unused{i}>" for i in range(51200 - len(padded))])
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            (source / name).unlink(missing_ok=True)
-        padded.save_pretrained(source)
-        ctranslate2.converters.TransformersConverter(str(source)).convert(str(converted), quantization="int8")
+        convert_for_ctranslate2(model_dir)
     generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8", intra_threads=usable_cpus())
     prompts = [tokenizer.convert_ids_to_tokens(tokenizer(s["prompt"])["input_ids"]) for s in knob_sets()]
     options = {"max_length": NEW_TOKENS, "min_length": NEW_TOKENS, "include_prompt_in_result": False,

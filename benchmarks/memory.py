@@ -40,7 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_speed import CONCURRENT, NEW_TOKENS, build_model, knob_sets  # noqa: E402
+from benchmarks.engine_speed import (  # noqa: E402
+    CONCURRENT,
+    NEW_TOKENS,
+    build_model,
+    convert_for_ctranslate2,
+    knob_sets,
+)
 
 BOT_ROWS = ("bot-base", "embedded", "ckpt-load")
 SETTLE_S = 1.0  # the embedded row's RSS is read this long after its last answer (an idle engine trims after 0.1 s)
@@ -67,25 +73,6 @@ def run_ctranslate2(model_dir: Path, spawned: float) -> dict:
     ready = time.time() - spawned
     generator.generate_batch(prompts, max_length=NEW_TOKENS, min_length=NEW_TOKENS, **options)
     return {"ready_s": ready, "peak_rss_mb": _status("self", "VmHWM")}
-
-
-def convert_for_ctranslate2(model_dir: Path) -> None:
-    """CTranslate2's int8 copy of the weights (its converter wants one vocabulary entry per embedding row, so the
-    benchmark's smaller tokenizer is padded with unused tokens, never produced from text)."""
-    import ctranslate2
-    from transformers import PreTrainedTokenizerFast
-
-    source = model_dir.parent / "ct2-source"
-    source.mkdir()
-    for item in model_dir.iterdir():
-        (source / item.name).symlink_to(item)
-    padded = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    padded.add_tokens([f"<unused{i}>" for i in range(51200 - len(padded))])
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (source / name).unlink(missing_ok=True)
-    padded.save_pretrained(source)
-    ctranslate2.converters.TransformersConverter(str(source)).convert(str(model_dir.parent / "ct2-int8"),
-                                                                      quantization="int8")
 
 
 def _free_port() -> int:

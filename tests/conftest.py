@@ -12,6 +12,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,6 +41,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "kogpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir: Path) -> transformers.GPT2LMHeadModel:
+    """The tiny model with different weights, as if fine-tuned, so loading it is observable."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    return model
 
 
 @pytest.fixture(scope="session")

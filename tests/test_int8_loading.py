@@ -29,16 +29,6 @@ from core.speedups import RowInt8Linear, fuse_gelu, quantize_int8
 IDS = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_dir: Path) -> GPT2LMHeadModel:
-    """The tiny model with different weights, as if fine-tuned, so loading it is observable."""
-    model = GPT2LMHeadModel.from_pretrained(tiny_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    return model
-
-
 def _reference(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     """What the bot served before streaming: the float32 model, then quantized."""
     copy = GPT2LMHeadModel(model.config)

@@ -23,16 +23,6 @@ from core.model_loading import load_model, pick_checkpoint
 from core.settings import ModelSettings
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_dir: Path) -> GPT2LMHeadModel:
-    """The tiny model with different weights, as if fine-tuned, so loading it is observable."""
-    model = GPT2LMHeadModel.from_pretrained(tiny_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    return model
-
-
 def _same_weights(a: GPT2LMHeadModel, b: GPT2LMHeadModel) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa)
