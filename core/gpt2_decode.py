@@ -117,15 +117,17 @@ class DecodeBatch:
     def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
         """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
         lengths = [len(p) for p in prompts]
-        self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
+        width = self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
         # Prompts of one length side by side: each such group's attention is one batched product per side.
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         ids = torch.tensor([t for i in order for t in prompts[i]])
         positions = torch.cat([torch.arange(lengths[i]) for i in order])
         x = self.wte(ids) + self.wpe(positions)  # (all tokens, embedding): every op but attention is row by row
         groups: list[tuple[int, int, int]] = []  # (first token, prompts, length)
+        starts: dict[int, int] = {}  # each prompt's first token
         start = 0
         for i in order:
+            starts[i] = start
             if groups and groups[-1][2] == lengths[i]:
                 groups[-1] = (groups[-1][0], groups[-1][1] + 1, lengths[i])
             else:
@@ -139,13 +141,12 @@ class DecodeBatch:
                      for a, count, n in groups]
             x = self._finish(layer, x, torch.cat(parts))
             kept.append(qkv)
-        starts = dict(zip(order, _accumulate([0] + [lengths[i] for i in order])))  # each prompt's first token
         spans = [(starts[i], starts[i] + lengths[i]) for i in range(len(prompts))]
         last = torch.tensor([b - 1 for _, b in spans])
         logits = self.lm_head(self.ln_f(x.index_select(0, last))).float()
         # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
         first = len(self.positions)
-        self._fit(first + sum(copies), max(self.mask.shape[1], self._width(max(lengths))))
+        self._fit(first + sum(copies), max(self.mask.shape[1], width))
         slot = first
         for (a, b), n in zip(spans, copies):
             for _ in range(n):
@@ -260,12 +261,3 @@ class DecodeBatch:
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
-
-
-def _accumulate(values: list[int]) -> list[int]:
-    total, out = 0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
-

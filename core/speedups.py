@@ -66,7 +66,7 @@ class RowInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=_TINY)  # (an inf-norm is 8x slower)
+        scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=TINY)  # (an inf-norm is 8x slower)
         levels = rows.div(scale)  # in [-127, 127]; rounded to integers (half to even) as they are quantized
         if self.packed is not None:
             # fbgemm quantizes with scale 1 and zero point 128 (rounding half to even, as torch.round: one pass fewer
@@ -85,7 +85,6 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
 
 
-_TINY = TINY
 _FBGEMM_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
 
 
