@@ -37,9 +37,10 @@ from transformers.pytorch_utils import Conv1D
 
 from core.engine import _Batch
 from core.gpt2_decode import DecodeBatch
+from core.int8_rows import RowInt8Linear
 from core.knobs import Knobs
 from core.sampling import PAD_ID, next_tokens
-from core.speedups import RowInt8Linear, fuse_gelu, quantize_int8, rowwise_attention
+from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
 
 PARTS = ("linear layers (48 int8 products, row scales)", "lm_head (768 x 51,200)", "attention",
          "rest of the model (norms, GELU, embeddings, cache)", "sampling (per-row rules, draws)",

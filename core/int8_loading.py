@@ -11,9 +11,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from core.int8_rows import Int8Embedding, quantize_rows
+from core.int8_rows import Int8Embedding, RowInt8Linear, quantize_rows
 from core.memory import large_blocks_returned
-from core.speedups import RowInt8Linear, quantize_int8
+from core.speedups import quantize_int8
 from core.weight_files import StoredTensor, safetensors_file
 
 EMBEDDING, HEAD = "transformer.wte.weight", "lm_head.weight"

@@ -6,8 +6,6 @@ batch, bit for bit: that is what lets a seed give the same text alone or in any 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -15,7 +13,7 @@ from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
-from core.int8_rows import TINY, Int8Embedding, quantize_rows
+from core.int8_rows import Int8Embedding, RowInt8Linear
 from core.memory import return_freed_memory
 
 
@@ -28,78 +26,6 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
         else:
             fuse_gelu(child)
     return model
-
-
-class RowInt8Linear(nn.Module):
-    """y = x Wᵀ + b with int8 weights (one scale per output channel) and int8 activations (one scale per row).
-
-    torch's dynamic quantization scales a whole batch's input with one number, so a row's result moved with its batch
-    mates. Here each row is quantized with its own scale, the int8 products are summed exactly in int32
-    (`torch._int_mm`, oneDNN's VNNI kernel on x86), and the rescaling is elementwise: a row's output is a function of
-    that row alone, bit for bit, whatever the batch around it."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        weight = weight.detach()
-        self._store(*quantize_rows(weight.shape[0], weight.shape[1], lambda begin, end: weight[begin:end]), bias)
-
-    @classmethod
-    def from_int8(cls, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> RowInt8Linear:
-        """The layer over weights already quantized by `quantize_rows` (a tied lm_head over its Int8Embedding's)."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._store(weight_int8, weight_scale, bias)  # noqa: SLF001 (its own class)
-        return layer
-
-    def _store(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("weight_scale", weight_scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.out_features, self.in_features = weight_int8.shape
-        self.packed = _fbgemm_pack(self.weight_int8, self.weight_scale)
-        if self.packed is not None:
-            self.weight_int8 = None  # fbgemm keeps its own copy, in the layout its kernels read
-
-    @property
-    def int8_weight(self) -> torch.Tensor:
-        return self.weight_int8 if self.packed is None else torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=TINY)  # (an inf-norm is 8x slower)
-        levels = rows.div(scale)  # in [-127, 127]; rounded to integers (half to even) as they are quantized
-        if self.packed is not None:
-            # fbgemm quantizes with scale 1 and zero point 128 (rounding half to even, as torch.round: one pass fewer
-            # than rounding here), sums int8 products in int32 and multiplies by the channel scale:
-            # float(acc) * weight_scale, as the line below.
-            out = _FBGEMM_LINEAR(levels, 1.0, 128, self.packed).mul_(scale)
-        else:
-            acc = torch._int_mm(levels.round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (int8 GEMM)
-            out = torch.mul(acc, self.weight_scale).mul_(scale)
-        # Separate multiplies and adds (no fused multiply-add): each is correctly rounded wherever a kernel splits it.
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
-
-
-_FBGEMM_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
-
-
-def _fbgemm_pack(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject | None:
-    """fbgemm's prepacked int8 weights where this torch has fbgemm (x86), else None (`torch._int_mm` then).
-
-    Measured on KoGPT2-base's shapes (2 cores): the same exact int32 products as `torch._int_mm`, about 3x faster
-    for the 51,200-wide lm_head at one row, because the weights are packed once instead of at every call."""
-    if _FBGEMM_LINEAR is None or "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao; only packing uses one
-        qweight = torch._make_per_channel_quantized_tensor(  # noqa: SLF001 (wraps the int8 values, no copy of floats)
-            weight_int8, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -20,11 +20,11 @@ import core.engine
 import core.model_loading
 from core.errors import ModelLoadError
 from core.grammar import parse_gen
-from core.int8_rows import Int8Embedding, quantize_rows
+from core.int8_rows import Int8Embedding, RowInt8Linear, quantize_rows
 from core.memory import drop_mapped_pages
 from core.model_loading import load_model
 from core.settings import ModelSettings
-from core.speedups import RowInt8Linear, fuse_gelu, quantize_int8
+from core.speedups import fuse_gelu, quantize_int8
 
 IDS = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.speedups import RowInt8Linear
+from core.int8_rows import RowInt8Linear
 
 
 def _layer(k: int, n: int, seed: int = 0) -> RowInt8Linear:
