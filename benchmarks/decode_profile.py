@@ -5,10 +5,15 @@ the Python around them. Side by side, steps interleaved, medians reported:
   batch; the speed the engine had before seeds held in any batch, for reference);
 - `hf`: per-row int8 layers through transformers' forward with per-row attention runs (the engine before its own
   decode path; still the path for models and devices that path does not serve);
-- `own`: the engine's own GPT-2 decode path (core/gpt2_decode.py), the serving default on a CPU.
+- `own`: the engine's own GPT-2 decode path (core/gpt2_decode.py), the serving default on a CPU;
+- `before` (with `--baseline REV`): the same path as git revision REV had it (its core/gpt2_decode.py and
+  RowInt8Linear.forward, over the same model), to measure a change side by side.
 
     python benchmarks/decode_profile.py               # 16 rows, ~1-2 minutes on 2 cores
     python benchmarks/decode_profile.py --rows 1
+    python benchmarks/decode_profile.py --rows 1 --paths before,own --baseline HEAD~3
+
+A line after the step's parts gives the prefill of the batch's prompts (medians of `--prefills` interleaved runs).
 
 Model: GPT-2 with KoGPT2-base's shape, random weights. Batch: `--rows` rows of mixed prompt lengths (4 lengths, as a
 burst of chats brings) and as many knob sets (benchmarks/engine_speed.py's). Each part is timed with wall clocks
@@ -22,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -45,6 +53,7 @@ from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
 PARTS = ("linear layers (48 int8 products, row scales)", "lm_head (768 x 51,200)", "attention",
          "rest of the model (norms, GELU, embeddings, cache)", "sampling (per-row rules, draws)",
          "Python around them (engine bookkeeping)", "step")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,16 +88,41 @@ class Clock:
 
 def instrument(model: torch.nn.Module, clock: Clock) -> None:
     """Time every linear layer, the lm_head and each transformers attention block (whose own linear layers are also
-    counted apart, so the attention itself is the block minus them)."""
+    counted apart, so the attention itself is the block minus them). The wrappers call the class's methods at each
+    call, so that `--baseline` can swap in another RowInt8Linear.forward."""
     linear_types = (RowInt8Linear, torch.ao.nn.quantized.dynamic.Linear)
     for name, module in model.named_modules():
         if name == "lm_head":
-            module.forward = clock.wrap(("lm_head",), module.forward)
+            parts = ("lm_head",)
         elif isinstance(module, linear_types):
             parts = ("linear", "attention's linear") if ".attn." in name else ("linear",)
-            module.forward = clock.wrap(parts, module.forward)
         elif type(module).__name__ == "GPT2Attention":
-            module.forward = clock.wrap(("attention block",), module.forward)
+            parts = ("attention block",)
+        else:
+            continue
+        for method in ("forward", "add_to"):
+            if hasattr(type(module), method):
+                setattr(module, method, clock.wrap(parts, _late(module, method)))
+
+
+def _late(module: torch.nn.Module, method: str):
+    return lambda *args, **kwargs: getattr(type(module), method)(module, *args, **kwargs)
+
+
+def baseline(rev: str) -> tuple[type, object]:
+    """(DecodeBatch, RowInt8Linear.forward) as git revision `rev` of this repository had them."""
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("int8_rows", "gpt2_decode"):
+            path = Path(tmp) / f"{name}.py"
+            path.write_text(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:core/{name}.py"], check=True,
+                                           capture_output=True, text=True).stdout)
+            spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            found.append(module)
+    rows, decode = found
+    return decode.DecodeBatch, getattr(rows, "RowInt8Linear", None) and rows.RowInt8Linear.forward
 
 
 def engine_ids(tokens: list[list[int]]) -> torch.Tensor:
@@ -106,7 +140,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--paths", default="dynamic,hf,own", help="comma-separated: dynamic, hf, own, before")
+    parser.add_argument("--baseline", default="HEAD", help="the git revision the `before` path comes from")
+    parser.add_argument("--prefills", type=int, default=5)
     args = parser.parse_args()
+    paths = args.paths.split(",")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=51200, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
@@ -127,15 +165,35 @@ def main() -> None:
         "top_k", "top_p", "temperature", "repetition_penalty", "no_repeat_ngram_size", "seed")})
         for i in range(args.rows)]
     torch.set_num_threads(args.threads)
-    batches = {"dynamic": _Batch(dynamic), "hf": _Batch(int8), "own": DecodeBatch(int8)}
-    batches["own"].attend = clock.wrap(("attention",), batches["own"].attend)
-    for batch in batches.values():
+    new_forward = RowInt8Linear.forward
+    old_batch, old_forward = baseline(args.baseline) if "before" in paths else (None, None)
+    makers = {"dynamic": lambda: _Batch(dynamic), "hf": lambda: _Batch(int8), "own": lambda: DecodeBatch(int8),
+              "before": lambda: old_batch(int8)}
+
+    def forward_of(name: str) -> None:
+        RowInt8Linear.forward = old_forward if name == "before" else new_forward
+
+    prefill_s: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.prefills):
+        for name in paths:
+            forward_of(name)
+            batch = makers[name]()
+            started = clock.now()
+            batch.prefill(prompts, [1] * len(prompts))
+            prefill_s[name].append(clock.now() - started)
+    batches = {name: makers[name]() for name in paths}
+    for name in ("own", "before"):
+        if name in batches:
+            batches[name].attend = clock.wrap(("attention",), batches[name].attend)
+    for name, batch in batches.items():
+        forward_of(name)
         batch.prefill(prompts, [1] * len(prompts))
     tokens = {name: [list(p) for p in prompts] for name in batches}
     per_step: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in batches}
     generators = {name: [torch.Generator().manual_seed(i) for i in range(args.rows)] for name in batches}
     for step in range(args.steps + 3):
         for name, batch in batches.items():  # interleaved: every path sees the same neighbours' load
+            forward_of(name)
             clock.spent.clear()
             started = clock.now()
             logits = clock.wrap(("forward",), batch.step)([t[-1] for t in tokens[name]])
@@ -156,10 +214,18 @@ def main() -> None:
                 per_step[name][part].append(value)
     print(f"{args.rows} rows, KoGPT2-base shape, {args.clock} ms per decode step (median of {args.steps} interleaved "
           f"steps), {torch.get_num_threads()} threads, prompts of {lengths[0]}-{lengths[-1]} tokens + {args.steps + 3} steps")
-    print(f"{'part':<52} {'dynamic':>8} {'hf':>8} {'own':>8} {'own/hf':>7}")
-    for part in PARTS:
-        dyn, hf, own = (statistics.median(per_step[n][part]) * 1000 for n in ("dynamic", "hf", "own"))
-        print(f"{part:<52} {dyn:>8.2f} {hf:>8.2f} {own:>8.2f} {own / hf if hf else float('nan'):>6.2f}x")
+    reference = "before" if "before" in paths else "hf"
+    ratio = f"own/{reference}" if "own" in paths and reference in paths and reference != "own" else None
+    print(f"{'part':<52}" + "".join(f" {n:>8}" for n in paths) + (f" {ratio:>10}" if ratio else ""))
+    rows = [(part, [statistics.median(per_step[n][part]) * 1000 for n in paths]) for part in PARTS]
+    rows.append((f"prefill ({args.rows} prompts, median of {args.prefills})",
+                 [statistics.median(prefill_s[n]) * 1000 for n in paths]))
+    for part, values in rows:
+        line = f"{part:<52}" + "".join(f" {v:>8.2f}" for v in values)
+        if ratio:
+            own, ref = values[paths.index("own")], values[paths.index(reference)]
+            line += f" {own / ref if ref else float('nan'):>9.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from core.devices import device_of
+from core.int8_rows import RowInt8Linear
 
 NEG_INF = float("-inf")
 WIDTH_STEP = 16  # attention widths and buffer capacities are multiples of this
@@ -57,7 +58,19 @@ class _Layer:
         if config.scale_attn_by_inverse_layer_idx:
             scale /= float(index + 1)
         self.scale = scale
-        self.keys = self.values = torch.zeros(0, 0, 0, 0)
+        # Keys and values in one buffer (2 × slots × heads × width × head size), so that a step writes both with one
+        # indexed copy; `keys` and `values` are its two halves, each contiguous.
+        self.kv = torch.zeros(2, 0, 0, 0, 0)
+        # The int8 layers add their output to the residual stream in one pass fewer (RowInt8Linear.add_to).
+        self.fused = isinstance(self.proj, RowInt8Linear) and isinstance(self.c_out, RowInt8Linear)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv[1]
 
 
 class DecodeBatch:
@@ -94,13 +107,11 @@ class DecodeBatch:
         used, kept = len(self.positions), min(width, capacity)
         for layer in self.layers:
             # Slots past `used` are written whole when a prefill takes them: only the rows kept need zeros.
-            keys = torch.empty(slots, self.heads, width, self.head_size)
-            values = torch.empty(slots, self.heads, width, self.head_size)
+            kv = torch.empty(2, slots, self.heads, width, self.head_size)
             if used:
-                keys[:used, :, :kept] = layer.keys[:used, :, :kept]
-                values[:used, :, :kept] = layer.values[:used, :, :kept]
-                keys[:used, :, kept:], values[:used, :, kept:] = 0, 0
-            layer.keys, layer.values = keys, values
+                kv[:, :used, :, :kept] = layer.kv[:, :used, :, :kept]
+                kv[:, :used, :, kept:] = 0
+            layer.kv = kv
         mask = torch.full((slots, width), NEG_INF)
         mask[:used, :kept] = self.mask[:used, :kept]
         self.mask = mask
@@ -136,7 +147,7 @@ class DecodeBatch:
         causal = {n: torch.full((n, n), NEG_INF).triu_(1) for _, _, n in groups}
         kept: list[torch.Tensor] = []
         for layer in self.layers:
-            qkv = layer.c_attn(layer.ln_1(x)).view(len(ids), 3, self.heads, self.head_size)
+            qkv = layer.c_attn.forward(layer.ln_1.forward(x)).view(len(ids), 3, self.heads, self.head_size)
             parts = [self._causal_attention(layer, qkv[a:a + count * n].view(count, n, 3, self.heads, -1), causal[n])
                      for a, count, n in groups]
             x = self._finish(layer, x, torch.cat(parts))
@@ -145,19 +156,22 @@ class DecodeBatch:
         last = torch.tensor([b - 1 for _, b in spans])
         logits = self.lm_head(self.ln_f(x.index_select(0, last))).float()
         # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
-        first = len(self.positions)
-        self._fit(first + sum(copies), max(self.mask.shape[1], width))
-        slot = first
-        for (a, b), n in zip(spans, copies):
-            for _ in range(n):
-                for layer, qkv in zip(self.layers, kept):
-                    layer.keys[slot, :, : b - a] = qkv[a:b, 1].transpose(0, 1)
-                    layer.values[slot, :, : b - a] = qkv[a:b, 2].transpose(0, 1)
-                    layer.keys[slot, :, b - a:], layer.values[slot, :, b - a:] = 0, 0  # whatever the slot held before
-                self.mask[slot] = NEG_INF
-                self.mask[slot, : b - a] = 0
-                slot += 1
-        self._slot.extend(range(first, slot))
+        first, new = len(self.positions), sum(copies)
+        self._fit(first + new, max(self.mask.shape[1], width))
+        slots, width = self.mask.shape
+        # Each new row's keys and values go in with one indexed copy per layer: a row (a copy of prompt i) takes the
+        # prompt's token rows [a, b) at columns [0, b - a) of its slot, whose other columns are zeroed first.
+        rows = [(first + r, a, b) for r, (a, b) in enumerate(s for s, n in zip(spans, copies) for _ in range(n))]
+        token = torch.tensor([t for _, a, b in rows for t in range(a, b)])
+        column = torch.tensor([(slot * self.heads * width) + c for slot, a, b in rows for c in range(b - a)])
+        side = torch.tensor([0, slots * self.heads * width])  # where the values' half begins
+        where = column[:, None, None] + side[:, None] + torch.arange(self.heads) * width  # (tokens, 2, heads)
+        for layer, qkv in zip(self.layers, kept):
+            layer.kv[:, first:first + new] = 0  # whatever the slots held before
+            layer.kv.view(-1, self.head_size).index_put_((where,), qkv.index_select(0, token)[:, 1:])
+        seen = torch.arange(width) < torch.tensor([b - a for _, a, b in rows])[:, None]
+        self.mask[first:first + new] = torch.zeros(new, width).masked_fill_(~seen, NEG_INF)
+        self._slot.extend(range(first, first + new))
         self.positions.extend(n for n, c in zip(lengths, copies) for _ in range(c))
         return logits.repeat_interleave(torch.tensor(copies), 0)
 
@@ -167,27 +181,29 @@ class DecodeBatch:
         rows, heads, size = len(last_tokens), self.heads, self.head_size
         width = self._width(max(self.positions) + 1)
         self._fit(rows, width)
+        slots = self.mask.shape[0]
         # The batch runs in slot order; the engine's order is restored before the lm_head.
         order = self._slot
         by_slot, pos = [0] * rows, [0] * rows
         for i, s in enumerate(order):
             by_slot[s], pos[s] = last_tokens[i], self.positions[i]
         position = torch.tensor(pos)
-        x = self.wte(torch.tensor(by_slot)) + self.wpe(position)
-        slots = torch.arange(rows)
-        self.mask[slots, position] = 0.0  # each row now also sees the key it is about to write
+        x = self.wte(torch.tensor(by_slot)).add_(self.wpe(position))
+        self.mask.view(-1).index_fill_(0, torch.arange(0, rows * width, width).add_(position), 0.0)  # the new keys
         mask = self.mask[:rows, None, None].expand(rows, heads, 1, width).reshape(-1, 1, width)
-        # Where each row's new key goes in a layer's buffer seen as (slots * heads * width, head size) rows.
-        column = ((slots[:, None] * heads + torch.arange(heads)) * width + position[:, None]).view(-1)
+        # Where each row's new key and value go in a layer's buffer seen as (2 * slots * heads * width, head size)
+        # rows: (rows, 2, heads), matching c_attn's output (rows, q/k/v, heads, head size) past its queries.
+        column = torch.arange(0, rows * heads * width, heads * width).add_(position)
+        where = (column[:, None, None] + torch.tensor([0, slots * heads * width])[:, None]
+                 + torch.arange(0, heads * width, width))
         for layer in self.layers:
-            q, k, v = self._qkv(layer, x, rows)  # each (rows, heads, head size)
-            layer.keys.view(-1, size).index_copy_(0, column, k.reshape(-1, size))
-            layer.values.view(-1, size).index_copy_(0, column, v.reshape(-1, size))
-            x = self._finish(layer, x, self.attend(layer, q, mask, rows).view(rows, -1))
+            qkv = layer.c_attn.forward(layer.ln_1.forward(x)).view(rows, 3, heads, size)
+            layer.kv.view(-1, size).index_put_((where,), qkv[:, 1:])
+            x = self._finish(layer, x, self.attend(layer, qkv[:, 0], mask, rows).view(rows, -1))
         if order != list(range(rows)):
             x = x.index_select(0, torch.tensor(order))
         self.positions = [p + 1 for p in self.positions]
-        return self.lm_head(self.ln_f(x)).float()
+        return self.lm_head.forward(self.ln_f.forward(x)).float()
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
@@ -201,8 +217,7 @@ class DecodeBatch:
         if moved:
             src, dst = torch.tensor(list(moved)), torch.tensor(list(moved.values()))
             for layer in self.layers:
-                layer.keys[dst] = layer.keys[src]
-                layer.values[dst] = layer.values[src]
+                layer.kv[:, dst] = layer.kv[:, src]
             self.mask[dst] = self.mask[src]
         self._slot = [moved.get(s, s) for s in kept_slots]
         self.positions = [self.positions[i] for i in keep]
@@ -225,7 +240,7 @@ class DecodeBatch:
         rows = len(self.positions)
         other._fit(rows, self.mask.shape[1])
         for mine, theirs in zip(self.layers, other.layers):
-            theirs.keys[:rows], theirs.values[:rows] = mine.keys[:rows], mine.values[:rows]
+            theirs.kv[:, :rows] = mine.kv[:, :rows]
         other.mask[:rows] = self.mask[:rows]
         other.positions, other._slot = list(self.positions), list(self._slot)
         return other
@@ -234,14 +249,10 @@ class DecodeBatch:
     def attend(self, layer: _Layer, q: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
         """Each row's query over its keys: one batched product per side over every column (rows × heads)."""
         size, width = self.head_size, self.mask.shape[1]
-        keys = layer.keys[:rows].view(-1, width, size)  # the first slots: contiguous
-        values = layer.values[:rows].view(-1, width, size)
+        keys = layer.kv[0, :rows].view(-1, width, size)  # the first slots: contiguous
+        values = layer.kv[1, :rows].view(-1, width, size)
         scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
         return torch.bmm(scores.softmax(dim=-1), values)
-
-    def _qkv(self, layer: _Layer, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
-        qkv = layer.c_attn(layer.ln_1(x)).view(rows, 3, self.heads, self.head_size)
-        return qkv[:, 0], qkv[:, 1], qkv[:, 2]  # each (rows, heads, head size)
 
     def _causal_attention(self, layer: _Layer, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Prompts of one length (qkv: prompts × tokens × 3 × heads × head size), each token over itself and the
@@ -254,9 +265,13 @@ class DecodeBatch:
 
     @staticmethod
     def _finish(layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The attention's projection and the MLP, with GPT-2's residual connections."""
-        x = x + layer.proj(attended)
-        return x + layer.c_out(layer.act(layer.c_fc(layer.ln_2(x))))
+        """The attention's projection and the MLP, with GPT-2's residual connections. (Modules are called through
+        `forward`: nothing hooks them, and the call machinery cost as much as a small operation.)"""
+        if layer.fused:
+            x = layer.proj.add_to(x, attended)
+            return layer.c_out.add_to(x, layer.act.forward(layer.c_fc.forward(layer.ln_2.forward(x))))
+        x = x + layer.proj.forward(attended)
+        return x + layer.c_out.forward(layer.act.forward(layer.c_fc.forward(layer.ln_2.forward(x))))
 
 
 def _round_up(n: int, step: int) -> int:

@@ -93,21 +93,32 @@ class RowInt8Linear(nn.Module):
         return self.weight_int8 if self.packed is None else torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=TINY)  # (an inf-norm is 8x slower)
+        out, scale = self._products(x)
+        # One fused multiply-add per element (torch.addcmul: correctly rounded once, in its vector and scalar loops
+        # alike), so a kernel's split of the rows cannot change a row's bits.
+        out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), in two passes over the output instead of three: (residual + products × row scale)
+        with one rounding, then + bias. x and residual are (rows, features)."""
+        out, scale = self._products(x)
+        out = torch.addcmul(residual, out, scale)
+        return out if self.bias is None else out.add_(self.bias)
+
+    def _products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the int32 products times each channel's scale, each row's scale), for x as (rows, in_features)."""
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        # 127.0, not 127: an integer scalar costs a conversion per call. (An inf-norm is 8x slower than abs + amax.)
+        scale = rows.abs().amax(dim=1, keepdim=True).div_(127.0).clamp_(min=TINY)
         levels = rows.div(scale)  # in [-127, 127]; rounded to integers (half to even) as they are quantized
         if self.packed is not None:
             # fbgemm quantizes with scale 1 and zero point 128 (rounding half to even, as torch.round: one pass fewer
             # than rounding here), sums int8 products in int32 and multiplies by the channel scale:
             # float(acc) * weight_scale, as the line below.
-            out = _FBGEMM_LINEAR(levels, 1.0, 128, self.packed).mul_(scale)
-        else:
-            acc = torch._int_mm(levels.round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (int8 GEMM)
-            out = torch.mul(acc, self.weight_scale).mul_(scale)
-        # Separate multiplies and adds (no fused multiply-add): each is correctly rounded wherever a kernel splits it.
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out.view(*x.shape[:-1], self.out_features)
+            return _FBGEMM_LINEAR(levels, 1.0, 128, self.packed), scale
+        acc = torch._int_mm(levels.round_().to(torch.int8), self.weight_int8.t())  # noqa: SLF001 (int8 GEMM)
+        return torch.mul(acc, self.weight_scale), scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"

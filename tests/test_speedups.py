@@ -20,9 +20,12 @@ def test_int8_linear_is_the_exact_integer_product_rescaled():
     scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(x / scale)
     exact = (q.double() @ layer.int8_weight.double().t()).float()  # integers: exact in float64
-    expected = exact * layer.weight_scale * scale + layer.bias
+    # times the channel scale, then times the row scale plus the bias with one rounding (a fused multiply-add)
+    expected = torch.addcmul(layer.bias, exact * layer.weight_scale, scale)
     assert torch.equal(layer(x), expected)
     assert torch.equal(layer(x)[3], layer.bias)  # a zero row gives the bias, not NaN
+    residual = torch.randn(5, 40)
+    assert torch.equal(layer.add_to(residual, x), torch.addcmul(residual, exact * layer.weight_scale, scale) + layer.bias)
 
 
 def test_int8_linear_rounds_halves_to_even_as_torch_round():
@@ -54,3 +57,5 @@ def test_a_row_of_an_int8_batch_equals_that_row_alone(rows: int, row: int, k: in
     row = row % rows
     assert torch.equal(layer(x)[row], layer(x[row:row + 1])[0])
     assert torch.equal(layer(x.view(rows, 1, k))[row, 0], layer(x[row])) # 3-D and 1-D inputs, as prefill and decode
+    residual = torch.randn(rows, n, generator=gen)
+    assert torch.equal(layer.add_to(residual, x)[row], layer.add_to(residual[row:row + 1], x[row:row + 1])[0])
