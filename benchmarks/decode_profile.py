@@ -13,7 +13,9 @@ the Python around them. Side by side, steps interleaved, medians reported:
     python benchmarks/decode_profile.py --rows 1
     python benchmarks/decode_profile.py --rows 1 --paths before,own --baseline HEAD~3
 
-A line after the step's parts gives the prefill of the batch's prompts (medians of `--prefills` interleaved runs).
+A line after the step's parts gives the prefill of the batch's prompts (medians of `--prefills` interleaved runs),
+and one the tensor operations a step dispatches (top-level operators under torch.profiler, the forward and sampling:
+a count, so the same on a busy box).
 
 Model: GPT-2 with KoGPT2-base's shape, random weights. Batch: `--rows` rows of mixed prompt lengths (4 lengths, as a
 burst of chats brings) and as many knob sets (benchmarks/engine_speed.py's). Each part is timed with wall clocks
@@ -212,6 +214,12 @@ def main() -> None:
             values += [spent["sampling"], total - spent["forward"] - spent["sampling"], total]
             for part, value in zip(PARTS, values):
                 per_step[name][part].append(value)
+    for name, batch in batches.items():
+        forward_of(name)
+        with torch.profiler.profile() as profiler:
+            logits = batch.step([t[-1] for t in tokens[name]])
+            next_tokens(engine_ids(tokens[name]), logits, knobs, [torch.Generator().manual_seed(0)] * args.rows, 0)
+        per_step[name]["operations"] = [sum(e.cpu_parent is None for e in profiler.events()) / 1000]
     print(f"{args.rows} rows, KoGPT2-base shape, {args.clock} ms per decode step (median of {args.steps} interleaved "
           f"steps), {torch.get_num_threads()} threads, prompts of {lengths[0]}-{lengths[-1]} tokens + {args.steps + 3} steps")
     reference = "before" if "before" in paths else "hf"
@@ -220,6 +228,7 @@ def main() -> None:
     rows = [(part, [statistics.median(per_step[n][part]) * 1000 for n in paths]) for part in PARTS]
     rows.append((f"prefill ({args.rows} prompts, median of {args.prefills})",
                  [statistics.median(prefill_s[n]) * 1000 for n in paths]))
+    rows.append(("tensor operations per step (a count, not ms)", [per_step[n]["operations"][0] * 1000 for n in paths]))
     for part, values in rows:
         line = f"{part:<52}" + "".join(f" {v:>8.2f}" for v in values)
         if ratio:

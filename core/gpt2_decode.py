@@ -278,8 +278,7 @@ class DecodeBatch:
     def attend(self, layer: _Layer, q: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
         """Each row's query over its keys: one batched product per side over every column (rows × heads)."""
         size, width = self.head_size, self.mask.shape[1]
-        keys = layer.kv[0, :rows].view(-1, width, size)  # the first slots: contiguous
-        values = layer.kv[1, :rows].view(-1, width, size)
+        keys, values = layer.kv[:, :rows].view(2, -1, width, size).unbind()  # the first slots: each contiguous
         scores = torch.baddbmm(mask, q.reshape(-1, 1, size), keys.transpose(1, 2), alpha=layer.scale)
         return torch.bmm(scores.softmax(dim=-1), values)
 

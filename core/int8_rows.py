@@ -97,7 +97,7 @@ class RowInt8Linear(nn.Module):
         # One fused multiply-add per element (torch.addcmul: correctly rounded once, in its vector and scalar loops
         # alike), so a kernel's split of the rows cannot change a row's bits.
         out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + self(x), in two passes over the output instead of three: (residual + products × row scale)
