@@ -5,15 +5,17 @@ transformers' forward left-pads a batch to its longest row, builds masks, and go
 layers; the width of the padded keys then changed a row's last bits with its batch mates (so attention ran once per
 run of equal rows), and the Python around it cost more than the matrix products at one row. Here:
 
-- every row owns one slot of each layer's key/value buffers, its keys at columns [0, length) and zeros after them;
-  a step writes each row's new column in place (one indexed copy per layer and side);
+- every row owns one slot of each layer's key/value buffer, its keys at columns [0, length) and zeros after them;
+  a step writes each row's new key and value in place (one indexed copy per layer);
 - a step's attention is one batched matrix product per side and layer over the buffers' width (the longest row's,
   rounded up to WIDTH_STEP), the columns a row has not reached masked out with -inf: each (row, head) is its own
   product, whose bits do not depend on the batch, the width or the thread count (the -inf columns add exact zeros;
   tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads);
 - a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
   by row) and each prompt's causal attention on its own;
-- rows that end are dropped by moving the last slots into their places.
+- rows that end are dropped by moving the last slots into their places;
+- only the matrix products run at the caller's thread count (the engine's tuner's choice); the small operations
+  between them run on one thread, where a fork and join per operation cost more than the operation.
 
 It uses the model's own modules by their checkpoint names (transformer.wte/wpe/h[i].ln_1/attn.c_attn/…/lm_head), so
 the int8 layers and whatever else replaces a module keep working; `decode_batch` says when a model is something else
@@ -53,7 +55,8 @@ class _Layer:
 
     def __init__(self, block: nn.Module, index: int, config: object):
         self.ln_1, self.c_attn, self.proj = block.ln_1, block.attn.c_attn, block.attn.c_proj
-        self.ln_2, self.c_fc, self.act, self.c_out = block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj
+        self.ln_2, self.c_fc, self.c_out = block.ln_2, block.mlp.c_fc, block.mlp.c_proj
+        self.act = getattr(block.mlp.act, "forward", block.mlp.act)  # a module or a plain function
         scale = 1.0
         if config.scale_attn_weights:
             scale = (config.n_embd // config.n_head) ** -0.5
@@ -297,9 +300,9 @@ class DecodeBatch:
         product = self._product
         if layer.fused:
             x = product(layer.proj.add_to, x, attended)
-            return product(layer.c_out.add_to, x, layer.act.forward(product(layer.c_fc.forward, layer.ln_2.forward(x))))
+            return product(layer.c_out.add_to, x, layer.act(product(layer.c_fc.forward, layer.ln_2.forward(x))))
         x = x + product(layer.proj.forward, attended)
-        return x + product(layer.c_out.forward, layer.act.forward(product(layer.c_fc.forward, layer.ln_2.forward(x))))
+        return x + product(layer.c_out.forward, layer.act(product(layer.c_fc.forward, layer.ln_2.forward(x))))
 
 
 def _round_up(n: int, step: int) -> int:
