@@ -13,9 +13,7 @@ run of equal rows), and the Python around it cost more than the matrix products 
   tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads);
 - a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
   by row) and each prompt's causal attention on its own;
-- rows that end are dropped by moving the last slots into their places;
-- only the matrix products run at the caller's thread count (the engine's tuner's choice); the small operations
-  between them run on one thread, where a fork and join per operation cost more than the operation.
+- rows that end are dropped by moving the last slots into their places.
 
 It uses the model's own modules by their checkpoint names (transformer.wte/wpe/h[i].ln_1/attn.c_attn/…/lm_head), so
 the int8 layers and whatever else replaces a module keep working; `decode_batch` says when a model is something else
@@ -23,8 +21,6 @@ the int8 layers and whatever else replaces a module keep working; `decode_batch`
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,18 +60,10 @@ class _Layer:
             scale /= float(index + 1)
         self.scale = scale
         # Keys and values in one buffer (2 × slots × heads × width × head size), so that a step writes both with one
-        # indexed copy; `keys` and `values` are its two halves, each contiguous.
+        # indexed copy; kv[0] (the keys) and kv[1] are each contiguous.
         self.kv = torch.zeros(2, 0, 0, 0, 0)
         # The int8 layers add their output to the residual stream in one pass fewer (RowInt8Linear.add_to).
         self.fused = isinstance(self.proj, RowInt8Linear) and isinstance(self.c_out, RowInt8Linear)
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.kv[0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.kv[1]
 
 
 class DecodeBatch:
@@ -97,27 +85,6 @@ class DecodeBatch:
         self.mask = torch.zeros(0, 0)  # (slots, columns): 0 where a slot's row has a key, -inf elsewhere
         self.positions: list[int] = []
         self._slot: list[int] = []
-        self._threads = 1  # the matrix products' thread count during a step or prefill (the caller's)
-
-    def _product(self, method: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-        """A linear layer's method at the caller's thread count. Everything else in a step runs on one thread: at
-        a few rows each of those operations is too small to share, and every parallel region costs a fork and join
-        (far more when another process holds a core); the int8 products stream the weights from memory and gain
-        from a second thread. (Switching costs a fraction of a microsecond; a product's integer sums are exact at
-        any thread count, and everything else now always runs on one.)"""
-        torch.set_num_threads(self._threads)
-        out = method(*args)
-        torch.set_num_threads(1)
-        return out
-
-    def _one_thread(self, run: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-        """`run(*args)` with one thread outside the matrix products, the caller's count restored after."""
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return run(*args)
-        finally:
-            torch.set_num_threads(self._threads)
 
     # ---- buffers ---------------------------------------------------------------------------------------------
     def _fit(self, rows: int, width: int) -> None:
@@ -153,9 +120,6 @@ class DecodeBatch:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
         """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
-        return self._one_thread(self._prefill, prompts, copies)
-
-    def _prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
         lengths = [len(p) for p in prompts]
         width = self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
         # Prompts of one length side by side: each such group's attention is one batched product per side.
@@ -176,14 +140,14 @@ class DecodeBatch:
         causal = {n: torch.full((n, n), NEG_INF).triu_(1) for _, _, n in groups}
         kept: list[torch.Tensor] = []
         for layer in self.layers:
-            qkv = self._product(layer.c_attn.forward, layer.ln_1.forward(x)).view(len(ids), 3, self.heads, -1)
+            qkv = layer.c_attn.forward(layer.ln_1.forward(x)).view(len(ids), 3, self.heads, -1)
             parts = [self._causal_attention(layer, qkv[a:a + count * n].view(count, n, 3, self.heads, -1), causal[n])
                      for a, count, n in groups]
             x = self._finish(layer, x, torch.cat(parts))
             kept.append(qkv)
         spans = [(starts[i], starts[i] + lengths[i]) for i in range(len(prompts))]
         last = torch.tensor([b - 1 for _, b in spans])
-        logits = self._product(self.lm_head.forward, self.ln_f.forward(x.index_select(0, last))).float()
+        logits = self.lm_head.forward(self.ln_f.forward(x.index_select(0, last))).float()
         # Add the rows only now that nothing can fail: a failed prefill leaves the batch as it was.
         first, new = len(self.positions), sum(copies)
         self._fit(first + new, max(self.mask.shape[1], width))
@@ -207,9 +171,6 @@ class DecodeBatch:
     @torch.inference_mode()
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each (float32, CPU)."""
-        return self._one_thread(self._step, last_tokens)
-
-    def _step(self, last_tokens: list[int]) -> torch.Tensor:
         rows, heads, size = len(last_tokens), self.heads, self.head_size
         width = self._width(max(self.positions) + 1)
         self._fit(rows, width)
@@ -229,13 +190,13 @@ class DecodeBatch:
         where = (column[:, None, None] + torch.tensor([0, slots * heads * width])[:, None]
                  + torch.arange(0, heads * width, width))
         for layer in self.layers:
-            qkv = self._product(layer.c_attn.forward, layer.ln_1.forward(x)).view(rows, 3, heads, size)
+            qkv = layer.c_attn.forward(layer.ln_1.forward(x)).view(rows, 3, heads, size)
             layer.kv.view(-1, size).index_put_((where,), qkv[:, 1:])
             x = self._finish(layer, x, self.attend(layer, qkv[:, 0], mask, rows).view(rows, -1))
         if order != list(range(rows)):
             x = x.index_select(0, torch.tensor(order))
         self.positions = [p + 1 for p in self.positions]
-        return self._product(self.lm_head.forward, self.ln_f.forward(x)).float()
+        return self.lm_head.forward(self.ln_f.forward(x)).float()
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
@@ -294,15 +255,15 @@ class DecodeBatch:
         out = torch.bmm(scores.softmax(dim=-1), v)
         return out.view(count, heads, n, size).transpose(1, 2).reshape(count * n, heads * size)
 
-    def _finish(self, layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _finish(layer: _Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The attention's projection and the MLP, with GPT-2's residual connections. (Modules are called through
         `forward`: nothing hooks them, and the call machinery cost as much as a small operation.)"""
-        product = self._product
         if layer.fused:
-            x = product(layer.proj.add_to, x, attended)
-            return product(layer.c_out.add_to, x, layer.act(product(layer.c_fc.forward, layer.ln_2.forward(x))))
-        x = x + product(layer.proj.forward, attended)
-        return x + product(layer.c_out.forward, layer.act(product(layer.c_fc.forward, layer.ln_2.forward(x))))
+            x = layer.proj.add_to(x, attended)
+            return layer.c_out.add_to(x, layer.act(layer.c_fc.forward(layer.ln_2.forward(x))))
+        x = x + layer.proj.forward(attended)
+        return x + layer.c_out.forward(layer.act(layer.c_fc.forward(layer.ln_2.forward(x))))
 
 
 def _round_up(n: int, step: int) -> int:

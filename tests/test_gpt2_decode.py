@@ -15,7 +15,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from core.engine import Engine, _Batch
 from core.gpt2_decode import DecodeBatch, decode_batch, supports
 from core.grammar import parse_gen
-from core.int8_rows import RowInt8Linear
 from core.model_loading import load_model
 from core.speedups import fuse_gelu, quantize_int8
 
@@ -182,37 +181,6 @@ def test_a_failed_step_is_undone_and_a_copy_is_independent(models):
     fresh.step([1, 2, 3])
     assert torch.equal(again, fresh.step([4, 5, 6]))
     assert probe.positions == expected and batch.positions == fresh.positions
-
-
-def test_only_the_matrix_products_run_at_the_callers_thread_count(models, monkeypatch):
-    """A step's linear layers and lm_head run at the thread count the engine set (its tuner's choice); the small
-    operations between them on one thread; and the caller's count is back afterwards, also after a failed step."""
-    model, before = models["int8"], torch.get_num_threads()
-    seen: dict[str, set[int]] = {"products": set(), "attention": set()}
-    real_attend = DecodeBatch.attend
-
-    def attend(self, *args):
-        seen["attention"].add(torch.get_num_threads())
-        return real_attend(self, *args)
-
-    monkeypatch.setattr(DecodeBatch, "attend", attend)
-    for module in model.modules():
-        if isinstance(module, RowInt8Linear):
-            for method in ("forward", "add_to"):
-                real = getattr(module, method)
-                monkeypatch.setattr(module, method, lambda *a, real=real: seen["products"].add(
-                    torch.get_num_threads()) or real(*a))
-    try:
-        torch.set_num_threads(2)
-        batch = DecodeBatch(model)
-        batch.prefill(PROMPTS[:2], [1, 1])
-        batch.step([1, 2])
-        assert seen == {"products": {2}, "attention": {1}} and torch.get_num_threads() == 2
-        with pytest.raises(IndexError):
-            batch.step([1, 10**9])
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_the_engine_decodes_gpt2_on_a_cpu_itself_and_anything_else_through_transformers(models, tiny_dir):
