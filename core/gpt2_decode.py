@@ -155,8 +155,9 @@ class DecodeBatch:
         # Each new row's keys and values go in with one indexed copy per layer: a row (a copy of prompt i) takes the
         # prompt's token rows [a, b) at columns [0, b - a) of its slot, whose other columns are zeroed first.
         rows = [(first + r, a, b) for r, (a, b) in enumerate(s for s, n in zip(spans, copies) for _ in range(n))]
-        token = torch.tensor([t for _, a, b in rows for t in range(a, b)])
-        column = torch.tensor([(slot * self.heads * width) + c for slot, a, b in rows for c in range(b - a)])
+        token = torch.tensor([t for _, a, b in rows for t in range(a, b)], dtype=torch.long)
+        column = torch.tensor([slot * self.heads * width + c for slot, a, b in rows for c in range(b - a)],
+                              dtype=torch.long)
         side = torch.tensor([0, slots * self.heads * width])  # where the values' half begins
         where = column[:, None, None] + side[:, None] + torch.arange(self.heads) * width  # (tokens, 2, heads)
         for layer, qkv in zip(self.layers, kept):

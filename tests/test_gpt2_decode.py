@@ -112,6 +112,14 @@ def test_prompts_of_one_length_prefilled_together_equal_each_alone(models):
         assert all(torch.equal(a, b[row]) for a, b in zip(got, together)), row
 
 
+def test_a_prompt_prefilled_zero_times_adds_no_rows(models):
+    model = models["int8"]
+    batch, reference = DecodeBatch(model), DecodeBatch(model)
+    assert batch.prefill([PROMPTS[0]], [0]).shape[0] == 0 and batch.positions == []
+    assert torch.equal(batch.prefill([PROMPTS[0], PROMPTS[1]], [0, 2]), reference.prefill([PROMPTS[1]], [2]))
+    assert torch.equal(batch.step([3, 4]), reference.step([3, 4]))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention_kernels_give_the_same_bits_at_any_width(threads: int):
     """The step's attention runs over the batch's longest row (rounded up); a row's columns past its own length
