@@ -13,6 +13,7 @@ the Python around them. Side by side, steps interleaved, medians reported:
     python benchmarks/decode_profile.py --rows 1
     python benchmarks/decode_profile.py --rows 1 --paths before,own --baseline HEAD~3
 
+`--plain` times the forward without the per-part clocks (their own cost is then out of the comparison).
 A line after the step's parts gives the prefill of the batch's prompts (medians of `--prefills` interleaved runs),
 and one the tensor operations a step dispatches (top-level operators under torch.profiler, the forward and sampling:
 a count, so the same on a busy box).
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--paths", default="dynamic,hf,own", help="comma-separated: dynamic, hf, own, before")
     parser.add_argument("--baseline", default="HEAD", help="the git revision the `before` path comes from")
     parser.add_argument("--prefills", type=int, default=5)
+    parser.add_argument("--plain", action="store_true", help="no per-part clocks inside the forward")
     args = parser.parse_args()
     paths = args.paths.split(",")
     warnings.simplefilter("ignore")
@@ -155,8 +157,9 @@ def main() -> None:
                                                      dtype=torch.qint8)
     int8 = quantize_int8(rowwise_attention(fp32))
     clock = Clock(time.process_time if args.clock == "cpu" else time.perf_counter)  # one clock: the paths run one after another, and `hf` and `own` share the int8 model
-    instrument(int8, clock)
-    instrument(dynamic, clock)
+    if not args.plain:
+        instrument(int8, clock)
+        instrument(dynamic, clock)
     gen = torch.Generator().manual_seed(1)
     lengths = sorted(8 + 3 * (i % 4) for i in range(args.rows))
     prompts = [torch.randint(5, 8000, (n,), generator=gen).tolist() for n in lengths]
@@ -185,7 +188,7 @@ def main() -> None:
             prefill_s[name].append(clock.now() - started)
     batches = {name: makers[name]() for name in paths}
     for name in ("own", "before"):
-        if name in batches:
+        if name in batches and not args.plain:
             batches[name].attend = clock.wrap(("attention",), batches[name].attend)
     for name, batch in batches.items():
         forward_of(name)
@@ -226,6 +229,9 @@ def main() -> None:
     ratio = f"own/{reference}" if "own" in paths and reference in paths and reference != "own" else None
     print(f"{'part':<52}" + "".join(f" {n:>8}" for n in paths) + (f" {ratio:>10}" if ratio else ""))
     rows = [(part, [statistics.median(per_step[n][part]) * 1000 for n in paths]) for part in PARTS]
+    if args.plain:  # the forward is one part
+        rows = [("forward (--plain: not split)", values) if part == PARTS[3] else (part, values)
+                for part, values in rows if part not in PARTS[:3]]
     rows.append((f"prefill ({args.rows} prompts, median of {args.prefills})",
                  [statistics.median(prefill_s[n]) * 1000 for n in paths]))
     rows.append(("tensor operations per step (a count, not ms)", [per_step[n]["operations"][0] * 1000 for n in paths]))
