@@ -30,7 +30,7 @@ from core.kv_cache import growing_cache
 from core.memory import return_freed_memory
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
-from core.sampling import PAD_ID, next_tokens
+from core.sampling import History, next_tokens
 from core.scheduler import FairQueue, QueueFull, UserQueueFull
 from core.settings import Settings
 from core.telemetry import Telemetry
@@ -69,6 +69,7 @@ class _Row:
     candidate: int
     tokens: list[int]
     generator: torch.Generator
+    history: History  # what the penalties read, kept up to date with `tokens`
 
 
 class Engine:
@@ -420,19 +421,16 @@ class Engine:
                     self._fail(job, exc)
                     job.cancelled = True
             for candidate, seed in enumerate(job.seeds):
-                rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
+                rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed),
+                                 History(job.prompt_ids, job.request.knobs.no_repeat_ngram_size)))
         self._advance(rows, logits)
         return rows
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Apply each row's rules to its next-token logits, sample, and record the token; rerank and answer every
         job this step finished."""
-        width = max(len(row.tokens) for row in rows)
-        ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.tokens):] = torch.tensor(row.tokens)
         knobs = [row.job.request.knobs for row in rows]
-        tokens = next_tokens(ids, logits, knobs, [row.generator for row in rows], self.eos_id)
+        tokens = next_tokens([row.history for row in rows], logits, knobs, [row.generator for row in rows], self.eos_id)
         self._add_own_logprobs(rows, logits, tokens)
         if wanted := [i for i, row in enumerate(rows) if row.job.request.logprobs is not None]:
             scored = logprobs.token_logprobs(logits[torch.tensor(wanted)], [tokens[i] for i in wanted],
@@ -448,6 +446,7 @@ class Engine:
                 job.stopped[row.candidate] = True
                 continue
             row.tokens.append(token)
+            row.history.append(token)
             job.generated[row.candidate].append(token)
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
