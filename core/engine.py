@@ -433,7 +433,8 @@ class Engine:
         tokens = next_tokens([row.history for row in rows], logits, knobs, [row.generator for row in rows], self.eos_id)
         self._add_own_logprobs(rows, logits, tokens)
         if wanted := [i for i, row in enumerate(rows) if row.job.request.logprobs is not None]:
-            scored = logprobs.token_logprobs(logits[torch.tensor(wanted)], [tokens[i] for i in wanted],
+            rows_logits = logits if len(wanted) == len(rows) else logits[torch.tensor(wanted)]
+            scored = logprobs.token_logprobs(rows_logits, [tokens[i] for i in wanted],
                                              [rows[i].job.request.logprobs for i in wanted])
             for i, entry in zip(wanted, scored):
                 rows[i].job.token_logprobs[rows[i].candidate].append(entry)
@@ -469,9 +470,8 @@ class Engine:
         scored = [i for i, row in enumerate(rows) if row.job.request.best_of > 1]
         if not scored:
             return
-        index = torch.tensor(scored)
         chosen = torch.tensor([tokens[i] for i in scored])[:, None]
-        picked = logits[index].float()
+        picked = (logits if len(scored) == len(rows) else logits[torch.tensor(scored)]).float()  # every row: no copy
         values = (picked.gather(1, chosen)[:, 0] - picked.logsumexp(dim=-1)).tolist()
         for i, value in zip(scored, values):
             rows[i].job.own_logprobs[rows[i].candidate] += value

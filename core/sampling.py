@@ -199,6 +199,7 @@ def largest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tenso
     return values, ids.gather(1, where)
 
 
+@torch.inference_mode()  # the engine's logits are inference tensors, changed in place here and restored
 def next_tokens(histories: Sequence[History], logits: torch.Tensor, knobs: Sequence[Knobs],
                 generators: Sequence[torch.Generator], eos_token_id: int) -> list[int]:
     """Each row's next token under its own knobs, drawn with its own generator.
