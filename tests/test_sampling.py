@@ -193,3 +193,19 @@ def test_a_row_whose_kth_and_next_tokens_tie_draws_what_it_draws_alone(vocab):
             assert batched[i] == expected
             own = next_tokens([History([])], scores[i:i + 1], [row_knobs[i]], [torch.Generator().manual_seed(seeds[i])], 99)
             assert own == [expected]
+
+
+def test_top_p_of_one_leaves_even_tokens_of_probability_zero_as_they_were():
+    scores = torch.tensor([[0.0, -1000.0, INF, 1.0]])  # exp(-1000) is 0 in float32
+    assert torch.equal(RowTopP([1.0])(None, scores), scores)
+
+
+def test_a_top_k_above_a_small_vocabulary_keeps_every_token():
+    """A model with fewer tokens than a row's top_k (at most CANDIDATES_MAX): every token is a candidate."""
+    scores = torch.randn(2, 30, generator=torch.Generator().manual_seed(3))
+    row_knobs = [knobs(top_k=50), knobs(top_k=30)]
+    for seed in range(20):
+        drawn = next_tokens([History([]), History([])], scores, row_knobs,
+                            [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)], 99)
+        expected = sample(scores, [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)])
+        assert drawn == expected
