@@ -79,8 +79,9 @@ def penalise(scores: torch.Tensor, histories: Sequence[History], knobs: Sequence
         banned = history.banned()
         if history.length < k.min_length:
             banned.append(eos_token_id)
-        banned_rows += array("q", [row]) * len(banned)
-        banned_ids += array("q", banned)
+        if banned:
+            banned_rows += array("q", [row]) * len(banned)
+            banned_ids += array("q", banned)
     penalised = len(rows)
     rows += banned_rows
     ids += banned_ids
@@ -191,7 +192,7 @@ def largest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tenso
     chunks = vocab // CHUNK
     if count * CHUNK * 4 > vocab:
         return scores.topk(count, dim=-1)
-    maxima = scores[:, :chunks * CHUNK].view(rows, chunks, CHUNK).amax(dim=-1)
+    maxima = scores[:, :chunks * CHUNK].reshape(rows, chunks, CHUNK).amax(dim=-1)  # a view when it can be
     ids = (maxima.topk(count, dim=-1).indices[:, :, None] * CHUNK + _IN_CHUNK).flatten(1)
     if vocab > chunks * CHUNK:  # the tokens after the last whole chunk are always searched
         ids = torch.cat([ids, torch.arange(chunks * CHUNK, vocab).expand(rows, -1)], dim=1)
