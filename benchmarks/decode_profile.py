@@ -50,7 +50,7 @@ from core.engine import _Batch
 from core.gpt2_decode import DecodeBatch
 from core.int8_rows import RowInt8Linear
 from core.knobs import Knobs
-from core.sampling import PAD_ID, next_tokens
+from core.sampling import History, next_tokens
 from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
 
 PARTS = ("linear layers (48 int8 products, row scales)", "lm_head (768 x 51,200)", "attention",
@@ -128,15 +128,6 @@ def baseline(rev: str) -> tuple[type, object]:
     return decode.DecodeBatch, getattr(rows, "RowInt8Linear", None) and rows.RowInt8Linear.forward
 
 
-def engine_ids(tokens: list[list[int]]) -> torch.Tensor:
-    """The left-padded token ids the engine hands the sampling rules (core/engine.py `_advance`)."""
-    width = max(map(len, tokens))
-    ids = torch.full((len(tokens), width), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(tokens):
-        ids[i, width - len(row):] = torch.tensor(row)
-    return ids
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16)
@@ -194,6 +185,7 @@ def main() -> None:
         forward_of(name)
         batch.prefill(prompts, [1] * len(prompts))
     tokens = {name: [list(p) for p in prompts] for name in batches}
+    histories = {name: [History(p, k.no_repeat_ngram_size) for p, k in zip(prompts, knobs)] for name in batches}
     per_step: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in batches}
     generators = {name: [torch.Generator().manual_seed(i) for i in range(args.rows)] for name in batches}
     for step in range(args.steps + 3):
@@ -202,10 +194,10 @@ def main() -> None:
             clock.spent.clear()
             started = clock.now()
             logits = clock.wrap(("forward",), batch.step)([t[-1] for t in tokens[name]])
-            ids = engine_ids(tokens[name])
-            drawn = clock.wrap(("sampling",), next_tokens)(ids, logits, knobs, generators[name], 0)
-            for t, token in zip(tokens[name], drawn):
+            drawn = clock.wrap(("sampling",), next_tokens)(histories[name], logits, knobs, generators[name], 0)
+            for t, history, token in zip(tokens[name], histories[name], drawn):
                 t.append(token)
+                history.append(token)
             total = clock.now() - started
             if step < 3:
                 continue
@@ -219,9 +211,10 @@ def main() -> None:
                 per_step[name][part].append(value)
     for name, batch in batches.items():
         forward_of(name)
+        fresh = [History(t, k.no_repeat_ngram_size) for t, k in zip(tokens[name], knobs)]
         with torch.profiler.profile() as profiler:
             logits = batch.step([t[-1] for t in tokens[name]])
-            next_tokens(engine_ids(tokens[name]), logits, knobs, [torch.Generator().manual_seed(0)] * args.rows, 0)
+            next_tokens(fresh, logits, knobs, [torch.Generator().manual_seed(0)] * args.rows, 0)
         per_step[name]["operations"] = [sum(e.cpu_parent is None for e in profiler.events()) / 1000]
     print(f"{args.rows} rows, KoGPT2-base shape, {args.clock} ms per decode step (median of {args.steps} interleaved "
           f"steps), {torch.get_num_threads()} threads, prompts of {lengths[0]}-{lengths[-1]} tokens + {args.steps + 3} steps")
