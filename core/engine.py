@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import Cache, GPT2LMHeadModel
+from transformers import Cache
 
 from core import logprobs, rerank
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
@@ -618,7 +618,10 @@ Batch = DecodeBatch | _Batch  # the running batch: prefill, step, select, snapsh
 def _cache_argument() -> str:
     """The KV cache's name in GPT-2's forward and outputs: `past_key_values` up to transformers 5.2x, `cache` after
     (where `past_key_values` still works, with a deprecation warning). Both are public API in their versions. Read
-    from the installed transformers' GPT-2 class, so a model wrapped in another module gets the same answer."""
+    from the installed transformers' GPT-2 class, so a model wrapped in another module gets the same answer (imported
+    here: only a batch over transformers' forward needs it)."""
+    from transformers import GPT2LMHeadModel
+
     return "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
