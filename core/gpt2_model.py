@@ -71,12 +71,18 @@ class Attention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scaling /= float(index + 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over rows of one length (rows × tokens × embedding), as transformers' SDPA path."""
+    def forward(self, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Causal self-attention of right-padded rows (rows × width × embedding), each run of rows (first, end, length)
+        over its own tokens: transformers' SDPA call as core.speedups cut it per run (SDPA's CPU kernel computes each
+        (row, head) by itself, so a row's result does not depend on the others). Padding positions come out as 0."""
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
         q, k, v = (t.view(*t.shape[:-1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling, is_causal=x.shape[1] > 1)
-        return self.c_proj(out.transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1))
+        out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])  # rows × width × heads × head size
+        for begin, end, n in runs:
+            part = nn.functional.scaled_dot_product_attention(q[begin:end, :, :n], k[begin:end, :, :n],
+                                                              v[begin:end, :, :n], scale=self.scaling, is_causal=n > 1)
+            out[begin:end, :n] = part.transpose(1, 2)
+        return self.c_proj(out.reshape(*x.shape[:-1], -1))
 
 
 class MLP(nn.Module):
@@ -98,8 +104,8 @@ class Block(nn.Module):
         self.ln_2 = _layer_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(self.ln_1(x)) + x
+    def forward(self, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+        x = self.attn(self.ln_1(x), runs) + x
         return x + self.mlp(self.ln_2(x))
 
 
@@ -136,8 +142,10 @@ class GPT2LM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LMOutput:
         """Every position's next-token logits (float32) of rows right-padded to a common width (`attention_mask`: 1
-        for a row's tokens, then 0s). Each row is computed over its own tokens only, rows of one length together;
-        the logits at padding are zeros."""
+        for a row's tokens, then 0s; the logits at padding mean nothing). Every operation but attention works on
+        each token by itself, over the whole padded batch as transformers ran it (float32 matrix products can round
+        a row differently with the number of rows: the same shapes give the previous releases' numbers); attention
+        runs over each row's own tokens."""
         rows, width = input_ids.shape
         lengths = [width] * rows
         if attention_mask is not None:
@@ -145,16 +153,16 @@ class GPT2LM(nn.Module):
             expected = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
             if not torch.equal(attention_mask.bool().cpu(), expected):
                 raise ValueError("attention_mask must mark each row's tokens from its first column on (right padding)")
-        logits = torch.zeros(rows, width, self.config.vocab_size)
-        for n in sorted(set(lengths)):
-            if n == 0:
-                continue
-            index = torch.tensor([i for i, length in enumerate(lengths) if length == n])
-            x = self.transformer.wte(input_ids[index, :n]) + self.transformer.wpe(torch.arange(n))[None]
-            for block in self.transformer.h:
-                x = block(x)
-            logits[index, :n] = self.lm_head(self.transformer.ln_f(x)).float()
-        return LMOutput(logits)
+        runs: list[tuple[int, int, int]] = []  # (first row, end row, length) of neighbouring rows of one length
+        for row, n in enumerate(lengths):
+            if runs and runs[-1][2] == n:
+                runs[-1] = (runs[-1][0], row + 1, n)
+            elif n:
+                runs.append((row, row + 1, n))
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(torch.arange(width))[None]
+        for block in self.transformer.h:
+            x = block(x, runs)
+        return LMOutput(self.lm_head(self.transformer.ln_f(x)).float())
 
 
 def build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
