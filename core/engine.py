@@ -25,6 +25,7 @@ from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, tim
 from core.devices import device_of, usable_cpus
 from core.errors import BusyError, ShuttingDown, UserError
 from core.gpt2_decode import DecodeBatch, decode_batch
+from core.gpt2_model import as_transformers
 from core.knobs import Knobs, default_knobs
 from core.kv_cache import growing_cache
 from core.memory import return_freed_memory
@@ -517,7 +518,7 @@ class _Batch:
     seeded generator run, so a seed gives the same choice of token whatever the device's batch looked like."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model = as_transformers(model)  # core.gpt2_model's tree, wrapped: transformers' forward and cache
         self.device = device_of(model)
         self.cache_arg = _cache_argument()
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
