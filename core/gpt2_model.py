@@ -141,9 +141,14 @@ class GPT2LM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LMOutput:
-        """Every position's next-token logits (float32) of rows right-padded to a common width (`attention_mask`: 1
-        for a row's tokens, then 0s; the logits at padding mean nothing). Every operation but attention works on
-        each token by itself, over the whole padded batch as transformers ran it (float32 matrix products can round
+        """Every position's next-token logits (float32): `lm_head` over `hidden`."""
+        return LMOutput(self.lm_head(self.hidden(input_ids, attention_mask)).float())
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every position's final hidden state (after `ln_f`, before `lm_head`) of rows right-padded to a common
+        width (`attention_mask`: 1 for a row's tokens, then 0s; the states at padding mean nothing). Every operation
+        but attention works on each token by itself, over the whole padded batch as transformers ran it (float32 matrix products can round
         a row differently with the number of rows: the same shapes give the previous releases' numbers); attention
         runs over each row's own tokens."""
         rows, width = input_ids.shape
@@ -162,7 +167,7 @@ class GPT2LM(nn.Module):
         x = self.transformer.wte(input_ids) + self.transformer.wpe(torch.arange(width))[None]
         for block in self.transformer.h:
             x = block(x, runs)
-        return LMOutput(self.lm_head(self.transformer.ln_f(x)).float())
+        return self.transformer.ln_f(x)
 
 
 def build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
