@@ -25,6 +25,7 @@ __all__ = ["ACCEPT", "confidence", "continuation_logprobs", "pick_best"]  # the 
 # peak ~120 MB higher with every position's). Not float32's: its matrix product can round a row differently with the
 # number of rows, and the scores stay the previous releases' numbers.
 LOGITS_PER_CHUNK = 16 * 1024 * 1024
+POSITIONS_AT_ONCE = 32  # the own int8 tree's logits at once: 32 x 51,200 floats, 6.5 MB (and logsumexp's temporaries)
 
 
 def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
@@ -69,9 +70,13 @@ def _scored_positions(model: GPT2LM, ids: torch.Tensor, mask: torch.Tensor, seqs
     rows = torch.tensor([row for row, (seq, c) in enumerate(zip(seqs, starts)) for _ in range(c - 1, len(seq) - 1)],
                         dtype=torch.long)
     positions = torch.tensor([t for seq, c in zip(seqs, starts) for t in range(c - 1, len(seq) - 1)], dtype=torch.long)
+    targets = ids[rows, positions + 1][:, None]
+    logp = torch.empty(len(rows))
     with torch.inference_mode():
-        logits = model.lm_head(hidden[rows, positions]).float()
-        logp = logits.gather(-1, ids[rows, positions + 1][:, None])[:, 0] - logits.logsumexp(dim=-1)
+        for begin in range(0, len(rows), POSITIONS_AT_ONCE):
+            part = slice(begin, begin + POSITIONS_AT_ONCE)
+            logits = model.lm_head(hidden[rows[part], positions[part]]).float()
+            logp[part] = logits.gather(-1, targets[part])[:, 0] - logits.logsumexp(dim=-1)
     out, begin = [], 0
     for seq, c in zip(seqs, starts):
         end = begin + len(seq) - c

@@ -106,7 +106,9 @@ def test_the_own_tree_computes_the_previous_releases_logits(saved: Path, trained
 def test_rerank_and_prompt_logprobs_equal_the_previous_path(saved: Path, trained, quantize: str):
     own = load_model(ModelSettings(pretrained=str(saved), quantize=quantize)).model
     previous = _previous(trained, quantize == "int8")
-    contexts, continuations = [[5, 6, 7], [9], [3, 4, 5, 6], [5, 6, 7]], [[8, 9], [8, 7, 6, 5], [7], [10, 11, 12]]
+    long = [(7 * i) % 100 + 3 for i in range(45)]  # more positions than the int8 head scores at once
+    contexts = [[5, 6, 7], [9], [3, 4, 5, 6], [5, 6, 7], [4, 5]]
+    continuations = [[8, 9], [8, 7, 6, 5], [7], [10, 11, 12], long]
     assert (rerank.continuation_logprobs(own, contexts, continuations)
             == rerank.continuation_logprobs(previous, contexts, continuations))
     assert logprobs.prompt_logprobs(own, SEQS[2], 3) == logprobs.prompt_logprobs(previous, SEQS[2], 3)
