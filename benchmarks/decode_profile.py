@@ -39,7 +39,7 @@ from core.engine import _Batch
 from core.gpt2_decode import DecodeBatch
 from core.int8_rows import RowInt8Linear
 from core.knobs import Knobs
-from core.sampling import PAD_ID, next_tokens
+from core.sampling import History, next_tokens
 from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
 
 PARTS = ("linear layers (48 int8 products, row scales)", "lm_head (768 x 51,200)", "attention",
@@ -91,15 +91,6 @@ def instrument(model: torch.nn.Module, clock: Clock) -> None:
             module.forward = clock.wrap(("attention block",), module.forward)
 
 
-def engine_ids(tokens: list[list[int]]) -> torch.Tensor:
-    """The left-padded token ids the engine hands the sampling rules (core/engine.py `_advance`)."""
-    width = max(map(len, tokens))
-    ids = torch.full((len(tokens), width), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(tokens):
-        ids[i, width - len(row):] = torch.tensor(row)
-    return ids
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16)
@@ -132,6 +123,7 @@ def main() -> None:
     for batch in batches.values():
         batch.prefill(prompts, [1] * len(prompts))
     tokens = {name: [list(p) for p in prompts] for name in batches}
+    histories = {name: [History(p, k.no_repeat_ngram_size) for p, k in zip(prompts, knobs)] for name in batches}
     per_step: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in batches}
     generators = {name: [torch.Generator().manual_seed(i) for i in range(args.rows)] for name in batches}
     for step in range(args.steps + 3):
@@ -139,10 +131,10 @@ def main() -> None:
             clock.spent.clear()
             started = clock.now()
             logits = clock.wrap(("forward",), batch.step)([t[-1] for t in tokens[name]])
-            ids = engine_ids(tokens[name])
-            drawn = clock.wrap(("sampling",), next_tokens)(ids, logits, knobs, generators[name], 0)
-            for t, token in zip(tokens[name], drawn):
+            drawn = clock.wrap(("sampling",), next_tokens)(histories[name], logits, knobs, generators[name], 0)
+            for t, history, token in zip(tokens[name], histories[name], drawn):
                 t.append(token)
+                history.append(token)
             total = clock.now() - started
             if step < 3:
                 continue

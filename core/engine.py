@@ -31,7 +31,7 @@ from core.kv_cache import growing_cache
 from core.memory import return_freed_memory
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
-from core.sampling import PAD_ID, next_tokens
+from core.sampling import History, next_tokens
 from core.scheduler import FairQueue, QueueFull, UserQueueFull
 from core.settings import Settings
 from core.telemetry import Telemetry
@@ -70,6 +70,7 @@ class _Row:
     candidate: int
     tokens: list[int]
     generator: torch.Generator
+    history: History  # what the penalties read, kept up to date with `tokens`
 
 
 class Engine:
@@ -421,22 +422,20 @@ class Engine:
                     self._fail(job, exc)
                     job.cancelled = True
             for candidate, seed in enumerate(job.seeds):
-                rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed)))
+                rows.append(_Row(job, candidate, list(job.prompt_ids), torch.Generator().manual_seed(seed),
+                                 History(job.prompt_ids, job.request.knobs.no_repeat_ngram_size)))
         self._advance(rows, logits)
         return rows
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Apply each row's rules to its next-token logits, sample, and record the token; rerank and answer every
         job this step finished."""
-        width = max(len(row.tokens) for row in rows)
-        ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.tokens):] = torch.tensor(row.tokens)
         knobs = [row.job.request.knobs for row in rows]
-        tokens = next_tokens(ids, logits, knobs, [row.generator for row in rows], self.eos_id)
+        tokens = next_tokens([row.history for row in rows], logits, knobs, [row.generator for row in rows], self.eos_id)
         self._add_own_logprobs(rows, logits, tokens)
         if wanted := [i for i, row in enumerate(rows) if row.job.request.logprobs is not None]:
-            scored = logprobs.token_logprobs(logits[torch.tensor(wanted)], [tokens[i] for i in wanted],
+            rows_logits = logits if len(wanted) == len(rows) else logits[torch.tensor(wanted)]
+            scored = logprobs.token_logprobs(rows_logits, [tokens[i] for i in wanted],
                                              [rows[i].job.request.logprobs for i in wanted])
             for i, entry in zip(wanted, scored):
                 rows[i].job.token_logprobs[rows[i].candidate].append(entry)
@@ -449,6 +448,7 @@ class Engine:
                 job.stopped[row.candidate] = True
                 continue
             row.tokens.append(token)
+            row.history.append(token)
             job.generated[row.candidate].append(token)
             if len(row.tokens) >= job.request.knobs.max_length:
                 job.finished[row.candidate] = True
@@ -471,9 +471,8 @@ class Engine:
         scored = [i for i, row in enumerate(rows) if row.job.request.best_of > 1]
         if not scored:
             return
-        index = torch.tensor(scored)
         chosen = torch.tensor([tokens[i] for i in scored])[:, None]
-        picked = logits[index].float()
+        picked = (logits if len(scored) == len(rows) else logits[torch.tensor(scored)]).float()  # every row: no copy
         values = (picked.gather(1, chosen)[:, 0] - picked.logsumexp(dim=-1)).tolist()
         for i, value in zip(scored, values):
             rows[i].job.own_logprobs[rows[i].candidate] += value

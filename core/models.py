@@ -13,7 +13,8 @@ from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_MODEL_RE = re.compile(r"(?<!\S)(?:model|모델)\s*[=＝]\s*(\S*)", re.IGNORECASE)
+# The name is one word with no "=" in it: in `model= top_p=0.9` the next word is a knob, not a model name.
+_MODEL_RE = re.compile(r"(?<!\S)(?:model|모델)\s*[=＝](?:\s*([^\s=＝]+)(?!\S))?", re.IGNORECASE)
 
 
 @dataclass

@@ -76,9 +76,10 @@ def test_model_word_is_taken_out_of_the_request(text, expected):
     assert take_model(text) == expected
 
 
-def test_a_model_word_without_a_name_is_explained():
+@pytest.mark.parametrize("text", ["긍정 아 model =  ", "긍정 아 model= top_p=0.9", "긍정 모델＝ top_k=3", "model=a=b 긍정"])
+def test_a_model_word_without_a_name_is_explained(text):
     with pytest.raises(UserError) as info:
-        take_model("긍정 아 model =  ")
+        take_model(text)
     assert str(info.value) == "'model=' 뒤에 모델 이름이 없습니다. /model 로 목록을 보세요. (missing model name after 'model=')"
 
 

@@ -381,11 +381,16 @@ def test_unknown_keys_and_shown_values_are_named_exactly():
 
 
 # ---- sampling rules: edges transformers' comparison cannot reach ---------------------------------------------
-def test_rule_arguments_are_checked_with_their_reason():
-    from core.sampling import RowNoRepeatNGram, RowRepetitionPenalty, RowTemperature, RowTopK, RowTopP
+def _knobs(**changes: object) -> Knobs:
+    return Knobs(**{**KNOBS.as_dict(), "min_length": 0, **changes})
 
-    cases = [(lambda: RowRepetitionPenalty([1.0, 0.0]), r"repetition penalties must be > 0, got \[1.0, 0.0\]"),
-             (lambda: RowNoRepeatNGram([-1]), r"n-gram sizes must be >= 0, got \[-1\]"),
+
+def test_rule_arguments_are_checked_with_their_reason():
+    from core.sampling import History, RowTemperature, RowTopK, RowTopP, penalise
+
+    cases = [(lambda: penalise(torch.zeros(2, 3), [History([1])] * 2, [_knobs(), _knobs(repetition_penalty=0.0)], 0),
+              r"repetition penalties must be > 0, got \[1.0, 0.0\]"),
+             (lambda: History([1], -1), r"n-gram sizes must be >= 0, got \[-1\]"),
              (lambda: RowTemperature([0.0]), r"temperatures must be > 0, got \[0.0\]"),
              (lambda: RowTopK([0]), r"top_k must be >= 1, got \[0\]"),
              (lambda: RowTopP([0.0]), r"top_p must be in \(0, 1\], got \[0.0\]")]
@@ -395,21 +400,26 @@ def test_rule_arguments_are_checked_with_their_reason():
 
 
 def test_token_zero_is_penalised_like_any_other():
-    from core.sampling import PAD_ID, RowRepetitionPenalty
+    from core.sampling import History, penalise
 
     scores = torch.tensor([[2.0, 1.0, -1.0]])
-    out = RowRepetitionPenalty([2.0])(torch.tensor([[PAD_ID, 0, 0]]), scores)
-    assert out.tolist() == [[1.0, 1.0, -1.0]]
+    undo = penalise(scores, [History([0, 0])], [_knobs(repetition_penalty=2.0)], 0)
+    assert scores.tolist() == [[1.0, 1.0, -1.0]]
+    scores[undo[0]] = undo[1]
+    assert scores.tolist() == [[2.0, 1.0, -1.0]]
 
 
 def test_no_repeat_ngram_starts_once_a_row_holds_n_tokens_and_checks_every_row():
-    from core.sampling import RowNoRepeatNGram
+    from core.sampling import History, penalise
 
-    ids = torch.tensor([[-1, 3, 3], [4, 4, 4]])
-    out = RowNoRepeatNGram([5, 2])(ids, torch.zeros(2, 6))  # row 0 too short for 5-grams; row 1 bans 4 after 4
+    out = torch.zeros(2, 6)  # row 0 too short for 5-grams; row 1 bans 4 after 4
+    penalise(out, [History([3, 3], 5), History([4, 4, 4], 2)], [_knobs(no_repeat_ngram_size=5),
+                                                                _knobs(no_repeat_ngram_size=2)], 0)
     assert torch.isfinite(out[0]).all() and out[1, 4] == float("-inf") and torch.isfinite(out[1, :4]).all()
-    two = RowNoRepeatNGram([2])(torch.tensor([[3, 3]]), torch.zeros(1, 5))  # exactly n tokens: "3 3" seen once
+    two = torch.zeros(1, 5)
+    penalise(two, [History([3, 3], 2)], [_knobs(no_repeat_ngram_size=2)], 0)  # exactly n tokens: "3 3" seen once
     assert two[0, 3] == float("-inf")
+    assert penalise(torch.zeros(1, 5), [History([3, 3])], [_knobs()], 0) is None  # nothing to do, nothing done
 
 
 def test_a_tiny_temperature_on_huge_logits_stays_finite():
@@ -431,14 +441,13 @@ def test_top_p_removes_a_token_whose_cumulative_probability_is_exactly_the_rest(
 
 
 def test_every_row_at_the_same_non_default_value_is_still_applied():
-    from core.sampling import build_penalties, build_warpers
+    from core.sampling import History, build_warpers, penalise
 
     same = Knobs(**{**KNOBS.as_dict(), "repetition_penalty": 2.0, "temperature": 2.0, "min_length": 1})
-    ids = torch.tensor([[1, 2]])
-    scores = torch.tensor([[4.0, 2.0, 2.0, 0.0]])
-    penalised = build_penalties([same], eos_token_id=3)(ids, scores.clone())
+    penalised = torch.tensor([[4.0, 2.0, 2.0, 0.0]])
+    penalise(penalised, [History([1, 2])], [same], eos_token_id=3)
     assert penalised.tolist() == [[4.0, 1.0, 1.0, 0.0]]
-    assert build_warpers([same])(ids, penalised).tolist() == [[0.0, -1.5, -1.5, -2.0]]
+    assert build_warpers([same])(None, penalised).tolist() == [[0.0, -1.5, -1.5, -2.0]]
 
 
 def test_a_draw_of_zero_never_picks_a_token_of_probability_zero(monkeypatch):

@@ -16,10 +16,22 @@ from transformers import (
 )
 
 from core.knobs import Knobs
-from core.sampling import CANDIDATES_MAX, PAD_ID, build_penalties, build_warpers, next_tokens, sample
+from core.sampling import CANDIDATES_MAX, History, build_warpers, next_tokens, penalise, sample
 
 EOS = 5
 VOCAB = 3000
+PAD_ID = -1  # left padding in these tests' id tensors: not a token
+
+
+def histories(ids: torch.Tensor, knobs: list[Knobs]) -> list[History]:
+    return [History([t for t in row.tolist() if t != PAD_ID], k.no_repeat_ngram_size) for row, k in zip(ids, knobs)]
+
+
+def ours(ids: torch.Tensor, logits: torch.Tensor, knobs: list[Knobs]) -> torch.Tensor:
+    """The rules over the whole vocabulary: the penalties, then the warpers."""
+    scores = logits.clone()
+    penalise(scores, histories(ids, knobs), knobs, EOS)
+    return build_warpers(knobs)(None, scores)
 
 
 def reference(ids: torch.Tensor, logits: torch.Tensor, knobs: list[Knobs]) -> torch.Tensor:
@@ -58,27 +70,31 @@ def batch(seed: int, rows: int = 24):
 @pytest.mark.parametrize("seed", range(3))
 def test_every_rule_matches_transformers_row_by_row(seed):
     ids, logits, knobs = batch(seed)
-    ours = build_warpers(knobs)(ids, build_penalties(knobs, EOS)(ids, logits.clone()))
+    mine = ours(ids, logits, knobs)
     theirs = reference(ids, logits, knobs)
-    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))  # the same tokens banned or cut
-    assert torch.allclose(ours.softmax(-1), theirs.softmax(-1), atol=1e-6)
+    assert torch.equal(torch.isinf(mine), torch.isinf(theirs))  # the same tokens banned or cut
+    assert torch.allclose(mine.softmax(-1), theirs.softmax(-1), atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", ["mixed", "narrow", "wide"])
+@pytest.mark.parametrize("rows", ["mixed", "narrow", "few", "wide"])
 @pytest.mark.parametrize("seed", range(3))
 def test_next_tokens_draws_what_transformers_rules_give(seed, rows):
-    """The engine's path (penalties over the vocabulary, warpers and the draw over each row's top-k candidates, or
-    the whole vocabulary above CANDIDATES_MAX) draws, seed for seed, what transformers' rules give."""
+    """The engine's path (penalties on the tokens concerned, warpers and the draw over each row's top-k candidates,
+    or the whole vocabulary above CANDIDATES_MAX) draws, seed for seed, what transformers' rules give. "few": top_k
+    at most 7, where the top-k pass searches only the vocabulary's most likely chunks (and its last, partial one)."""
     ids, logits, knobs = batch(seed)
     if rows != "mixed":
-        keep = [i for i, k in enumerate(knobs) if (k.top_k <= CANDIDATES_MAX) == (rows == "narrow")]
+        keep = [i for i, k in enumerate(knobs) if (k.top_k <= CANDIDATES_MAX) == (rows != "wide")
+                and (rows != "few" or k.top_k <= 7)]
         ids, logits, knobs = ids[keep], logits[keep], [knobs[i] for i in keep]
     theirs = reference(ids, logits, knobs)
+    before = logits.clone()
     for draw in range(8):
         def gens(draw: int = draw) -> list[torch.Generator]:
             return [torch.Generator().manual_seed(seed * 1000 + draw * 100 + i) for i in range(len(knobs))]
 
-        assert next_tokens(ids, logits, knobs, gens(), eos_token_id=EOS) == sample(theirs, gens())
+        assert next_tokens(histories(ids, knobs), logits, knobs, gens(), eos_token_id=EOS) == sample(theirs, gens())
+    assert torch.equal(logits, before)  # the penalties were undone: the caller's logits are as they came
 
 
 @pytest.mark.parametrize(("knob", "value"), [("repetition_penalty", 1.8), ("no_repeat_ngram_size", 2),
@@ -91,8 +107,8 @@ def test_each_knob_alone_changes_what_greedy_or_sampled_rows_see(knob, value):
     neutral = Knobs(min_length=1, max_length=30, top_p=1.0, top_k=VOCAB, repetition_penalty=1.0,
                     no_repeat_ngram_size=0, temperature=1.0)
     knobs = [Knobs(**{**neutral.as_dict(), knob: value})] * 4
-    ours = build_warpers(knobs)(ids, build_penalties(knobs, EOS)(ids, logits.clone()))
+    mine = ours(ids, logits, knobs)
     theirs = reference(ids, logits, knobs)
-    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
-    assert torch.allclose(ours.softmax(-1), theirs.softmax(-1), atol=1e-6)
-    assert not torch.allclose(ours.softmax(-1), logits.softmax(-1), atol=1e-4)
+    assert torch.equal(torch.isinf(mine), torch.isinf(theirs))
+    assert torch.allclose(mine.softmax(-1), theirs.softmax(-1), atol=1e-6)
+    assert not torch.allclose(mine.softmax(-1), logits.softmax(-1), atol=1e-4)
