@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import Cache, GPT2LMHeadModel
+from transformers import Cache
 
 from core import logprobs, rerank
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
 from core.devices import device_of, usable_cpus
 from core.errors import BusyError, ShuttingDown, UserError
 from core.gpt2_decode import DecodeBatch, decode_batch
+from core.gpt2_model import as_transformers
 from core.knobs import Knobs, default_knobs
 from core.kv_cache import growing_cache
 from core.memory import return_freed_memory
@@ -516,7 +517,7 @@ class _Batch:
     seeded generator run, so a seed gives the same choice of token whatever the device's batch looked like."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model = as_transformers(model)  # core.gpt2_model's tree, wrapped: transformers' forward and cache
         self.device = device_of(model)
         self.cache_arg = _cache_argument()
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -617,7 +618,10 @@ Batch = DecodeBatch | _Batch  # the running batch: prefill, step, select, snapsh
 def _cache_argument() -> str:
     """The KV cache's name in GPT-2's forward and outputs: `past_key_values` up to transformers 5.2x, `cache` after
     (where `past_key_values` still works, with a deprecation warning). Both are public API in their versions. Read
-    from the installed transformers' GPT-2 class, so a model wrapped in another module gets the same answer."""
+    from the installed transformers' GPT-2 class, so a model wrapped in another module gets the same answer (imported
+    here: only a batch over transformers' forward needs it)."""
+    from transformers import GPT2LMHeadModel
+
     return "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 

@@ -22,11 +22,13 @@ the int8 layers and whatever else replaces a module keep working; `decode_batch`
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel
 
 from core.devices import device_of
+from core.gpt2_model import GPT2LM
 from core.int8_rows import RowInt8Linear
 
 NEG_INF = float("-inf")
@@ -34,8 +36,12 @@ WIDTH_STEP = 16  # attention widths and buffer capacities are multiples of this
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether `decode_batch` can serve `model`: a plain GPT-2 language model on the CPU."""
-    if type(model) is not GPT2LMHeadModel or device_of(model).type != "cpu":
+    """Whether `decode_batch` can serve `model`: a plain GPT-2 language model on the CPU (core.gpt2_model's, or
+    transformers' when that is loaded: its modeling module is looked up, never imported, here)."""
+    transformers_gpt2 = sys.modules.get("transformers.models.gpt2.modeling_gpt2")
+    if type(model) is not GPT2LM and (transformers_gpt2 is None or type(model) is not transformers_gpt2.GPT2LMHeadModel):
+        return False
+    if device_of(model).type != "cpu":
         return False
     config = model.config
     return not (getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False))

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from torch import nn
+from transformers import GPT2Config, PreTrainedTokenizerFast
 
 from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
+from core.gpt2_model import GPT2LM, build, serves
 from core.hub import load_named, local_dir, unreachable_hint
-from core.int8_loading import build_int8, load_int8_streaming
 from core.settings import ModelSettings
-from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
 from core.weight_files import StoredTensor, mapped_tensor, safetensors_file
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class _InertDict:
 
 @dataclass
 class LoadedModel:
-    model: GPT2LMHeadModel
+    model: nn.Module  # core.gpt2_model.GPT2LM on a CPU; transformers' GPT2LMHeadModel elsewhere
     tokenizer: PreTrainedTokenizerFast
     source: str  # what was loaded, for logs and --check
     # Whether the label words steer it: core.train marks its models; a Lightning/state-dict checkpoint is the
@@ -176,13 +176,18 @@ def _strip_prefix(state: dict[str, T]) -> dict[str, T]:
     return state
 
 
-def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], origin: str,
-                          int8: bool = False) -> GPT2LMHeadModel:
-    """GPT2LMHeadModel from `config` with the weights of `state`, naming the first key that does not fit; with
-    `int8`, each weight quantized as it is read (core/int8_loading.py), else copied into the float32 model one at a
-    time."""
-    with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in GPT2LMHeadModel(config).state_dict().items()}
+def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], origin: str, int8: bool = False,
+                          own: bool = True) -> nn.Module:
+    """The model from `config` with the weights of `state`, naming the first key that does not fit, each weight read
+    (and with `int8` quantized) in turn. `own`: core.gpt2_model's tree where it serves `config`, else transformers'
+    GPT2LMHeadModel (float32; load_model quantizes it)."""
+    own = own and serves(config)
+    if own:
+        skeleton = GPT2LM(config)  # empty: nothing allocated
+    else:
+        with torch.device("meta"):
+            skeleton = _transformers_gpt2()(config)
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     state = {k: v for k, v in _strip_prefix(state).items() if not (k.endswith(_IGNORABLE_SUFFIXES) and k not in expected)}
     for key, value in state.items():
         if key not in expected:
@@ -199,9 +204,9 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], or
     missing = [key for key in expected if key not in state and key not in tied]
     if missing:
         raise ModelLoadError(f"{origin}에 '{missing[0]}' 키가 없습니다. (missing key '{missing[0]}')")
-    if int8 and (model := build_int8(config, state.items())) is not None:
+    if own and (model := build(config, state.items(), int8)) is not None:
         return model
-    model = GPT2LMHeadModel(config)
+    model = _transformers_gpt2()(config)
     targets = model.state_dict()  # shares each parameter's storage: copying into it loads the model
     with torch.no_grad():
         for key, stored in state.items():
@@ -228,24 +233,25 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         check_readable(Path(checkpoint).expanduser(), "model.checkpoint")
     device = resolve_device(settings.device)
     int8 = resolve_quantize(settings.quantize, device) == "int8"
+    own = device.type == "cpu"  # core.gpt2_model's tree serves the CPU; a GPU runs transformers' model
     tokenizer_source = pretrained
     tutorial_checkpoint = False
     if not checkpoint:
-        model = _from_pretrained(pretrained, int8)
+        model = _from_pretrained(pretrained, int8, own)
         source = pretrained
     else:
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise ModelLoadError(f"체크포인트 {path}이(가) 없습니다. (checkpoint not found: {path})")
         if path.is_dir() and (path / "config.json").exists():
-            model = _from_pretrained(str(path), int8)
+            model = _from_pretrained(str(path), int8, own)
             if (path / "tokenizer.json").exists():
                 tokenizer_source = str(path)
             source = str(path)
         else:
             if path.is_dir():
                 path = pick_checkpoint(path)
-            model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path), int8)
+            model = model_from_state_dict(load_config(pretrained), read_state_dict(path), str(path), int8, own)
             source = f"{pretrained} + {path}"
             tutorial_checkpoint = True
     tokenizer = load_tokenizer(tokenizer_source)
@@ -254,11 +260,16 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             f"토크나이저 어휘({len(tokenizer)})가 모델 어휘({model.config.vocab_size})보다 큽니다. "
             f"(tokenizer does not match the model)"
         )
-    model = fuse_gelu(model.eval())
-    if device.type == "cpu":
-        model = rowwise_attention(model)  # a row's numbers independent of its batch mates (seeds hold in any batch)
+    model = model.eval()
+    if not isinstance(model, GPT2LM):  # transformers' model: a GPU, or a configuration the own tree does not serve
+        from core.speedups import fuse_gelu, quantize_int8, rowwise_attention
+
+        model = fuse_gelu(model)
+        if device.type == "cpu":
+            model = rowwise_attention(model)  # a row's numbers independent of its batch mates (seeds hold in any batch)
+        if int8:
+            model = quantize_int8(model)
     if int8:
-        model = quantize_int8(model)  # a no-op for a model quantized while loading
         source += " (int8)"
     elif device.type != "cpu":
         dtype = model_dtype(device)
@@ -272,27 +283,50 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 
 
 def _hub_snapshot(name: str) -> Path | None:
-    """The local directory of a hub model's safetensors weights (the cache first, then one quick probe before a
-    download, as every hub name is loaded), if it has any."""
+    """The local directory of a hub model's weights (the cache first, then one quick probe before a download, as
+    every hub name is loaded): its safetensors, else its pytorch_model.bin; None when it has neither."""
     from huggingface_hub import hf_hub_download
 
-    try:
-        return load_named(lambda repo, **kw: Path(hf_hub_download(repo, "model.safetensors", **kw)).parent, name)
-    except ModelLoadError:
-        raise
-    except Exception:  # noqa: BLE001 (no safetensors in the repo: from_pretrained then loads what it has)
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return load_named(lambda repo, file=filename, **kw: Path(hf_hub_download(repo, file, **kw)).parent, name)
+        except ModelLoadError:
+            raise
+        except Exception:  # noqa: BLE001 (not in the repo: the next, else from_pretrained loads what it has)
+            continue
+    return None
+
+
+def directory_weights(directory: Path) -> dict[str, StoredTensor] | None:
+    """Every weight of a model directory, not read yet: its safetensors files (one or shards), else its
+    `pytorch_model*.bin` files (memory-mapped, pickles refused as in read_state_dict); None when it has neither."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
         return None
+    state: dict[str, StoredTensor] = {}
+    for file in files:
+        state.update(safetensors_file(file) if file.suffix == ".safetensors" else read_state_dict(file))
+    return state
 
 
-def _from_pretrained(source: str, int8: bool = False) -> GPT2LMHeadModel:
+def _from_pretrained(source: str, int8: bool = False, own: bool = True) -> nn.Module:
     broken = (f"{source}에서 모델을 불러올 수 없습니다: 가중치 파일이 손상되었거나 형식이 맞지 않습니다.",
               f"cannot load the model from {source}")
-    if int8:
+    config = load_config(source)
+    if own and serves(config):
         directory = local_dir(source) or _hub_snapshot(source)
-        model = _explained(lambda: load_int8_streaming(directory, load_config(source)), source, *broken) if directory else None
-        if model is not None:
+        state = _explained(lambda: directory_weights(directory), source, *broken) if directory else None
+        if state is not None and (model := _explained(lambda: build(config, state.items(), int8), source, *broken)):
             return model
     # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
+    model_class = _transformers_gpt2()
     return _explained(
-        lambda: load_named(lambda name, **kw: GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32, **kw), source),
+        lambda: load_named(lambda name, **kw: model_class.from_pretrained(name, dtype=torch.float32, **kw), source),
         source, *broken)
+
+
+def _transformers_gpt2() -> type[nn.Module]:
+    """transformers' GPT2LMHeadModel, imported only where it is used (its modeling code costs ~140 MB)."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel

@@ -2,15 +2,15 @@
 computes each row on its own.
 
 Both the int8 layers and the attention are built so that a row's numbers do not depend on which other rows share its
-batch, bit for bit: that is what lets a seed give the same text alone or in any batch (README "Seeds")."""
+batch, bit for bit: that is what lets a seed give the same text alone or in any batch (README "Seeds").
+
+They apply to transformers' GPT2LMHeadModel, which a CPU serves only where core/gpt2_model.py's tree does not (so
+transformers' activations and attention registries, ~100 MB of imports, are imported only here, when used)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.activations import ACT2FN, NewGELUActivation
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 from core.int8_rows import Int8Embedding, RowInt8Linear
@@ -20,6 +20,8 @@ from core.memory import return_freed_memory
 def fuse_gelu(model: nn.Module) -> nn.Module:
     """GPT-2's `gelu_new` is the tanh approximation written as five tensor operations; torch's
     `gelu(approximate="tanh")` is the same formula in one kernel (equal up to float rounding)."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
     for name, child in list(model.named_children()):
         if isinstance(child, NewGELUActivation):
             setattr(model, name, ACT2FN["gelu_pytorch_tanh"])
@@ -60,6 +62,9 @@ ROW_ATTENTION = "rowwise_sdpa"
 
 def rowwise_attention(model: nn.Module) -> nn.Module:
     """Attention whose every row is computed on its own unpadded keys: see `_rowwise_sdpa`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(ROW_ATTENTION, _rowwise_sdpa)
     AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)  # the masks it reads are SDPA's (boolean, 4-D)
     model.set_attn_implementation(ROW_ATTENTION)
@@ -75,6 +80,8 @@ def _rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     with the width its batch mates impose. Here the rows are cut to their unpadded keys (runs of neighbouring rows with
     the same keys go together, as views) and each run goes through SDPA unmasked, exactly as it would alone; SDPA's CPU
     kernel computes each (row, head) by itself. Without padding there is nothing to cut."""
+    from transformers import AttentionInterface
+
     sdpa = AttentionInterface()["sdpa"]
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is None or attention_mask.dim() != 4 or (q_len != 1 and q_len != k_len):

@@ -11,6 +11,7 @@ from helpers import held_after
 
 from core.engine import Engine
 from core.errors import BusyError, RequestTimeout, UserError
+from core.gpt2_model import as_transformers
 from core.grammar import GenRequest, parse_gen
 from core.metrics import front_end_of
 from core.model_loading import load_model
@@ -49,8 +50,8 @@ async def test_top_k_1_row_is_greedy_while_neighbours_sample(engine: Engine):
     samplers = [req(engine, f"긍정 아 정말 seed={s} min_length=20 max_length=20") for s in range(6)]
     results = await asyncio.gather(engine.generate(engine.prepare(greedy)), *(engine.generate(engine.prepare(r)) for r in samplers))
     ids = torch.tensor([engine.tokenizer(greedy.model_prompt, add_special_tokens=False)["input_ids"]])
-    expected = engine.model.generate(ids, do_sample=False, max_length=20, min_length=20,
-                                     eos_token_id=engine.eos_id, pad_token_id=engine.eos_id)
+    expected = as_transformers(engine.model).generate(ids, do_sample=False, max_length=20, min_length=20,
+                                                      eos_token_id=engine.eos_id, pad_token_id=engine.eos_id)
     assert results[0].continuations[0] == engine.tokenizer.decode(expected[0], skip_special_tokens=True)[len("긍정 아 정말"):]
     assert len({r.continuations[0] for r in results[1:]}) > 1  # different seeds, different samples
 

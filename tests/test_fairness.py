@@ -19,6 +19,7 @@ from bot.web_server import GuardedRunner
 from core.conversation import Conversation, Reply, Style
 from core.engine import Engine
 from core.errors import BusyError
+from core.gpt2_model import as_transformers
 from core.grammar import parse_gen
 from core.model_loading import load_model
 from core.service import BotCore
@@ -39,7 +40,8 @@ def gated_engine(settings, gate: threading.Event, entered: threading.Event) -> E
             return self.inner(**kwargs)
 
     loaded = load_model(settings.model)
-    return Engine(dataclasses.replace(loaded, model=Wrapped(loaded.model)), settings)
+    # transformers' forward behind the wrapper (the engine's batch for a model it does not know)
+    return Engine(dataclasses.replace(loaded, model=Wrapped(as_transformers(loaded.model))), settings)
 
 
 async def until(condition, what: str) -> None:

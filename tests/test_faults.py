@@ -15,6 +15,7 @@ from fake_bot_api import FakeBotAPI, finished
 
 from core.engine import RESTARTING, Engine
 from core.errors import RequestTimeout, ShuttingDown
+from core.gpt2_model import as_transformers
 from core.grammar import parse_gen
 from core.model_loading import load_model
 
@@ -35,8 +36,8 @@ class Wrapped(torch.nn.Module):
 
 
 def engine_over(settings, hook) -> Engine:
-    loaded = load_model(settings.model)
-    return Engine(dataclasses.replace(loaded, model=Wrapped(loaded.model, hook)), settings)
+    loaded = load_model(settings.model)  # transformers' forward behind the hook (the engine's batch for such a model)
+    return Engine(dataclasses.replace(loaded, model=Wrapped(as_transformers(loaded.model), hook)), settings)
 
 
 def request(engine: Engine, text: str):

@@ -82,15 +82,13 @@ def _formats(model: GPT2LMHeadModel, directory: Path) -> dict[str, tuple[Path, G
 
 def test_every_format_loads_int8_with_the_logits_of_quantizing_the_float32_model(tiny_dir: Path, trained, tmp_path: Path,
                                                                                  monkeypatch: pytest.MonkeyPatch):
-    """And none of them builds the float32 model: GPT2LMHeadModel is only ever made on the meta device."""
-    real_class = core.model_loading.GPT2LMHeadModel
-
-    def meta_only(config: object) -> GPT2LMHeadModel:
-        assert torch.get_default_device().type == "meta", "the float32 model was built"
-        return real_class(config)
+    """And none of them builds the float32 model: transformers' class is never used, and core.gpt2_model's tree is
+    filled weight by weight (its layers quantized as they are read)."""
+    def refuse() -> None:
+        raise AssertionError("transformers' GPT2LMHeadModel was used")
 
     formats = _formats(trained, tmp_path)
-    monkeypatch.setattr(core.model_loading, "GPT2LMHeadModel", meta_only)
+    monkeypatch.setattr(core.model_loading, "_transformers_gpt2", refuse)
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", None)
     for name, (path, weights) in formats.items():
         expected = _reference(weights)(input_ids=IDS).logits

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from core.engine import _cache_argument
+from core.gpt2_model import as_transformers
 from core.kv_cache import MIN_ROOM, GrowingLayer, growing_cache
 from core.model_loading import load_model
 from core.settings import ModelSettings
@@ -30,7 +31,7 @@ def test_growing_layer_matches_concatenation_and_keeps_earlier_views():
 
 
 def test_a_model_decodes_the_same_through_it(tiny_dir):
-    model = load_model(ModelSettings(pretrained=str(tiny_dir), quantize="none")).model
+    model = as_transformers(load_model(ModelSettings(pretrained=str(tiny_dir), quantize="none")).model)
     torch.manual_seed(1)
     vocab = model.config.vocab_size  # 109 tokens without the NSMC data, 2,000 with it
     prompt = torch.randint(5, vocab, (3, 6))
