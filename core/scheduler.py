@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -56,6 +57,7 @@ class FairQueue(Generic[T]):
         self._served: dict[str, int] = {}  # each user's virtual start: rows given so far, from when they joined
         self._clock = 0  # the virtual time: the start tag of the last user served
         self._seq = itertools.count()
+        self._arrivals = 0  # requests put so far: a waiter sees whether anyone came
         self._changed = threading.Condition()
 
     # ---- event-loop side -------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ class FairQueue(Generic[T]):
             queue.append(entry)
             self._entries[id(item)] = entry
             self._waiting_rows[user] = waiting + rows
+            self._arrivals += 1
             self._changed.notify_all()
 
     def remove(self, item: T) -> bool:
@@ -94,6 +97,17 @@ class FairQueue(Generic[T]):
         """Block up to `timeout` s until at least `rows` rows wait; whether they do."""
         with self._changed:
             return self._changed.wait_for(lambda: sum(self._waiting_rows.values()) >= rows, timeout)
+
+    def gather(self, window: float, quiet: float, rows: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """An idle engine's wait for company before it starts: until `rows` rows wait, `window` s have passed, or
+        `quiet` s pass with no new request. A lone request then starts after `quiet`, not the whole window, while a
+        burst (its requests arrive about a millisecond apart, each parsed on the event loop) starts as one batch."""
+        with self._changed:
+            deadline = clock() + window
+            while sum(self._waiting_rows.values()) < rows and (left := deadline - clock()) > 0:
+                seen = self._arrivals
+                if not self._changed.wait_for(lambda seen=seen: self._arrivals != seen, min(quiet, left)):
+                    return  # nobody came for `quiet` s
 
     def take(self, free: int, running: Sequence[int] = ()) -> list[T]:
         """Requests to start now in `free` rows, fairly; `running`: each running row's remaining steps (at most)."""

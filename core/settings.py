@@ -76,7 +76,7 @@ class LimitsSettings(BaseModel):
     max_best_of: int = Field(8, ge=1, le=16)
     max_rows_per_request: int = Field(16, ge=1, le=64, description="cap on n × best_of (rows sampled for one request)")
     max_batch_size: int = Field(16, ge=1, le=256)
-    batch_window_ms: int = Field(10, ge=0, le=1000)
+    batch_window_ms: int = Field(25, ge=0, le=1000)
     queue_size: int = Field(64, ge=1, le=10_000)
     max_queued_rows_per_user: int = Field(
         32, ge=1, le=100_000, description="rows one user may have waiting (one request always may); beyond: busy"

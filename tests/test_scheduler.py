@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from core.scheduler import MAX_REMEMBERED, FairQueue, QueueFull, UserQueueFull
@@ -171,8 +173,6 @@ def test_past_the_memory_bound_only_the_smallest_leads_are_forgiven():
 
 
 def test_wait_wakes_when_another_thread_puts_enough_rows():
-    import threading
-
     q: FairQueue[str] = FairQueue(size=4, user_rows=100)
     q.put("a", "A0", rows=1, steps=10)
     assert q.wait(0) is True  # one row waiting is enough by default
@@ -193,3 +193,43 @@ def test_what_starts_in_this_turn_counts_for_the_next_pass():
     q.put("short", "X", rows=1, steps=2)
     q.put("long", "Y", rows=1, steps=9)
     assert q.take(3, running=[9, 2, 8]) == ["X"]
+
+
+# gather's clock is frozen in these tests: its window never ends, so only the rules under test can end a wait (a
+# broken rule hangs, and the per-test timeout fails it by name).
+def frozen() -> float:
+    return 0.0
+
+
+def test_gather_ends_once_nobody_came_for_the_quiet_time():
+    queue: FairQueue[str] = FairQueue(size=8, user_rows=8)
+    queue.put("a", "lone", 1, 1)
+    queue.gather(window=1.0, quiet=0.001, rows=4, clock=frozen)
+    assert queue.take(4) == ["lone"]
+
+
+def test_gather_ends_at_once_when_the_rows_wait_or_the_window_is_zero():
+    queue: FairQueue[str] = FairQueue(size=8, user_rows=8)
+    for i in range(4):
+        queue.put("a", f"r{i}", 1, 1)
+    queue.gather(window=1.0, quiet=3600.0, rows=4, clock=frozen)  # four rows wait: no quiet time to sit out
+    queue.gather(window=0.0, quiet=3600.0, rows=8)  # no window: no wait
+    assert queue.take(8) == ["r0", "r1", "r2", "r3"]
+
+
+def test_gather_keeps_waiting_while_requests_keep_coming():
+    queue: FairQueue[str] = FairQueue(size=8, user_rows=8)
+    queue.put("a", "first", 1, 1)
+    done = threading.Event()
+
+    def waiter() -> None:
+        queue.gather(window=1.0, quiet=3600.0, rows=3, clock=frozen)
+        done.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    queue.put("b", "second", 1, 1)  # each arrival restarts the quiet time; the third row ends the wait
+    assert not done.wait(0.05)  # two rows of three: still waiting (a quiet time of an hour is far off)
+    queue.put("c", "third", 1, 1)
+    thread.join()
+    assert queue.take(3) == ["first", "second", "third"]
