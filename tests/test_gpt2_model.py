@@ -107,10 +107,13 @@ def test_rerank_and_prompt_logprobs_equal_the_previous_path(saved: Path, trained
     own = load_model(ModelSettings(pretrained=str(saved), quantize=quantize)).model
     previous = _previous(trained, quantize == "int8")
     long = [(7 * i) % 100 + 3 for i in range(45)]  # more positions than the int8 head scores at once
-    contexts = [[5, 6, 7], [9], [3, 4, 5, 6], [5, 6, 7], [4, 5]]
-    continuations = [[8, 9], [8, 7, 6, 5], [7], [10, 11, 12], long]
-    assert (rerank.continuation_logprobs(own, contexts, continuations)
-            == rerank.continuation_logprobs(previous, contexts, continuations))
+    # ... and in all more than twice as many (80), and an empty continuation (its log-probability is 0).
+    contexts = [[5, 6, 7], [9], [3, 4, 5, 6], [5, 6, 7], [4, 5], [6, 7], [8]]
+    continuations = [[8, 9], [8, 7, 6, 5], [7], [10, 11, 12], long, long[:25], []]
+    scores = rerank.continuation_logprobs(own, contexts, continuations)
+    assert scores == rerank.continuation_logprobs(previous, contexts, continuations)
+    assert scores[-1] == 0.0
+    assert rerank.continuation_logprobs(own, [[5]], [[]]) == [0.0]  # nothing at all to score
     assert logprobs.prompt_logprobs(own, SEQS[2], 3) == logprobs.prompt_logprobs(previous, SEQS[2], 3)
 
 

@@ -212,7 +212,7 @@ def test_gather_ends_at_once_when_the_rows_wait_or_the_window_is_zero():
     queue: FairQueue[str] = FairQueue(size=8, user_rows=8)
     for i in range(4):
         queue.put("a", f"r{i}", 1, 1)
-    queue.gather(window=1.0, quiet=3600.0, rows=4, clock=frozen)  # four rows wait: no quiet time to sit out
+    queue.gather(window=3600.0, quiet=3600.0, rows=4, clock=frozen)  # four rows wait: nothing to sit out
     queue.gather(window=0.0, quiet=3600.0, rows=8)  # no window: no wait
     assert queue.take(8) == ["r0", "r1", "r2", "r3"]
 
@@ -220,16 +220,23 @@ def test_gather_ends_at_once_when_the_rows_wait_or_the_window_is_zero():
 def test_gather_keeps_waiting_while_requests_keep_coming():
     queue: FairQueue[str] = FairQueue(size=8, user_rows=8)
     queue.put("a", "first", 1, 1)
-    done = threading.Event()
+    about_to_wait = threading.Event()
 
-    def waiter() -> None:
-        queue.gather(window=1.0, quiet=3600.0, rows=3, clock=frozen)
-        done.set()
+    def clock() -> float:  # gather reads it holding the queue's lock: a put can only land once it waits
+        about_to_wait.set()
+        return 0.0
 
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    queue.put("b", "second", 1, 1)  # each arrival restarts the quiet time; the third row ends the wait
-    assert not done.wait(0.05)  # two rows of three: still waiting (a quiet time of an hour is far off)
-    queue.put("c", "third", 1, 1)
-    thread.join()
+    def arrive() -> None:
+        for item in ("second", "third"):
+            about_to_wait.wait()
+            about_to_wait.clear()
+            queue.put(item, item, 1, 1)
+
+    other = threading.Thread(target=arrive)
+    other.start()
+    # A quiet time of an hour and a window that never ends (the clock stands still): only the arrivals (each
+    # restarts the quiet time) and the third row can end this wait.
+    queue.gather(window=0.5, quiet=3600.0, rows=3, clock=clock)
+    assert queue.waiting_rows() == 3
+    other.join()
     assert queue.take(3) == ["first", "second", "third"]
