@@ -179,7 +179,7 @@ def build_warpers(knobs: Sequence[Knobs], top_k: bool = True) -> Rules:
         rules.append(RowTopK([k.top_k for k in knobs]))
     if any(k.top_p < 1.0 for k in knobs):
         rules.append(RowTopP([k.top_p for k in knobs]))
-    return Rules(rules)
+    return rules
 
 
 def largest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
