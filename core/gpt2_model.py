@@ -21,7 +21,7 @@ from torch import nn
 from transformers import GPT2Config
 from transformers.pytorch_utils import Conv1D
 
-from core.int8_rows import Int8Embedding, RowInt8Linear, quantize_rows
+from core.int8_rows import FileInt8Embedding, Int8Embedding, RowInt8Linear, quantize_rows
 from core.memory import large_blocks_returned
 from core.weight_files import StoredTensor
 
@@ -189,9 +189,7 @@ def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8
             stored.drop()
             continue  # an old causal-mask buffer, or a tied lm_head's copy of the embedding (the tie wins)
         if key == EMBEDDING and int8:
-            values, scale = quantize_rows(*stored.shape, stored.rows)  # never whole in float32 (157 MB for KoGPT2)
-            stored.drop()
-            model.set_input_embeddings(Int8Embedding(values, scale))
+            model.set_input_embeddings(_int8_embedding(model, config, stored))
             continue
         path, _, leaf = key.rpartition(".")
         tensor = stored.load()
@@ -206,15 +204,29 @@ def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8
             del pending[path]
     embedding, head = model.get_input_embeddings(), model.lm_head
     if config.tie_word_embeddings:
-        if isinstance(embedding, Int8Embedding):
-            model.lm_head = RowInt8Linear.from_int8(embedding.weight_int8, embedding.weight_scale, None)
-        elif not embedding.weight.is_meta:
-            head.weight = embedding.weight
+        if not int8 and not embedding.weight.is_meta:
+            head.weight = embedding.weight  # (int8: the embedding's load made the head)
     elif int8 and not head.weight.is_meta:
         model.lm_head = RowInt8Linear(head.weight, None)
     if pending or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return None
     return model
+
+
+def _int8_embedding(model: GPT2LM, config: GPT2Config, stored: StoredTensor) -> nn.Module:
+    """The int8 token embedding, quantized a block of rows at a time (never whole in float32: 157 MB for KoGPT2);
+    a tied model's lm_head is made here from the same int8 rows. Where fbgemm packs that head (its own copy of the
+    rows) and the file can be read again, the embedding reads its rows from the file at lookup instead of keeping a
+    second copy (core/int8_rows.py's FileInt8Embedding)."""
+    values, scale = quantize_rows(*stored.shape, stored.rows)
+    stored.drop()
+    if not config.tie_word_embeddings:
+        return Int8Embedding(values, scale)
+    head = model.lm_head = RowInt8Linear.from_int8(values, scale, None)
+    if head.packed is None or stored.pick is None:
+        return Int8Embedding(values, scale)  # torch._int_mm's head reads these very values: one copy
+    del values
+    return FileInt8Embedding(stored.pick, scale, stored.shape[1], lambda: head.int8_weight)
 
 
 def as_transformers(model: nn.Module) -> nn.Module:
