@@ -87,11 +87,11 @@ class FileInt8Embedding(nn.Module):
     back from the packed lm_head (`recover`, one copy of the int8 matrix, logged once) and lookups go on from them."""
 
     def __init__(self, pick: Callable[[torch.Tensor], torch.Tensor], weight_scale: torch.Tensor, embedding_dim: int,
-                 recover: Callable[[], torch.Tensor], source: str = "the checkpoint"):
+                 recover: Callable[[], torch.Tensor]):
         super().__init__()
         self.register_buffer("weight_scale", weight_scale)
         self.num_embeddings, self.embedding_dim = len(weight_scale), embedding_dim
-        self._pick, self._recover, self.source = pick, recover, source
+        self._pick, self._recover = pick, recover
         self.resident: Int8Embedding | None = None  # set once the file has changed
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class FileInt8Embedding(nn.Module):
             part = self._pick(ids).float()
             scale = _row_scale(part)
             if not torch.equal(scale, self.weight_scale[ids]):
-                raise CheckpointChanged(f"{self.source}: rows read again differ from the loaded ones")
+                raise CheckpointChanged("the checkpoint's rows read again differ from the loaded ones")
         except CheckpointChanged as exc:
             log.warning("%s; the token embedding takes its rows from the lm_head from now on (+%d MB)", exc,
                         self.num_embeddings * self.embedding_dim >> 20)
@@ -115,7 +115,7 @@ class FileInt8Embedding(nn.Module):
         return rows[where].view(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row, rows read from {self.source} at lookup"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row, rows read from the checkpoint at lookup"
 
 
 class RowInt8Linear(nn.Module):

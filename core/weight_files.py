@@ -124,13 +124,12 @@ def safetensors_file(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of a safetensors file, by name, in the file's order; ValueError when it is not one we can read
     (checked here, before any tensor is read: a tensor's bytes lie inside the file)."""
     file = OpenFile(path)
-    head = os.pread(file.fd, 8, 0)
-    if len(head) != 8:
+    if file.size < 8:
         raise ValueError(f"{path.name}: not a safetensors file")
-    size = struct.unpack("<Q", head)[0]
+    size = struct.unpack("<Q", _bytes(file, 0, 8))[0]
     if 8 + size > file.size:
         raise ValueError(f"{path.name}: the header is truncated")
-    header = json.loads(os.pread(file.fd, size, 8))
+    header = json.loads(_bytes(file, 8, size))
     file_size = file.size
     if not isinstance(header, dict):
         raise ValueError(f"{path.name}: not a safetensors header")
@@ -151,6 +150,12 @@ def safetensors_file(path: Path) -> dict[str, StoredTensor]:
         read, pick = _file_rows(file, 8 + size + begin, row_bytes, shape, dtype)
         tensors[name] = StoredTensor(shape, read, pick=pick if shape else None)
     return tensors
+
+
+def _bytes(file: OpenFile, offset: int, count: int) -> bytearray:
+    data = bytearray(count)
+    file.read_into(memoryview(data), offset)
+    return data
 
 
 def _file_rows(file: OpenFile, offset: int, row_bytes: int, shape: tuple[int, ...],

@@ -214,3 +214,13 @@ def test_the_embedding_is_read_first_whatever_the_files_order(tiny_dir: Path):
     assert items[-1][0] == "transformer.wte.weight"
     assert build(load_config(str(tiny_dir)), items, True) is not None
     assert order[0] == "transformer.wte.weight" and len(set(order)) == len(state)
+
+
+def test_a_file_too_short_for_its_header_is_refused_before_reading_it(tmp_path: Path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\x01\x02\x03")
+    with pytest.raises(ValueError, match="w.safetensors: not a safetensors file"):
+        safetensors_file(path)
+    path.write_bytes((1000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="w.safetensors: the header is truncated"):
+        safetensors_file(path)
