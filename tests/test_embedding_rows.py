@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import core.int8_rows
 from core.gpt2_decode import decode_batch
 from core.gpt2_model import build
 from core.int8_rows import FileInt8Embedding, Int8Embedding, RowInt8Linear, quantize_rows
@@ -224,3 +225,23 @@ def test_a_file_too_short_for_its_header_is_refused_before_reading_it(tmp_path: 
     path.write_bytes((1000).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="w.safetensors: the header is truncated"):
         safetensors_file(path)
+
+
+def test_without_fbgemm_or_untied_the_embedding_stays_resident_and_shared(tiny_dir: Path, trained,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """torch._int_mm's head reads the embedding's own int8 matrix (one copy); an untied head has its own weights."""
+    config = load_config(str(tiny_dir))
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    stored = {k: StoredTensor(tuple(v.shape), lambda b, e, v=v: v[b:e].clone(), pick=lambda ids, v=v: v[ids])
+              for k, v in state.items() if k != "lm_head.weight"}
+    with monkeypatch.context() as patch:
+        patch.setattr(core.int8_rows, "_FBGEMM_LINEAR", None)
+        model = build(config, stored.items(), True)
+    embedding = model.transformer.wte
+    assert isinstance(embedding, Int8Embedding) and model.lm_head.packed is None
+    assert model.lm_head.weight_int8 is embedding.weight_int8
+    untied = config.__class__.from_dict({**config.to_dict(), "tie_word_embeddings": False})
+    head = StoredTensor(tuple(state["lm_head.weight"].shape), lambda b, e: state["lm_head.weight"][b:e].clone() * 2)
+    model = build(untied, [*stored.items(), ("lm_head.weight", head)], True)
+    assert isinstance(model.transformer.wte, Int8Embedding)
+    assert not torch.equal(model.lm_head.weight_scale, model.transformer.wte.weight_scale)
