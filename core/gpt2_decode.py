@@ -10,7 +10,10 @@ run of equal rows), and the Python around it cost more than the matrix products 
 - a step's attention is one batched matrix product per side and layer over the buffers' width (the longest row's,
   rounded up to WIDTH_STEP), the columns a row has not reached masked out with -inf: each (row, head) is its own
   product, whose bits do not depend on the batch, the width or the thread count (the -inf columns add exact zeros;
-  tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads);
+  tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads, at
+  GPT-2's head size of 64). That holds at widths that are multiples of WIDTH_STEP, not at any width: this torch's
+  float32 products rounded a row over 49 columns otherwise than over 64 (and at a head size of 16, 16 columns
+  otherwise than 32), so the width is never cut to what the rows need;
 - a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
   by row) and each prompt's causal attention on its own;
 - rows that end are dropped by moving the last slots into their places.
