@@ -3,8 +3,9 @@
 Importing transformers' GPT-2 class pulls in its whole modeling stack (torch.distributed, torch._dynamo, sympy, …):
 about 140 MB of a process that serves a 125 MB model. The tree here has exactly the checkpoint's names
 (transformer.wte/wpe/h[i].ln_1/attn.c_attn/attn.c_proj/ln_2/mlp.c_fc/mlp.c_proj/ln_f, lm_head) and carries the
-GPT2Config, so core/gpt2_decode.py decodes it as it would transformers' model. Its layers are float32 (`quantize =
-"none"`: transformers' own light `Conv1D`, the same kernel call) or int8 (core/int8_rows.py).
+config (core/gpt2_config.py's, or transformers' GPT2Config), so core/gpt2_decode.py decodes it as it would
+transformers' model. Its layers are float32 (`quantize = "none"`: `Linear1D`, transformers' `Conv1D` computation, the
+same kernel call) or int8 (core/int8_rows.py). Nothing here imports transformers but `as_transformers`.
 
 `GPT2LM.forward` is the full-sequence pass that scoring needs (core/rerank.py, core/logprobs.py, evaluation's NLL):
 each row over its own tokens with the same operations transformers ran for it (its SDPA attention, one row at a
@@ -18,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GPT2Config
-from transformers.pytorch_utils import Conv1D
 
+from core.gpt2_config import GPT2Settings, transformers_config
 from core.int8_rows import Int8Embedding, RowInt8Linear, quantize_rows
 from core.memory import large_blocks_returned
 from core.weight_files import StoredTensor
@@ -31,7 +31,7 @@ EMBEDDING, HEAD = "transformer.wte.weight", "lm_head.weight"
 _ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
-def serves(config: GPT2Config) -> bool:
+def serves(config: GPT2Settings) -> bool:
     """Whether this tree computes what transformers' GPT-2 does for `config` (else the loader uses transformers)."""
     return (getattr(config, "model_type", "gpt2") == "gpt2" and config.activation_function in _ACTIVATIONS
             and not config.add_cross_attention and not config.reorder_and_upcast_attn)
@@ -48,21 +48,26 @@ def _empty(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
 
-class Linear1D(Conv1D):
-    """transformers' Conv1D (y = x W + b, W stored inputs × outputs as GPT-2's checkpoints hold it), made empty."""
+class Linear1D(nn.Module):
+    """transformers' Conv1D (y = x W + b, W stored inputs × outputs as GPT-2's checkpoints hold it) with its forward's
+    torch call, so the same bits, made empty."""
 
     def __init__(self, nf: int, nx: int):
-        nn.Module.__init__(self)
+        super().__init__()
         self.nf, self.nx = nf, nx
         self.weight, self.bias = _empty(nx, nf), _empty(nf)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
 
-def _layer_norm(config: GPT2Config) -> nn.LayerNorm:
+
+def _layer_norm(config: GPT2Settings) -> nn.LayerNorm:
     return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, device="meta")
 
 
 class Attention(nn.Module):
-    def __init__(self, config: GPT2Config, index: int):
+    def __init__(self, config: GPT2Settings, index: int):
         super().__init__()
         n = config.n_embd
         self.c_attn, self.c_proj = Linear1D(3 * n, n), Linear1D(n, n)
@@ -86,7 +91,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Settings):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc, self.c_proj = Linear1D(inner, config.n_embd), Linear1D(config.n_embd, inner)
@@ -97,7 +102,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPT2Config, index: int):
+    def __init__(self, config: GPT2Settings, index: int):
         super().__init__()
         self.ln_1 = _layer_norm(config)
         self.attn = Attention(config, index)
@@ -110,7 +115,7 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Settings):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=_empty(config.vocab_size, config.n_embd))
         self.wpe = nn.Embedding(config.n_positions, config.n_embd, _weight=_empty(config.n_positions, config.n_embd))
@@ -121,7 +126,7 @@ class Body(nn.Module):
 class GPT2LM(nn.Module):
     """GPT-2 with its language-model head; inference only. Made empty (meta weights): `build` fills it."""
 
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Settings):
         super().__init__()
         self.config = config
         self.transformer = Body(config)
@@ -170,7 +175,7 @@ class GPT2LM(nn.Module):
         return self.transformer.ln_f(x)
 
 
-def build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
+def build(config: GPT2Settings, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
     """The model from `tensors` (a GPT2LMHeadModel's or a base GPT2Model's names), each read in turn and, with `int8`,
     quantized as it is read (the float32 model never exists whole). Keys the model does not have (buffers older
     transformers saved) are skipped. None when a weight is missing."""
@@ -178,10 +183,10 @@ def build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8:
         return _build(config, tensors, int8)
 
 
-def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
+def _build(config: GPT2Settings, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
     model = GPT2LM(config).eval()
     expected = set(model.state_dict())
-    convs = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    convs = {name for name, module in model.named_modules() if isinstance(module, Linear1D)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, stored in tensors:
         key = key if key in expected else f"transformer.{key}"  # a base GPT2Model's weights have no prefix
@@ -227,7 +232,7 @@ def as_transformers(model: nn.Module) -> nn.Module:
     from core.speedups import rowwise_attention
 
     with torch.device("meta"):
-        wrapped = GPT2LMHeadModel(model.config).eval()
+        wrapped = GPT2LMHeadModel(transformers_config(model.config)).eval()
     for name in ("wte", "wpe", "ln_f"):
         setattr(wrapped.transformer, name, getattr(model.transformer, name))
     for ours, theirs in zip(model.transformer.h, wrapped.transformer.h):

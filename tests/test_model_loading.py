@@ -19,6 +19,7 @@ from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from core.errors import ModelLoadError
+from core.gpt2_model import Linear1D
 from core.model_loading import load_model, pick_checkpoint
 from core.settings import ModelSettings
 
@@ -129,10 +130,54 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
     assert "BOT_MODEL__PRETRAINED" in str(info.value)
 
 
+def test_a_hub_name_in_the_local_cache_loads_without_transformers_or_the_hub_client(tmp_path: Path):
+    """A hub name already in the Hugging Face cache (its documented layout: refs/main names the snapshot, a
+    `.no_exist` entry records a file the repository lacks) loads offline in a fresh process, the same model and
+    tokenizer as its directory, without importing transformers or huggingface_hub's download code."""
+    repo, commit = tmp_path / "models--someone--tiny-kogpt2", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(ROOT / "models" / "nsmc-small", repo / "snapshots" / commit)
+    (repo / "snapshots" / commit / "tokenizer_config.json").unlink()  # an optional file the snapshot lacks
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "special_tokens_map.json").touch()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "import sys, torch\n"
+        "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
+        "ids = torch.tensor([[5, 6, 7, 8]])\n"
+        "hub = load_model(ModelSettings(pretrained='someone/tiny-kogpt2'))\n"
+        "local = load_model(ModelSettings(pretrained='models/nsmc-small'))\n"
+        "assert torch.equal(hub.model(ids).logits, local.model(ids).logits)\n"
+        "text = '긍정 아 정말 재밌다 </s>'\n"
+        "assert hub.tokenizer(text)['input_ids'] == local.tokenizer(text)['input_ids']\n"
+        "print(hub.source, sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'"
+        " or m == 'huggingface_hub.file_download'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=subprocess_env(HF_HUB_CACHE=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "someone/tiny-kogpt2 (int8) []"
+
+
+def test_a_cached_snapshot_without_the_weights_still_needs_the_hub(tmp_path: Path, monkeypatch):
+    """A cached snapshot without the weights still needs the hub: offline, that is the one sentence it always was."""
+    import huggingface_hub.constants
+
+    repo, commit = tmp_path / "models--someone--partial", "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(ROOT / "models" / "nsmc-small" / "config.json", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="model.pretrained"):
+        load_model(ModelSettings(pretrained="someone/partial"))
+
+
 def test_quantize_auto_is_int8_on_the_cpu_and_keeps_no_fp32_linear(tiny_dir: Path):
     loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))  # the defaults: device auto, quantize auto
     assert loaded.source.endswith("(int8)")
-    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in loaded.model.modules())
+    assert not any(type(m) in (torch.nn.Linear, Conv1D, Linear1D) for m in loaded.model.modules())
 
 
 def test_int8_while_loading_matches_quantizing_the_fp32_model(tiny_dir: Path):
