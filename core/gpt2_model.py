@@ -16,14 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from core.gpt2_config import GPT2Settings, transformers_config
+from core.gpt2_config import transformers_config
 from core.int8_rows import Int8Embedding, RowInt8Linear, quantize_rows
+from core.linear1d import Linear1D
+from core.linear1d import empty as _empty
 from core.memory import large_blocks_returned
 from core.weight_files import StoredTensor
+
+if TYPE_CHECKING:  # a GPT2Config, or core/gpt2_config.py's GPT2Settings (the same attributes, no transformers import)
+    from transformers import GPT2Config
 
 EMBEDDING, HEAD = "transformer.wte.weight", "lm_head.weight"
 # transformers' names for the activations this tree computes with the same torch kernel (`gelu_new` is the tanh
@@ -31,7 +37,7 @@ EMBEDDING, HEAD = "transformer.wte.weight", "lm_head.weight"
 _ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
-def serves(config: GPT2Settings) -> bool:
+def serves(config: GPT2Config) -> bool:
     """Whether this tree computes what transformers' GPT-2 does for `config` (else the loader uses transformers)."""
     return (getattr(config, "model_type", "gpt2") == "gpt2" and config.activation_function in _ACTIVATIONS
             and not config.add_cross_attention and not config.reorder_and_upcast_attn)
@@ -42,32 +48,12 @@ class LMOutput:
     logits: torch.Tensor
 
 
-def _empty(*shape: int) -> nn.Parameter:
-    """A weight `build` fills in: on the meta device, never initialized (random initialization of meta tensors goes
-    through torch's reference kernels, which import torch._dynamo: ~100 MB)."""
-    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
-
-
-class Linear1D(nn.Module):
-    """transformers' Conv1D (y = x W + b, W stored inputs × outputs as GPT-2's checkpoints hold it) with its forward's
-    torch call, so the same bits, made empty."""
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight, self.bias = _empty(nx, nf), _empty(nf)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return out.view(x.size()[:-1] + (self.nf,))
-
-
-def _layer_norm(config: GPT2Settings) -> nn.LayerNorm:
+def _layer_norm(config: GPT2Config) -> nn.LayerNorm:
     return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, device="meta")
 
 
 class Attention(nn.Module):
-    def __init__(self, config: GPT2Settings, index: int):
+    def __init__(self, config: GPT2Config, index: int):
         super().__init__()
         n = config.n_embd
         self.c_attn, self.c_proj = Linear1D(3 * n, n), Linear1D(n, n)
@@ -91,7 +77,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPT2Settings):
+    def __init__(self, config: GPT2Config):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc, self.c_proj = Linear1D(inner, config.n_embd), Linear1D(config.n_embd, inner)
@@ -102,7 +88,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPT2Settings, index: int):
+    def __init__(self, config: GPT2Config, index: int):
         super().__init__()
         self.ln_1 = _layer_norm(config)
         self.attn = Attention(config, index)
@@ -115,7 +101,7 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, config: GPT2Settings):
+    def __init__(self, config: GPT2Config):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=_empty(config.vocab_size, config.n_embd))
         self.wpe = nn.Embedding(config.n_positions, config.n_embd, _weight=_empty(config.n_positions, config.n_embd))
@@ -126,7 +112,7 @@ class Body(nn.Module):
 class GPT2LM(nn.Module):
     """GPT-2 with its language-model head; inference only. Made empty (meta weights): `build` fills it."""
 
-    def __init__(self, config: GPT2Settings):
+    def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
         self.transformer = Body(config)
@@ -175,7 +161,7 @@ class GPT2LM(nn.Module):
         return self.transformer.ln_f(x)
 
 
-def build(config: GPT2Settings, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
+def build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
     """The model from `tensors` (a GPT2LMHeadModel's or a base GPT2Model's names), each read in turn and, with `int8`,
     quantized as it is read (the float32 model never exists whole). Keys the model does not have (buffers older
     transformers saved) are skipped. None when a weight is missing."""
@@ -183,7 +169,7 @@ def build(config: GPT2Settings, tensors: Iterable[tuple[str, StoredTensor]], int
         return _build(config, tensors, int8)
 
 
-def _build(config: GPT2Settings, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
+def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
     model = GPT2LM(config).eval()
     expected = set(model.state_dict())
     convs = {name for name, module in model.named_modules() if isinstance(module, Linear1D)}

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from core.gpt2_model import Linear1D
 from core.int8_rows import Int8Embedding, RowInt8Linear
+from core.linear1d import Linear1D
 from core.memory import return_freed_memory
 
 

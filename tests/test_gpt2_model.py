@@ -188,3 +188,31 @@ def test_layer_scaling_options_match_transformers(tmp_path: Path, saved: Path):
     assert torch.allclose(own(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
     batch = DecodeBatch(own)
     assert torch.allclose(batch.prefill([[1, 2, 3, 4, 5]], [1]), reference(input_ids=ids).logits[:, -1], atol=1e-5)
+
+
+def test_linear1d_computes_transformers_conv1d_bit_for_bit():
+    from transformers.pytorch_utils import Conv1D
+
+    from core.linear1d import Linear1D
+
+    gen = torch.Generator().manual_seed(3)
+    theirs = Conv1D(48, 16)
+    ours = Linear1D(48, 16)
+    ours.weight = torch.nn.Parameter(torch.randn(16, 48, generator=gen), requires_grad=False)
+    ours.bias = torch.nn.Parameter(torch.randn(48, generator=gen), requires_grad=False)
+    theirs.load_state_dict(ours.state_dict())
+    for shape in ((5, 16), (3, 7, 16), (1, 1, 16)):
+        x = torch.randn(*shape, generator=gen)
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_quantize_int8_takes_the_own_trees_linear_layers_too(saved: Path):
+    """core.speedups' int8 pass finds Linear1D as it finds transformers' Conv1D (no float linear layer is left)."""
+    from core.int8_rows import RowInt8Linear
+    from core.linear1d import Linear1D
+
+    wrapped = as_transformers(load_model(ModelSettings(pretrained=str(saved), quantize="none")).model)
+    assert any(isinstance(m, Linear1D) for m in wrapped.modules())
+    quantized = quantize_int8(wrapped)
+    assert not any(isinstance(m, (Linear1D, torch.nn.Linear)) for m in quantized.modules())
+    assert isinstance(quantized.transformer.h[0].attn.c_attn, RowInt8Linear)
