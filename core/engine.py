@@ -348,7 +348,8 @@ class Engine:
         jobs = sorted(jobs, key=lambda job: len(job.prompt_ids))
         if len(jobs) > 1:
             try:
-                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.rows for job in jobs])
+                logits = batch.prefill([job.prompt_ids for job in jobs], [job.request.rows for job in jobs],
+                                       [_reach(job) for job in jobs])
             except Exception:  # noqa: BLE001 (retried one by one below, where the error is reported)
                 log.warning("batched prefill of %d requests failed; prefilling one by one", len(jobs))
             else:
@@ -405,7 +406,7 @@ class Engine:
         return [job for job in jobs if not job.cancelled]
 
     def _prefill(self, job: _Job, batch: Batch) -> list[_Row]:
-        return self._start([job], batch.prefill([job.prompt_ids], [job.request.rows]))
+        return self._start([job], batch.prefill([job.prompt_ids], [job.request.rows], [_reach(job)]))
 
     def _start(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Row]:
         """One row per candidate, each with its own seeded generator, and their first tokens from `logits`."""
@@ -488,6 +489,11 @@ class Engine:
         return [rows[i] for i in keep]
 
 
+def _reach(job: _Job) -> int:
+    """The most tokens a job's rows feed the model: the last of its max_length tokens is sampled, never fed back."""
+    return job.request.knobs.max_length - 1
+
+
 def busy_error(exc: QueueFull | UserQueueFull) -> BusyError:
     """The refusal's sentence: the whole queue is full, or this user's own share of it."""
     if isinstance(exc, UserQueueFull):
@@ -536,8 +542,9 @@ class _Batch:
         return out.logits[:, -1], out[self.cache_arg]
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
-        """Run new prompts together (left-padded) and append each `copies` times; returns their next-token logits."""
+    def prefill(self, prompts: list[list[int]], copies: list[int], reach: list[int] | None = None) -> torch.Tensor:
+        """Run new prompts together (left-padded) and append each `copies` times; returns their next-token logits.
+        (`reach` is not needed here: transformers' cache grows a column at a time.)"""
         width = max(map(len, prompts))
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)

@@ -8,7 +8,7 @@ run of equal rows), and the Python around it cost more than the matrix products 
 - every row owns one slot of each layer's key/value buffer, its keys at columns [0, length) and zeros after them;
   a step writes each row's new key and value in place (one indexed copy per layer);
 - a step's attention is one batched matrix product per side and layer over the buffers' width (the longest row's,
-  rounded up to WIDTH_STEP), the columns a row has not reached masked out with -inf: each (row, head) is its own
+  rounded up to WIDTH_STEP but never past the most keys any row can come to hold), the columns a row has not reached masked out with -inf: each (row, head) is its own
   product, whose bits do not depend on the batch, the width or the thread count (the -inf columns add exact zeros;
   tests/test_gpt2_decode.py checks this on the installed torch, alone vs in changing batches at 1 and 2 threads);
 - a prefill runs the new prompts' tokens through the layers together (every linear layer, norm and GELU works row
@@ -90,6 +90,7 @@ class DecodeBatch:
         self.layers = [_Layer(block, i, config) for i, block in enumerate(model.transformer.h)]
         self.mask = torch.zeros(0, 0)  # (slots, columns): 0 where a slot's row has a key, -inf elsewhere
         self.positions: list[int] = []
+        self.reach: list[int] = []  # the most keys each row can come to hold (its prompt and every token it may be fed)
         self._slot: list[int] = []
 
     # ---- buffers ---------------------------------------------------------------------------------------------
@@ -115,19 +116,25 @@ class DecodeBatch:
         mask[:used, :kept] = self.mask[:used, :kept]
         self.mask = mask
 
-    def _width(self, columns: int) -> int:
-        """The keys a step attends over: the longest row's, rounded up (fewer distinct shapes); a row's result is the
-        same whatever this width (the -inf columns add exact zeros; tests/test_gpt2_decode.py checks the kernels)."""
+    def _width(self, columns: int, reach: int) -> int:
+        """The keys a step attends over: the longest row's, rounded up (fewer distinct shapes), but not past `reach`,
+        the most keys any row can come to hold (a burst of rows that end at 49 tokens kept 64 columns, a quarter of its
+        cache, for nothing). A row's result is the same whatever this width (the -inf columns add exact zeros;
+        tests/test_gpt2_decode.py checks the kernels)."""
         if columns > self.limit:
             raise ValueError(f"a row of {columns} tokens exceeds the model's {self.limit} positions")
-        return min(_round_up(columns, WIDTH_STEP), self.limit)
+        return min(_round_up(columns, WIDTH_STEP), max(columns, reach), self.limit)
 
     # ---- the engine's interface ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], copies: list[int]) -> torch.Tensor:
-        """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row)."""
+    def prefill(self, prompts: list[list[int]], copies: list[int], reach: list[int] | None = None) -> torch.Tensor:
+        """Run new prompts and add each `copies` times as rows; returns their next-token logits (one per row).
+        `reach`: per prompt, the most keys its rows can come to hold (the engine's max_length - 1: a row's last token
+        is sampled, never fed back); by default the model's positions."""
         lengths = [len(p) for p in prompts]
-        width = self._width(max(lengths))  # (a prompt longer than the model's positions fails here)
+        reach = [self.limit] * len(prompts) if reach is None else [max(r, n) for r, n in zip(reach, lengths)]
+        # (a prompt longer than the model's positions fails here)
+        width = self._width(max(lengths), max(self.reach + [r for r, c in zip(reach, copies) if c], default=0))
         # Prompts of one length side by side: each such group's attention is one batched product per side.
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         ids = torch.tensor([t for i in order for t in prompts[i]])
@@ -173,13 +180,14 @@ class DecodeBatch:
         self.mask[first:first + new] = torch.zeros(new, width).masked_fill_(~seen, NEG_INF)
         self._slot.extend(range(first, first + new))
         self.positions.extend(n for n, c in zip(lengths, copies) for _ in range(c))
+        self.reach.extend(r for r, c in zip(reach, copies) for _ in range(c))
         return logits.repeat_interleave(torch.tensor(copies), 0)
 
     @torch.inference_mode()
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each (float32, CPU)."""
         rows, heads, size = len(last_tokens), self.heads, self.head_size
-        width = self._width(max(self.positions) + 1)
+        width = self._width(max(self.positions) + 1, max(self.reach))
         self._fit(rows, width)
         slots = self.mask.shape[0]
         # The batch runs in slot order; the engine's order is restored before the lm_head.
@@ -221,7 +229,8 @@ class DecodeBatch:
             self.mask[dst] = self.mask[src]
         self._slot = [moved.get(s, s) for s in kept_slots]
         self.positions = [self.positions[i] for i in keep]
-        self._fit(rows, self._width(max(self.positions) + 1))  # the longest row left: narrower buffers
+        self.reach = [self.reach[i] for i in keep]
+        self._fit(rows, self._width(max(self.positions) + 1, max(self.reach)))  # the rows left: narrower buffers
 
     def snapshot(self) -> tuple:
         """What `restore` needs to undo a failed step: a step only writes the column at each row's position."""
@@ -242,7 +251,7 @@ class DecodeBatch:
         for mine, theirs in zip(self.layers, other.layers):
             theirs.kv[:, :rows] = mine.kv[:, :rows]
         other.mask[:rows] = self.mask[:rows]
-        other.positions, other._slot = list(self.positions), list(self._slot)
+        other.positions, other._slot, other.reach = list(self.positions), list(self._slot), list(self.reach)
         return other
 
     # ---- one block -------------------------------------------------------------------------------------------

@@ -263,3 +263,54 @@ async def test_a_step_failing_midway_fails_only_its_request_and_the_others_keep_
                                        return_exceptions=True)
         assert isinstance(results[0], RuntimeError) and "step failed" in str(results[0])
         assert [r.continuations for r in results[1:]] == [a.continuations for a in alone]
+
+
+def test_buffers_stop_at_the_most_keys_a_row_can_hold_and_rows_keep_their_bits(models):
+    """With each row's reach given (the engine's max_length - 1), a buffer is never wider than the furthest any row
+    can go (not rounded up past it: a burst ending at 49 tokens held 64 columns), and every row's logits are those of
+    a batch that rounds up freely, bit for bit."""
+    model = models["int8"]
+    capped, free = DecodeBatch(model), DecodeBatch(model)
+    prompts, reach = [PROMPTS[2], PROMPTS[0]], [len(PROMPTS[2]) + 5, len(PROMPTS[0]) + 3]  # 24 and 7 keys at most
+    got, expected = [capped.prefill(prompts, [1, 2], reach)], [free.prefill(prompts, [1, 2])]
+    widths = [capped.mask.shape[1]]
+    for step in range(3):  # the short rows' last fed token: position 6
+        got.append(capped.step([40 + step] * 3))
+        expected.append(free.step([40 + step] * 3))
+        widths.append(capped.mask.shape[1])
+    for batch in (capped, free):
+        batch.select([0])  # the short rows end; the long row goes on to its last key
+    for step in range(2):
+        got.append(capped.step([50 + step]))
+        expected.append(free.step([50 + step]))
+        widths.append(capped.mask.shape[1])
+    assert widths == [24] * 6 and free.mask.shape[1] == 32
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    short = DecodeBatch(model)
+    short.prefill([PROMPTS[0]], [1], [7])
+    assert short.mask.shape[1] == 7  # below WIDTH_STEP too
+    far = DecodeBatch(model)
+    far.prefill([PROMPTS[0]], [1], [model.config.n_positions + 5])
+    assert far.mask.shape[1] == 16  # a reach past the model's positions only rounds up, as without one
+
+
+def test_the_engine_gives_each_row_its_reach(models, tiny_dir, monkeypatch):
+    """The engine tells its batch how far each request can go (max_length - 1 keys), so the batch's buffers for a
+    request of max_length 9 are never wider than 8 columns."""
+    widths: list[int] = []
+    original = DecodeBatch._fit
+
+    def fit(self, rows: int, width: int) -> None:
+        widths.append(width)
+        original(self, rows, width)
+
+    monkeypatch.setattr(DecodeBatch, "_fit", fit)
+    settings = make_settings(tiny_dir, tiny_dir)
+
+    async def main() -> None:
+        async with running_engine(settings) as eng:
+            await eng.generate(eng.prepare(parse_gen("/gen 긍정 아 max_length=9 min_length=9 seed=3", eng.defaults,
+                                                     eng.limits)))
+
+    asyncio.run(main())
+    assert widths and max(widths) == 8
