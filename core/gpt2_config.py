@@ -35,6 +35,14 @@ class GPT2Settings:
             raise ValueError(f"{path} holds no JSON object")
         return cls(values)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> GPT2Settings:
+        return cls(values)
+
+    def to_dict(self) -> dict[str, object]:
+        """Every value, the defaults included (as GPT2Config's `to_dict`)."""
+        return DEFAULTS | self.values
+
     def to_transformers(self) -> object:
         """transformers' GPT2Config from the same values (imports transformers)."""
         from transformers import GPT2Config

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core.gpt2_config import transformers_config
-from core.int8_rows import Int8Embedding, RowInt8Linear, quantize_rows
+from core.int8_rows import FileInt8Embedding, Int8Embedding, RowInt8Linear, quantize_rows
 from core.linear1d import Linear1D
 from core.linear1d import empty as _empty
 from core.memory import large_blocks_returned
@@ -174,15 +174,17 @@ def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8
     expected = set(model.state_dict())
     convs = {name for name, module in model.named_modules() if isinstance(module, Linear1D)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    for key, stored in tensors:
-        key = key if key in expected else f"transformer.{key}"  # a base GPT2Model's weights have no prefix
+    named = [(key if key in expected else f"transformer.{key}", stored)  # a base GPT2Model's have no prefix
+             for key, stored in tensors]
+    # The embedding first: with int8, packing the tied lm_head needs ~2 more copies of its int8 matrix for a moment
+    # (KoGPT2-base: ~85 MB), best paid before the other layers are in memory (the load's peak: −75 MB).
+    named.sort(key=lambda item: item[0] != EMBEDDING)
+    for key, stored in named:
         if key not in expected or (key == HEAD and config.tie_word_embeddings):
             stored.drop()
             continue  # an old causal-mask buffer, or a tied lm_head's copy of the embedding (the tie wins)
         if key == EMBEDDING and int8:
-            values, scale = quantize_rows(*stored.shape, stored.rows)  # never whole in float32 (157 MB for KoGPT2)
-            stored.drop()
-            model.set_input_embeddings(Int8Embedding(values, scale))
+            model.set_input_embeddings(_int8_embedding(model, config, stored))
             continue
         path, _, leaf = key.rpartition(".")
         tensor = stored.load()
@@ -197,15 +199,29 @@ def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8
             del pending[path]
     embedding, head = model.get_input_embeddings(), model.lm_head
     if config.tie_word_embeddings:
-        if isinstance(embedding, Int8Embedding):
-            model.lm_head = RowInt8Linear.from_int8(embedding.weight_int8, embedding.weight_scale, None)
-        elif not embedding.weight.is_meta:
-            head.weight = embedding.weight
+        if not int8 and not embedding.weight.is_meta:
+            head.weight = embedding.weight  # (int8: the embedding's load made the head)
     elif int8 and not head.weight.is_meta:
         model.lm_head = RowInt8Linear(head.weight, None)
     if pending or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return None
     return model
+
+
+def _int8_embedding(model: GPT2LM, config: GPT2Config, stored: StoredTensor) -> nn.Module:
+    """The int8 token embedding, quantized a block of rows at a time (never whole in float32: 157 MB for KoGPT2);
+    a tied model's lm_head is made here from the same int8 rows. Where fbgemm packs that head (its own copy of the
+    rows) and the file can be read again, the embedding reads its rows from the file at lookup instead of keeping a
+    second copy (core/int8_rows.py's FileInt8Embedding)."""
+    values, scale = quantize_rows(*stored.shape, stored.rows)
+    stored.drop()
+    if not config.tie_word_embeddings:
+        return Int8Embedding(values, scale)
+    head = model.lm_head = RowInt8Linear.from_int8(values, scale, None)
+    if head.packed is None or stored.pick is None:
+        return Int8Embedding(values, scale)  # torch._int_mm's head reads these very values: one copy
+    del values
+    return FileInt8Embedding(stored.pick, scale, stored.shape[1], lambda: head.int8_weight)
 
 
 def as_transformers(model: nn.Module) -> nn.Module:

@@ -1,18 +1,35 @@
 """Matrices stored as int8 with one scale per row: the token embedding and the linear layers built on them.
 
 One rule quantizes every such matrix, so the tied lm_head and the token embedding share one quantization: the
-lm_head's int8 weights are the embedding's, exactly."""
+lm_head's int8 weights are the embedding's, exactly. Where fbgemm packs the tied lm_head (its own copy of the int8
+matrix, in a layout that gives no rows back cheaply) and the model was loaded from a file, the embedding keeps no
+matrix: `FileInt8Embedding` reads the looked-up rows from the checkpoint and quantizes them by that same rule."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from core.weight_files import CheckpointChanged
+
+log = logging.getLogger(__name__)
+
 TINY = torch.finfo(torch.float32).tiny  # a row of zeros keeps a finite scale (its int8 values are all 0)
 ROWS_AT_ONCE = 1024  # a few MB of float temporaries at a time
+
+
+def _row_scale(part: torch.Tensor) -> torch.Tensor:
+    """Each float32 row's scale: its largest magnitude / 127 (a row of zeros: the smallest normal float)."""
+    return part.abs().amax(dim=1).clamp(min=TINY) / 127
+
+
+def _levels(part: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each row's int8 values, as float32 integers: round(row / scale), in [-127, 127]."""
+    return part.div(scale[:, None]).round_().clamp_(-127, 127)
 
 
 def quantize_rows(rows: int, columns: int, read: Callable[[int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +41,8 @@ def quantize_rows(rows: int, columns: int, read: Callable[[int, int], torch.Tens
     for begin in range(0, rows, ROWS_AT_ONCE):
         end = min(begin + ROWS_AT_ONCE, rows)
         part = read(begin, end).float()
-        part_scale = part.abs().amax(dim=1).clamp(min=TINY) / 127
-        values[begin:end] = part.div(part_scale[:, None]).round_().clamp_(-127, 127)
+        part_scale = _row_scale(part)
+        values[begin:end] = _levels(part, part_scale)
         scale[begin:end] = part_scale
     return values, scale
 
@@ -56,6 +73,49 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+class FileInt8Embedding(nn.Module):
+    """The token embedding of a tied int8 model whose lm_head fbgemm packed, without a resident matrix: an
+    Int8Embedding would be a second copy of the packed head's int8 rows (KoGPT2-base: 37.5 MiB). A lookup reads each
+    distinct looked-up row from the checkpoint (`pick`, core/weight_files.py), quantizes it by `quantize_rows`'s rule
+    and multiplies it back as `Int8Embedding.forward` does: every vector is bit for bit Int8Embedding's, the tied
+    lm_head's weights for that token.
+
+    `weight_scale` (4 bytes a row) is kept from the load: a row read again must come back with the same scale, a cheap
+    check beside the file's size and modification time. Should the file be written after all, the rows are taken
+    back from the packed lm_head (`recover`, one copy of the int8 matrix, logged once) and lookups go on from them."""
+
+    def __init__(self, pick: Callable[[torch.Tensor], torch.Tensor], weight_scale: torch.Tensor, embedding_dim: int,
+                 recover: Callable[[], torch.Tensor]):
+        super().__init__()
+        self.register_buffer("weight_scale", weight_scale)
+        self.num_embeddings, self.embedding_dim = len(weight_scale), embedding_dim
+        self._pick, self._recover = pick, recover
+        self.resident: Int8Embedding | None = None  # set once the file has changed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.resident is not None:
+            return self.resident(input_ids)
+        ids, where = torch.unique(input_ids.reshape(-1), return_inverse=True)  # each distinct row read once
+        if len(ids) and (ids[0].item() < 0 or ids[-1].item() >= self.num_embeddings):
+            bad = ids[0].item() if ids[0].item() < 0 else ids[-1].item()
+            raise IndexError(f"token id {bad} is outside the embedding's [0, {self.num_embeddings})")
+        try:
+            part = self._pick(ids).float()
+            scale = _row_scale(part)
+            if not torch.equal(scale, self.weight_scale[ids]):
+                raise CheckpointChanged("the checkpoint's rows read again differ from the loaded ones")
+        except CheckpointChanged as exc:
+            log.warning("%s; the token embedding takes its rows from the lm_head from now on (+%d MB)", exc,
+                        self.num_embeddings * self.embedding_dim >> 20)
+            self.resident = Int8Embedding(self._recover(), self.weight_scale)
+            return self.resident(input_ids)
+        rows = _levels(part, scale).to(torch.int8).float().mul_(scale[:, None])  # as Int8Embedding: no -0.0 kept
+        return rows[where].view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row, rows read from the checkpoint at lookup"
 
 
 class RowInt8Linear(nn.Module):

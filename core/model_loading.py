@@ -21,7 +21,7 @@ from core.gpt2_model import GPT2LM, build, serves
 from core.hub import hub_file, load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
 from core.tokenizer import TextTokenizer
-from core.weight_files import StoredTensor, mapped_tensor, safetensors_file
+from core.weight_files import OpenFile, StoredTensor, mapped_tensor, safetensors_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -178,6 +178,10 @@ def read_state_dict(path: Path) -> dict[str, StoredTensor]:
             return safetensors_file(path)
         except Exception as exc:  # noqa: BLE001 (reported as one sentence)
             raise ModelLoadError(f"{path}은(는) safetensors 파일이 아닙니다. (not a safetensors file: {exc})") from None
+    try:
+        file = OpenFile(path)  # before mapping it: lets a later read of a tensor check the file was not written since
+    except OSError as exc:
+        raise ModelLoadError(f"{path}을(를) 읽을 수 없습니다. (cannot read checkpoint: {exc.strerror})") from None
     obj = _torch_load_safely(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -185,7 +189,7 @@ def read_state_dict(path: Path) -> dict[str, StoredTensor]:
         raise ModelLoadError(
             f"{path}에 모델 가중치(state_dict)가 없습니다. (no state dict of tensors in {path})"
         )
-    return {key: mapped_tensor(value) for key, value in obj.items()}
+    return {key: mapped_tensor(value, file) for key, value in obj.items()}
 
 
 def _strip_prefix(state: dict[str, T]) -> dict[str, T]:

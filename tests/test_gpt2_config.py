@@ -36,3 +36,5 @@ def test_missing_keys_take_the_defaults_and_aliases_their_names(tmp_path):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert (ours.n_embd, ours.n_layer, ours.n_head) == (64, 2, 12)
     assert transformers_config(theirs) is theirs
+    changed = ours.from_dict({**ours.to_dict(), "tie_word_embeddings": False})
+    assert type(changed) is GPT2Settings and not changed.tie_word_embeddings and changed.n_embd == 64
