@@ -94,8 +94,16 @@ class TextTokenizer:
         encodings = self.backend.encode_batch(list(text), add_special_tokens=add_special_tokens)
         return {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings]}
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None) -> list[int]:
+        """The ids of `text`; with `return_tensors="pt"` a 1 × length torch tensor, as transformers gives it."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if return_tensors is None:
+            return ids
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        import torch
+
+        return torch.tensor([ids], dtype=torch.long)
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str:

@@ -157,3 +157,15 @@ def test_a_negative_id_is_refused_as_transformers_refuses_it(pair):
         theirs.decode([5, -1])
     with pytest.raises(OverflowError):
         ours.decode([5, -1])
+
+
+def test_encode_returns_a_torch_row_as_transformers_does(pair):
+    """The tutorial's `tokenizer.encode(prompt, return_tensors="pt")` (benchmarks/engine_speed.py's reference)."""
+    import torch
+
+    ours, theirs = pair
+    mine, reference = ours.encode("긍정 아 정말 </s>", return_tensors="pt"), theirs.encode("긍정 아 정말 </s>",
+                                                                                          return_tensors="pt")
+    assert mine.dtype == reference.dtype == torch.long and torch.equal(mine, reference)
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours.encode("x", return_tensors="np")
