@@ -10,8 +10,8 @@ Rows (each its own process, rows interleaved `--repeats` times, medians reported
                      to int8 and served by `ctranslate2.Generator`: ready = from the process's start to its first
                      4-token answer; peak RSS after that answer and a 16-prompt batch of 32 new tokens each.
   bot-base           a real `python -m bot` (web only, defaults: int8 on a CPU) serving the same weights: ready = from
-                     the spawn to the first answered `POST /api`; peak RSS (VmHWM) after the same 16 requests, sent
-                     at once, each with its own knobs.
+                     the spawn to the first answered `POST /api` (RSS then: VmRSS); peak RSS (VmHWM) after the same
+                     16 requests, sent at once, each with its own knobs.
   embedded           a real `python -m bot` with the default settings (models/nsmc-small, web on): `--busy-seconds`
                      of 16 concurrent clients sending `POST /api` and `POST /api/stream` (mixed knobs, n, best_of);
                      RSS (VmRSS) at the last answer and 1 s later, and the peak (VmHWM).
@@ -186,7 +186,7 @@ def run_bot_row(row: str, root: Path, work: Path, model_dir: Path, busy_seconds:
     bot, url, spawned = start_bot(root, work, model_dir if row == "bot-base" else None)
     try:
         wait_ready(bot, url)
-        result = {"ready_s": time.time() - spawned}
+        result = {"ready_s": time.time() - spawned, "rss_ready_mb": _status(bot.pid, "VmRSS")}
         if row == "bot-base":
             asyncio.run(burst(url, model_dir))
         else:
@@ -244,14 +244,16 @@ def main() -> None:
                         result = run_bot_row(row.removesuffix("-before"), root, work, model_dir, args.busy_seconds)
                 runs[row].append(result)
                 print(f"  run {repeat + 1}/{args.repeats} {row}: {json.dumps(result)}", flush=True)
-    keys = ("ready_s", "peak_rss_mb", "rss_at_end_mb", "rss_after_busy_mb")
+    keys = ("ready_s", "rss_ready_mb", "peak_rss_mb", "rss_at_end_mb", "rss_after_busy_mb")
     med = {row: {k: statistics.median(r[k] for r in rs) if k in rs[0] else None for k in keys} for row, rs in runs.items()}
     print()
-    print(f"{'row':<24} {'ready s':>8} {'peak RSS MB':>12} {'RSS at end MB':>14} {'1 s later MB':>13}")
+    print(f"{'row':<24} {'ready s':>8} {'RSS ready MB':>13} {'peak RSS MB':>12} {'RSS at end MB':>14} "
+          f"{'1 s later MB':>13}")
     for row in rows:
         m = med[row]
-        end, after = (f"{m[k]:.0f}" if m[k] is not None else "-" for k in ("rss_at_end_mb", "rss_after_busy_mb"))
-        print(f"{row:<24} {m['ready_s']:>8.1f} {m['peak_rss_mb']:>12.0f} {end:>14} {after:>13}")
+        ready, end, after = (f"{m[k]:.0f}" if m[k] is not None else "-"
+                             for k in ("rss_ready_mb", "rss_at_end_mb", "rss_after_busy_mb"))
+        print(f"{row:<24} {m['ready_s']:>8.1f} {ready:>13} {m['peak_rss_mb']:>12.0f} {end:>14} {after:>13}")
     from core.devices import usable_cpus
 
     print(f"\nmedians of {args.repeats} interleaved runs; busy: {args.busy_seconds:.0f} s of {CONCURRENT} concurrent "

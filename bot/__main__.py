@@ -29,12 +29,9 @@ def _not_voice(record: logging.LogRecord) -> bool:
 
 
 def _quiet_libraries() -> None:
-    import huggingface_hub.utils
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar at every start …
-    huggingface_hub.utils.enable_progress_bars()  # … but a first start's hub download shows its progress
+    # transformers is imported only where its model runs (a GPU, a model core/gpt2_model.py does not serve); it reads
+    # this when it loads. (A CPU start never imports it, nor its "Loading weights" bar; a hub download shows its own.)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # httpx logs every request URL at INFO, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from core.errors import ModelLoadError
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from core.tokenizer import TextTokenizer
 
 
 async def start_backend(settings: Settings) -> Backend:
@@ -29,16 +29,15 @@ async def start_backend(settings: Settings) -> Backend:
     return engine
 
 
-def load_counting_tokenizer(settings: Settings) -> PreTrainedTokenizerFast:
+def load_counting_tokenizer(settings: Settings) -> TextTokenizer:
     """`engine.tokenizer` (a tokenizer.json or its directory), else model.pretrained's tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
     from core.model_loading import SPECIAL_TOKENS, load_tokenizer
+    from core.tokenizer import TextTokenizer
 
     source = settings.engine.tokenizer.strip() or settings.model.pretrained
     if Path(source).is_file():
         try:
-            return PreTrainedTokenizerFast(tokenizer_file=source, **SPECIAL_TOKENS)
+            return TextTokenizer.from_files(Path(source), SPECIAL_TOKENS)
         except Exception as exc:  # noqa: BLE001 (the tokenizers library raises its own types for a broken file)
             raise ModelLoadError(f"engine.tokenizer {source}을(를) 토크나이저로 읽을 수 없습니다 (tokenizer.json이어야 "
                                  f"합니다). (cannot read engine.tokenizer as a tokenizer.json: {exc})") from None

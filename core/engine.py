@@ -16,9 +16,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import Cache
 
 from core import logprobs, rerank
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
@@ -27,7 +27,6 @@ from core.errors import BusyError, ShuttingDown, UserError
 from core.gpt2_decode import DecodeBatch, decode_batch
 from core.gpt2_model import as_transformers
 from core.knobs import Knobs, default_knobs
-from core.kv_cache import growing_cache
 from core.memory import return_freed_memory
 from core.model_loading import LoadedModel
 from core.prompt_rules import check_prompt_ids
@@ -37,6 +36,9 @@ from core.settings import Settings
 from core.telemetry import Telemetry
 from core.thread_tuner import ThreadTuner, candidates_for
 from core.types import NEGATIVE, POSITIVE, Generation, GenRequest, PreparedRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from transformers import Cache  # the cache of transformers' forward (_Batch), imported only where that runs
 
 log = logging.getLogger(__name__)
 # An idle engine stops waiting for company once no request came for this long (core.scheduler.FairQueue.gather):
@@ -587,6 +589,8 @@ class _Batch:
     def step(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits, one row each."""
         if self.cache is None:
+            from core.kv_cache import growing_cache
+
             self.cache = growing_cache(self.layers)
         self.mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long, device=self.device)], dim=1)
         logits, _ = self._forward(

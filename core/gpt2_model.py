@@ -3,8 +3,9 @@
 Importing transformers' GPT-2 class pulls in its whole modeling stack (torch.distributed, torch._dynamo, sympy, …):
 about 140 MB of a process that serves a 125 MB model. The tree here has exactly the checkpoint's names
 (transformer.wte/wpe/h[i].ln_1/attn.c_attn/attn.c_proj/ln_2/mlp.c_fc/mlp.c_proj/ln_f, lm_head) and carries the
-GPT2Config, so core/gpt2_decode.py decodes it as it would transformers' model. Its layers are float32 (`quantize =
-"none"`: transformers' own light `Conv1D`, the same kernel call) or int8 (core/int8_rows.py).
+config (core/gpt2_config.py's, or transformers' GPT2Config), so core/gpt2_decode.py decodes it as it would
+transformers' model. Its layers are float32 (`quantize = "none"`: `Linear1D`, transformers' `Conv1D` computation, the
+same kernel call) or int8 (core/int8_rows.py). Nothing here imports transformers but `as_transformers`.
 
 `GPT2LM.forward` is the full-sequence pass that scoring needs (core/rerank.py, core/logprobs.py, evaluation's NLL):
 each row over its own tokens with the same operations transformers ran for it (its SDPA attention, one row at a
@@ -15,15 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import GPT2Config
-from transformers.pytorch_utils import Conv1D
 
+from core.gpt2_config import transformers_config
 from core.int8_rows import FileInt8Embedding, Int8Embedding, RowInt8Linear, quantize_rows
+from core.linear1d import Linear1D
+from core.linear1d import empty as _empty
 from core.memory import large_blocks_returned
 from core.weight_files import StoredTensor
+
+if TYPE_CHECKING:  # a GPT2Config, or core/gpt2_config.py's GPT2Settings (the same attributes, no transformers import)
+    from transformers import GPT2Config
 
 EMBEDDING, HEAD = "transformer.wte.weight", "lm_head.weight"
 # transformers' names for the activations this tree computes with the same torch kernel (`gelu_new` is the tanh
@@ -40,21 +46,6 @@ def serves(config: GPT2Config) -> bool:
 @dataclass
 class LMOutput:
     logits: torch.Tensor
-
-
-def _empty(*shape: int) -> nn.Parameter:
-    """A weight `build` fills in: on the meta device, never initialized (random initialization of meta tensors goes
-    through torch's reference kernels, which import torch._dynamo: ~100 MB)."""
-    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
-
-
-class Linear1D(Conv1D):
-    """transformers' Conv1D (y = x W + b, W stored inputs × outputs as GPT-2's checkpoints hold it), made empty."""
-
-    def __init__(self, nf: int, nx: int):
-        nn.Module.__init__(self)
-        self.nf, self.nx = nf, nx
-        self.weight, self.bias = _empty(nx, nf), _empty(nf)
 
 
 def _layer_norm(config: GPT2Config) -> nn.LayerNorm:
@@ -181,7 +172,7 @@ def build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8:
 def _build(config: GPT2Config, tensors: Iterable[tuple[str, StoredTensor]], int8: bool) -> GPT2LM | None:
     model = GPT2LM(config).eval()
     expected = set(model.state_dict())
-    convs = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    convs = {name for name, module in model.named_modules() if isinstance(module, Linear1D)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     named = [(key if key in expected else f"transformer.{key}", stored)  # a base GPT2Model's have no prefix
              for key, stored in tensors]
@@ -243,7 +234,7 @@ def as_transformers(model: nn.Module) -> nn.Module:
     from core.speedups import rowwise_attention
 
     with torch.device("meta"):
-        wrapped = GPT2LMHeadModel(model.config).eval()
+        wrapped = GPT2LMHeadModel(transformers_config(model.config)).eval()
     for name in ("wte", "wpe", "ln_f"):
         setattr(wrapped.transformer, name, getattr(model.transformer, name))
     for ours, theirs in zip(model.transformer.h, wrapped.transformer.h):

@@ -70,6 +70,54 @@ def local_dir(name: str) -> Path | None:
     return None
 
 
+NOT_IN_REPO = "not in the repository"  # the cache's record that a hub model has no such file
+
+
+def cached_file(name: str, filename: str) -> Path | str | None:
+    """A hub model's file in the local Hugging Face cache (its `main` snapshot, in the cache's documented layout),
+    found without importing huggingface_hub's HTTP client: its path, NOT_IN_REPO, or None (not cached)."""
+    snapshot = _cached_snapshot(name)
+    if snapshot is None:
+        return None
+    if (snapshot.parents[1] / ".no_exist" / snapshot.name / filename).is_file():
+        return NOT_IN_REPO
+    return snapshot / filename if (snapshot / filename).is_file() else None
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + name.replace("/", "--"))
+    revision = "main"
+    if (ref := repo / "refs" / revision).is_file():
+        revision = ref.read_text(encoding="utf-8").strip()
+    return repo / "snapshots" / revision if revision and "/" not in revision else None
+
+
+def hub_file(name: str, filename: str, local_files_only: bool = False, optional: bool = False) -> Path | None:
+    """`filename` of the model directory `name`, else of the hub model `name`: from the local cache, else (unless
+    `local_files_only`) downloaded. None where the model has no such file; an `optional` file that a cached snapshot
+    lacks counts as none (a snapshot downloaded whole has every file). Only a download imports huggingface_hub's
+    HTTP client."""
+    if (directory := Path(name)).is_dir():
+        return directory / filename if (directory / filename).is_file() else None
+    cached = cached_file(name, filename)
+    if isinstance(cached, Path):
+        return cached
+    snapshot = _cached_snapshot(name)
+    if cached == NOT_IN_REPO or (optional and local_files_only and snapshot is not None and snapshot.is_dir()):
+        return None
+    if local_files_only:
+        raise OSError(f"{filename} of {name} is not in the local Hugging Face cache")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name, filename))
+    except EntryNotFoundError:
+        return None
+
+
 def load_named(load: Callable[..., T], name: str, where: tuple[str, str, str] = SERVING) -> T:
     """`load(name)` for a local directory; for a hub name, the cached copy, else a download after a quick probe."""
     if (path := local_dir(name)) is not None:

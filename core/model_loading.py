@@ -13,13 +13,14 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from transformers import GPT2Config, PreTrainedTokenizerFast
 
 from core.devices import model_dtype, resolve_device, resolve_quantize
 from core.errors import ModelLoadError
+from core.gpt2_config import GPT2Settings, transformers_config
 from core.gpt2_model import GPT2LM, build, serves
-from core.hub import load_named, local_dir, unreachable_hint
+from core.hub import hub_file, load_named, local_dir, unreachable_hint
 from core.settings import ModelSettings
+from core.tokenizer import TextTokenizer
 from core.weight_files import OpenFile, StoredTensor, mapped_tensor, safetensors_file
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class _InertDict:
 @dataclass
 class LoadedModel:
     model: nn.Module  # core.gpt2_model.GPT2LM on a CPU; transformers' GPT2LMHeadModel elsewhere
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: TextTokenizer
     source: str  # what was loaded, for logs and --check
     # Whether the label words steer it: core.train marks its models; a Lightning/state-dict checkpoint is the
     # tutorial's label-prefixed fine-tune. A bare pretrained model never learned the labels.
@@ -85,7 +86,7 @@ def check_readable(path: Path, setting: str) -> None:
         raise refuse(path)
 
 
-def _explained(load: Callable[[], T], source: str, broken_ko: str, broken_en: str) -> T:
+def explained(load: Callable[[], T], source: str, broken_ko: str, broken_en: str) -> T:
     """`load()`, every failure one sentence: a local directory's missing or broken file, or the hub's absence."""
     try:
         return load()
@@ -99,16 +100,34 @@ def _explained(load: Callable[[], T], source: str, broken_ko: str, broken_en: st
         raise ModelLoadError(unreachable_hint(source)) from None
 
 
-def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
-    return _explained(
-        lambda: load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw), source),
+def _required(name: str, filename: str, local_files_only: bool) -> Path:
+    if (path := hub_file(name, filename, local_files_only)) is None:
+        raise OSError(f"{name} has no {filename}")
+    return path
+
+
+def _tokenizer_files(name: str, local_files_only: bool = False) -> TextTokenizer:
+    main = _required(name, "tokenizer.json", local_files_only)
+    config, mapped = (hub_file(name, file, local_files_only, optional=True)
+                      for file in ("tokenizer_config.json", "special_tokens_map.json"))
+    return TextTokenizer.from_files(main, SPECIAL_TOKENS, config, mapped)
+
+
+def load_tokenizer(source: str) -> TextTokenizer:
+    """The serving tokenizer (core/tokenizer.py: transformers' PreTrainedTokenizerFast's results, without importing
+    transformers) of a model directory or a hub model."""
+    return explained(
+        lambda: load_named(_tokenizer_files, source),
         source, f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다).",
         f"cannot load the tokenizer from {source}")
 
 
-def load_config(source: str) -> GPT2Config:
-    return _explained(lambda: load_named(GPT2Config.from_pretrained, source), source,
-                      f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다.", f"no valid GPT-2 config.json in {source}")
+def load_config(source: str) -> GPT2Settings:
+    """config.json's values (core/gpt2_config.py; `to_transformers` where transformers' model needs its own)."""
+    return explained(
+        lambda: load_named(lambda name, local_files_only=False: GPT2Settings.from_file(
+            _required(name, "config.json", local_files_only)), source),
+        source, f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다.", f"no valid GPT-2 config.json in {source}")
 
 
 def pick_checkpoint(directory: Path) -> Path:
@@ -180,7 +199,7 @@ def _strip_prefix(state: dict[str, T]) -> dict[str, T]:
     return state
 
 
-def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], origin: str, int8: bool = False,
+def model_from_state_dict(config: GPT2Settings, state: dict[str, StoredTensor], origin: str, int8: bool = False,
                           own: bool = True) -> nn.Module:
     """The model from `config` with the weights of `state`, naming the first key that does not fit, each weight read
     (and with `int8` quantized) in turn. `own`: core.gpt2_model's tree where it serves `config`, else transformers'
@@ -190,7 +209,7 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], or
         skeleton = GPT2LM(config)  # empty: nothing allocated
     else:
         with torch.device("meta"):
-            skeleton = _transformers_gpt2()(config)
+            skeleton = _transformers_gpt2()(transformers_config(config))
     expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     state = {k: v for k, v in _strip_prefix(state).items() if not (k.endswith(_IGNORABLE_SUFFIXES) and k not in expected)}
     for key, value in state.items():
@@ -210,7 +229,7 @@ def model_from_state_dict(config: GPT2Config, state: dict[str, StoredTensor], or
         raise ModelLoadError(f"{origin}에 '{missing[0]}' 키가 없습니다. (missing key '{missing[0]}')")
     if own and (model := build(config, state.items(), int8)) is not None:
         return model
-    model = _transformers_gpt2()(config)
+    model = _transformers_gpt2()(transformers_config(config))
     targets = model.state_dict()  # shares each parameter's storage: copying into it loads the model
     with torch.no_grad():
         for key, stored in state.items():
@@ -289,15 +308,15 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 def _hub_snapshot(name: str) -> Path | None:
     """The local directory of a hub model's weights (the cache first, then one quick probe before a download, as
     every hub name is loaded): its safetensors, else its pytorch_model.bin; None when it has neither."""
-    from huggingface_hub import hf_hub_download
-
     for filename in ("model.safetensors", "pytorch_model.bin"):
         try:
-            return load_named(lambda repo, file=filename, **kw: Path(hf_hub_download(repo, file, **kw)).parent, name)
+            path = load_named(lambda repo, file=filename, **kw: hub_file(repo, file, **kw), name)
         except ModelLoadError:
             raise
-        except Exception:  # noqa: BLE001 (not in the repo: the next, else from_pretrained loads what it has)
+        except Exception:  # noqa: BLE001 (not to be had: the next, else from_pretrained loads what it has)
             continue
+        if path is not None:
+            return path.parent
     return None
 
 
@@ -319,12 +338,12 @@ def _from_pretrained(source: str, int8: bool = False, own: bool = True) -> nn.Mo
     config = load_config(source)
     if own and serves(config):
         directory = local_dir(source) or _hub_snapshot(source)
-        state = _explained(lambda: directory_weights(directory), source, *broken) if directory else None
-        if state is not None and (model := _explained(lambda: build(config, state.items(), int8), source, *broken)):
+        state = explained(lambda: directory_weights(directory), source, *broken) if directory else None
+        if state is not None and (model := explained(lambda: build(config, state.items(), int8), source, *broken)):
             return model
     # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
     model_class = _transformers_gpt2()
-    return _explained(
+    return explained(
         lambda: load_named(lambda name, **kw: model_class.from_pretrained(name, dtype=torch.float32, **kw), source),
         source, *broken)
 

@@ -1,7 +1,8 @@
 """Per-row sampling rules for a batch in which every row has its own knobs.
 
 The penalties read each row's `History` (kept up to date token by token) and change only the tokens concerned. The
-warpers are transformers `LogitsProcessor`s whose parameters are tensors with one entry per row, so a row with
+warpers are callables with transformers' `LogitsProcessor` signature (transformers itself is not imported here),
+whose parameters are tensors with one entry per row, so a row with
 `top_k=1` stays greedy while its neighbours sample; they never read `input_ids`. Every rule works row by row,
 elementwise or by a reduction along the vocabulary, so a row's result does not depend on which other rows share its
 batch.
@@ -13,7 +14,6 @@ from array import array
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessor
 
 from core.knobs import Knobs
 
@@ -103,7 +103,7 @@ def _tensor(values: array) -> torch.Tensor:
     return torch.frombuffer(values, dtype=torch.long if values.typecode == "q" else torch.float32)
 
 
-class RowTemperature(LogitsProcessor):
+class RowTemperature:
     """Divide by each row's temperature, after shifting the maximum to 0 so tiny temperatures stay finite."""
 
     def __init__(self, temperatures: Sequence[float]):
@@ -116,7 +116,7 @@ class RowTemperature(LogitsProcessor):
         return shifted / self.temperature
 
 
-class RowTopK(LogitsProcessor):
+class RowTopK:
     """Keep each row's k most likely tokens (ties at the boundary kept, as transformers does)."""
 
     def __init__(self, top_ks: Sequence[int]):
@@ -130,7 +130,7 @@ class RowTopK(LogitsProcessor):
         return scores.masked_fill(scores < kth, NEG_INF)
 
 
-class RowTopP(LogitsProcessor):
+class RowTopP:
     """Nucleus sampling per row (transformers' TopPLogitsWarper rule); rows with p = 1.0 are untouched."""
 
     def __init__(self, top_ps: Sequence[float]):

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from core.int8_rows import Int8Embedding, RowInt8Linear
+from core.linear1d import Linear1D
 from core.memory import return_freed_memory
 
 
@@ -31,7 +32,7 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Every linear layer (GPT-2's Conv1D and the lm_head) as a RowInt8Linear and the token embedding as an
+    """Every linear layer (GPT-2's Conv1D, core.gpt2_model's Linear1D and the lm_head) as a RowInt8Linear and the token embedding as an
     Int8Embedding (a tied lm_head then reads the embedding's int8 rows); inference only.
 
     Layer by layer and in place: each fp32 layer is dropped as soon as its int8 copy exists, so the peak is the fp32
@@ -47,10 +48,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         del embedding, head
     # (parent, name) pairs only: holding the layers themselves would keep every fp32 weight alive to the end.
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, Conv1D) or type(child) is nn.Linear]
+               if isinstance(child, (Conv1D, Linear1D)) or type(child) is nn.Linear]
     for parent, name in targets:
         child = getattr(parent, name)
-        weight = child.weight.t() if isinstance(child, Conv1D) else child.weight
+        weight = child.weight.t() if isinstance(child, (Conv1D, Linear1D)) else child.weight
         setattr(parent, name, RowInt8Linear(weight, child.bias))
         del child, weight
     return_freed_memory()

@@ -49,16 +49,15 @@ def saved(trained, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return directory
 
 
-def test_serving_the_embedded_model_never_imports_transformers_modeling_code():
-    """The default bot's whole path in a fresh process: imports, load, a best_of request (its rerank) and prompt
-    log-probabilities; transformers' modeling code (~140 MB) and torch._dynamo stay out (those that importing
-    transformers' configuration and tokenizer alone already brings, as transformers 5.0.0's top level does with
-    torch._dynamo and sympy, are transformers' own and not counted)."""
+def test_serving_the_embedded_model_never_imports_transformers():
+    """The default bot's whole path in a fresh process: imports, load, a best_of request (its rerank), prompt
+    log-probabilities and a tokenizer-only backend's tokenizer: `transformers` is never imported (neither its
+    modeling code, ~140 MB, nor its top level, which brings huggingface_hub's HTTP client: ~30 MB), nor
+    torch._dynamo and sympy."""
     script = textwrap.dedent("""
         import asyncio, sys
-        from transformers import GPT2Config, PreTrainedTokenizerFast
-        before = set(sys.modules)
         import bot.__main__
+        from core.backends import load_counting_tokenizer
         from core.engine import Engine
         from core.grammar import parse_gen
         from core.logprobs import prompt_logprobs
@@ -74,11 +73,11 @@ def test_serving_the_embedded_model_never_imports_transformers_modeling_code():
             assert result.confidence and all(result.continuations), result
             assert len(prompt_logprobs(engine.model, [5, 6, 7, 8], 2)) == 3
             await engine.stop()
+            assert load_counting_tokenizer(settings)("긍정 아 정말", add_special_tokens=False)["input_ids"]
 
         asyncio.run(main())
-        print(sorted(name for name in set(sys.modules) - before if name.startswith(("transformers.modeling_utils",
-              "transformers.models.gpt2.modeling_gpt2", "torch._dynamo", "sympy"))))
-        assert not {"transformers.modeling_utils", "transformers.models.gpt2.modeling_gpt2"} & set(sys.modules)
+        print(sorted(name for name in sys.modules if name.split(".")[0] in ("transformers", "sympy", "httpx", "httpx2")
+                     or name.startswith(("torch._dynamo", "huggingface_hub.file_download"))))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env=subprocess_env())
@@ -189,3 +188,31 @@ def test_layer_scaling_options_match_transformers(tmp_path: Path, saved: Path):
     assert torch.allclose(own(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
     batch = DecodeBatch(own)
     assert torch.allclose(batch.prefill([[1, 2, 3, 4, 5]], [1]), reference(input_ids=ids).logits[:, -1], atol=1e-5)
+
+
+def test_linear1d_computes_transformers_conv1d_bit_for_bit():
+    from transformers.pytorch_utils import Conv1D
+
+    from core.linear1d import Linear1D
+
+    gen = torch.Generator().manual_seed(3)
+    theirs = Conv1D(48, 16)
+    ours = Linear1D(48, 16)
+    ours.weight = torch.nn.Parameter(torch.randn(16, 48, generator=gen), requires_grad=False)
+    ours.bias = torch.nn.Parameter(torch.randn(48, generator=gen), requires_grad=False)
+    theirs.load_state_dict(ours.state_dict())
+    for shape in ((5, 16), (3, 7, 16), (1, 1, 16)):
+        x = torch.randn(*shape, generator=gen)
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_quantize_int8_takes_the_own_trees_linear_layers_too(saved: Path):
+    """core.speedups' int8 pass finds Linear1D as it finds transformers' Conv1D (no float linear layer is left)."""
+    from core.int8_rows import RowInt8Linear
+    from core.linear1d import Linear1D
+
+    wrapped = as_transformers(load_model(ModelSettings(pretrained=str(saved), quantize="none")).model)
+    assert any(isinstance(m, Linear1D) for m in wrapped.modules())
+    quantized = quantize_int8(wrapped)
+    assert not any(isinstance(m, (Linear1D, torch.nn.Linear)) for m in quantized.modules())
+    assert isinstance(quantized.transformer.h[0].attn.c_attn, RowInt8Linear)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from core.errors import ModelLoadError
+from core.gpt2_model import Linear1D
 from core.model_loading import load_model, pick_checkpoint
 from core.settings import ModelSettings
 
@@ -129,10 +133,131 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
     assert "BOT_MODEL__PRETRAINED" in str(info.value)
 
 
+def test_a_hub_name_in_the_local_cache_loads_without_transformers_or_the_hub_client(tmp_path: Path):
+    """A hub name already in the Hugging Face cache (its documented layout: refs/main names the snapshot, a
+    `.no_exist` entry records a file the repository lacks) loads offline in a fresh process, the same model and
+    tokenizer as its directory, without importing transformers or huggingface_hub's download code."""
+    repo, commit = tmp_path / "models--someone--tiny-kogpt2", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(ROOT / "models" / "nsmc-small", repo / "snapshots" / commit)
+    (repo / "snapshots" / commit / "tokenizer_config.json").unlink()  # an optional file the snapshot lacks
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "special_tokens_map.json").touch()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "import sys, torch\n"
+        "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
+        "ids = torch.tensor([[5, 6, 7, 8]])\n"
+        "hub = load_model(ModelSettings(pretrained='someone/tiny-kogpt2'))\n"
+        "local = load_model(ModelSettings(pretrained='models/nsmc-small'))\n"
+        "assert torch.equal(hub.model(ids).logits, local.model(ids).logits)\n"
+        "text = '긍정 아 정말 재밌다 </s>'\n"
+        "assert hub.tokenizer(text)['input_ids'] == local.tokenizer(text)['input_ids']\n"
+        "print(hub.source, sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'"
+        " or m == 'huggingface_hub.file_download'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=subprocess_env(HF_HUB_CACHE=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "someone/tiny-kogpt2 (int8) []"
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The two hub routes loading uses: the reachability probe and `resolve/main/<file>` (a file's metadata by HEAD,
+    its bytes by GET; a file the repository lacks is a 404 with the hub's EntryNotFound code)."""
+
+    repository: Path
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+
+    def _answer(self, body: bool) -> None:
+        if self.path.startswith("/api/models/"):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        name = self.path.partition("/resolve/main/")[2]
+        path = self.repository / name
+        if not name or not path.is_file():
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", self.commit)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_HEAD(self) -> None:
+        self._answer(False)
+
+    def do_GET(self) -> None:
+        self._answer(True)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hub_name_is_downloaded_once_then_served_from_the_cache(tmp_path: Path):
+    """A hub name not cached is downloaded (huggingface_hub's client, imported for that) into the cache, the same
+    model and tokenizer as its directory; the next start finds it there without the hub or the client."""
+    handler = type("Hub", (_FakeHub,), {"repository": ROOT / "models" / "nsmc-small"})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (
+        "import sys, torch\n"
+        "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
+        "ids = torch.tensor([[5, 6, 7, 8]])\n"
+        "hub = load_model(ModelSettings(pretrained='someone/tiny-kogpt2'))\n"
+        "local = load_model(ModelSettings(pretrained='models/nsmc-small'))\n"
+        "assert torch.equal(hub.model(ids).logits, local.model(ids).logits)\n"
+        "text = '긍정 아 정말 재밌다 </s>'\n"
+        "assert hub.tokenizer(text)['input_ids'] == local.tokenizer(text)['input_ids']\n"
+        "print(hub.source, 'transformers' in sys.modules, 'huggingface_hub.file_download' in sys.modules)\n"
+    )
+    try:
+        env = {**subprocess_env(HF_HUB_CACHE=str(tmp_path / "cache"), NO_PROXY="127.0.0.1,localhost",
+                                HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", no_proxy="127.0.0.1,localhost"),
+               "HF_HUB_OFFLINE": "0"}
+        first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                               env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "someone/tiny-kogpt2 (int8) False True"
+    snapshot = tmp_path / "cache" / "models--someone--tiny-kogpt2" / "snapshots" / _FakeHub.commit
+    assert {p.name for p in snapshot.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"}
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**env, "HF_HUB_OFFLINE": "1"})  # the hub is gone now
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip().splitlines()[-1] == "someone/tiny-kogpt2 (int8) False False"
+
+
+def test_a_cached_snapshot_without_the_weights_still_needs_the_hub(tmp_path: Path, monkeypatch):
+    """A cached snapshot without the weights still needs the hub: offline, that is the one sentence it always was."""
+    import huggingface_hub.constants
+
+    repo, commit = tmp_path / "models--someone--partial", "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(ROOT / "models" / "nsmc-small" / "config.json", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="model.pretrained"):
+        load_model(ModelSettings(pretrained="someone/partial"))
+
+
 def test_quantize_auto_is_int8_on_the_cpu_and_keeps_no_fp32_linear(tiny_dir: Path):
     loaded = load_model(ModelSettings(pretrained=str(tiny_dir)))  # the defaults: device auto, quantize auto
     assert loaded.source.endswith("(int8)")
-    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in loaded.model.modules())
+    assert not any(type(m) in (torch.nn.Linear, Conv1D, Linear1D) for m in loaded.model.modules())
 
 
 def test_int8_while_loading_matches_quantizing_the_fp32_model(tiny_dir: Path):

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from core.model_loading import SPECIAL_TOKENS
+from core.hub import TRAINING, load_named
+from core.model_loading import SPECIAL_TOKENS, explained
 
 # KoGPT2's first ids, in its order, so ids 1 (</s>) and 3 (<pad>) mean the same thing here.
 KOGPT2_SPECIALS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>", "<d>", "</d>"]
@@ -28,3 +29,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def load_pretrained_tokenizer(source: str) -> PreTrainedTokenizerFast:
+    """transformers' tokenizer of a model directory or a hub model, with KoGPT2's special tokens: training pads,
+    batches and saves with it (serving uses core/tokenizer.py's, which gives the same ids and texts)."""
+    return explained(
+        lambda: load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw),
+                           source, TRAINING),
+        source, f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다).",
+        f"cannot load the tokenizer from {source}")

@@ -31,9 +31,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.errors import ModelLoadError, UserError
 from core.hub import TRAINING, load_named
-from core.model_loading import load_tokenizer
 from core.training.data import nsmc_files, read_nsmc
-from core.training.tokenizer import train_tokenizer
+from core.training.tokenizer import load_pretrained_tokenizer, train_tokenizer
 from core.types import NEGATIVE, POSITIVE
 
 STATE_FILE = "train_state.pt"
@@ -184,7 +183,7 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
 
 def build_model_and_tokenizer(args: TrainArgs, rows: list[tuple[str, int]], out: Path):
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():  # resuming
-        return GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32), load_tokenizer(str(out))
+        return GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32), load_pretrained_tokenizer(str(out))
     if args.from_scratch:
         tokenizer = train_tokenizer((example_text(d, l) for d, l in rows), args.vocab_size)
         config = GPT2Config(
@@ -194,7 +193,7 @@ def build_model_and_tokenizer(args: TrainArgs, rows: list[tuple[str, int]], out:
         )
         return GPT2LMHeadModel(config), tokenizer
     load_named(GPT2Config.from_pretrained, args.pretrained, TRAINING)  # fails in seconds without the hub
-    tokenizer = load_tokenizer(args.pretrained)
+    tokenizer = load_pretrained_tokenizer(args.pretrained)
     return load_named(GPT2LMHeadModel.from_pretrained, args.pretrained, TRAINING), tokenizer
 
 
