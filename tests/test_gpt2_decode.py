@@ -45,12 +45,16 @@ def _script(batch: DecodeBatch | _Batch) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
 def test_logits_equal_transformers_forward(models, kind: str):
+    """fp32 checks the arithmetic: the same numbers to rounding. At int8 each layer re-quantizes its input, so the
+    two paths' last-bit differences in attention (up to 9e-3 in logits with transformers 5.0.0, 2e-7 with 5.25) can
+    move an activation across a rounding edge: one quantization step (~1e-2 here) where it happens."""
     model = models[kind]
     ours, theirs = _script(DecodeBatch(model)), _script(_Batch(model))
     assert len(ours) == len(theirs)
+    tolerance = 1e-4 if kind == "fp32" else 2e-2
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape and a.dtype == torch.float32
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(a, b, atol=tolerance, rtol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
