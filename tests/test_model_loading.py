@@ -133,6 +133,19 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
     assert "BOT_MODEL__PRETRAINED" in str(info.value)
 
 
+# A fresh process's check that the hub name `someone/tiny-kogpt2` loads the embedded model's weights and tokenizer.
+_HUB_EQUALS_LOCAL = (
+    "import sys, torch\n"
+    "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
+    "ids = torch.tensor([[5, 6, 7, 8]])\n"
+    "hub = load_model(ModelSettings(pretrained='someone/tiny-kogpt2'))\n"
+    "local = load_model(ModelSettings(pretrained='models/nsmc-small'))\n"
+    "assert torch.equal(hub.model(ids).logits, local.model(ids).logits)\n"
+    "text = '긍정 아 정말 재밌다 </s>'\n"
+    "assert hub.tokenizer(text)['input_ids'] == local.tokenizer(text)['input_ids']\n"
+)
+
+
 def test_a_hub_name_in_the_local_cache_loads_without_transformers_or_the_hub_client(tmp_path: Path):
     """A hub name already in the Hugging Face cache (its documented layout: refs/main names the snapshot, a
     `.no_exist` entry records a file the repository lacks) loads offline in a fresh process, the same model and
@@ -144,15 +157,7 @@ def test_a_hub_name_in_the_local_cache_loads_without_transformers_or_the_hub_cli
     (repo / ".no_exist" / commit / "special_tokens_map.json").touch()
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    script = (
-        "import sys, torch\n"
-        "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
-        "ids = torch.tensor([[5, 6, 7, 8]])\n"
-        "hub = load_model(ModelSettings(pretrained='someone/tiny-kogpt2'))\n"
-        "local = load_model(ModelSettings(pretrained='models/nsmc-small'))\n"
-        "assert torch.equal(hub.model(ids).logits, local.model(ids).logits)\n"
-        "text = '긍정 아 정말 재밌다 </s>'\n"
-        "assert hub.tokenizer(text)['input_ids'] == local.tokenizer(text)['input_ids']\n"
+    script = _HUB_EQUALS_LOCAL + (
         "print(hub.source, sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'"
         " or m == 'huggingface_hub.file_download'))\n"
     )
@@ -208,15 +213,7 @@ def test_a_hub_name_is_downloaded_once_then_served_from_the_cache(tmp_path: Path
     handler = type("Hub", (_FakeHub,), {"repository": ROOT / "models" / "nsmc-small"})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    script = (
-        "import sys, torch\n"
-        "from core.model_loading import load_model\nfrom core.settings import ModelSettings\n"
-        "ids = torch.tensor([[5, 6, 7, 8]])\n"
-        "hub = load_model(ModelSettings(pretrained='someone/tiny-kogpt2'))\n"
-        "local = load_model(ModelSettings(pretrained='models/nsmc-small'))\n"
-        "assert torch.equal(hub.model(ids).logits, local.model(ids).logits)\n"
-        "text = '긍정 아 정말 재밌다 </s>'\n"
-        "assert hub.tokenizer(text)['input_ids'] == local.tokenizer(text)['input_ids']\n"
+    script = _HUB_EQUALS_LOCAL + (
         "print(hub.source, 'transformers' in sys.modules, 'huggingface_hub.file_download' in sys.modules)\n"
     )
     try:
