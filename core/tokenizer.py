@@ -48,21 +48,15 @@ class TextTokenizer:
         # drops it), a new one taking the next id, in this order.
         backend.add_special_tokens([present.get(text) or AddedToken(text, special=True, normalized=False)
                                     for text in wanted])
-        if backend.post_processor is None:  # transformers' template: a bos/eos only where the config asks for one
-            self._set_template(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
+        if backend.post_processor is None:
+            # transformers' template for PreTrainedTokenizerFast: nothing around the text, even where the config has
+            # add_bos_token/add_eos_token (only its model-specific subclasses read those; tests/test_tokenizer.py)
+            backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
         backend.no_truncation()
         backend.no_padding()
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self._bpe = type(backend.model).__name__ == "BPE"
         self._force_clean_up = bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
-
-    def _set_template(self, bos: bool, eos: bool) -> None:
-        bos_text, eos_text = self._special.get("bos_token"), self._special.get("eos_token")
-        bos, eos = bos and bos_text is not None, eos and eos_text is not None
-        single = f"{f'{bos_text}:0 ' if bos else ''}$A:0{f' {eos_text}:0' if eos else ''}"
-        pair = f"{single}{f' {bos_text}:1' if bos else ''} $B:1{f' {eos_text}:1' if eos else ''}"
-        specials = [(text, self.convert_tokens_to_ids(text)) for text, on in ((bos_text, bos), (eos_text, eos)) if on]
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     @classmethod
     def from_files(cls, tokenizer_json: Path, special: dict[str, str], tokenizer_config: Path | None = None,

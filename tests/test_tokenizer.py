@@ -38,6 +38,15 @@ def _kogpt2_style(directory: Path) -> Path:
     return directory
 
 
+def _bos_and_eos(directory: Path) -> Path:
+    """KoGPT2's tokenizer.json (no post-processor) with a tokenizer_config.json asking for a bos and an eos token
+    around every text: PreTrainedTokenizerFast adds neither (only transformers' model-specific tokenizer classes read
+    those keys), so the serving tokenizer must not either."""
+    _kogpt2_style(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": True}))
+    return directory
+
+
 def _with_files(directory: Path) -> Path:
     """A tokenizer whose vocabulary lacks two named tokens (transformers adds them) and whose files name extra
     special tokens (one of them new) and ask for the clean-up of spaces (which transformers skips for BPE)."""
@@ -67,13 +76,18 @@ def _word_piece(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module", params=["embedded", "kogpt2-style", "with-files", "word-piece"])
-def pair(request, tmp_path_factory) -> tuple[TextTokenizer, PreTrainedTokenizerFast]:
-    directory = {"embedded": lambda d: ROOT / "models" / "nsmc-small", "kogpt2-style": _kogpt2_style,
-                 "with-files": _with_files, "word-piece": _word_piece}[request.param](
+@pytest.fixture(scope="module", params=["embedded", "kogpt2-style", "bos-and-eos", "with-files", "word-piece"])
+def tokenizer_dir(request, tmp_path_factory) -> Path:
+    return {"embedded": lambda d: ROOT / "models" / "nsmc-small", "kogpt2-style": _kogpt2_style,
+            "bos-and-eos": _bos_and_eos, "with-files": _with_files, "word-piece": _word_piece}[request.param](
         tmp_path_factory.mktemp("tok") / request.param)
-    theirs = PreTrainedTokenizerFast.from_pretrained(str(directory), **SPECIAL_TOKENS)
-    return load_tokenizer(str(directory)), theirs
+
+
+@pytest.fixture
+def pair(tokenizer_dir: Path) -> tuple[TextTokenizer, PreTrainedTokenizerFast]:
+    # Loaded for each test (a few ms), so that each test exercises the loading code itself.
+    theirs = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir), **SPECIAL_TOKENS)
+    return load_tokenizer(str(tokenizer_dir)), theirs
 
 
 def test_the_same_pipeline_and_special_tokens(pair):
