@@ -72,11 +72,6 @@ class TextTokenizer:
         extra += _extra(mapped.get("extra_special_tokens") or mapped.get("additional_special_tokens"))
         return cls(Tokenizer.from_file(str(tokenizer_json)), named, extra, config)
 
-    @classmethod
-    def from_directory(cls, directory: Path, special: dict[str, str]) -> TextTokenizer:
-        return cls.from_files(directory / "tokenizer.json", special, directory / "tokenizer_config.json",
-                              directory / "special_tokens_map.json")
-
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
