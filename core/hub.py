@@ -70,21 +70,8 @@ def local_dir(name: str) -> Path | None:
     return None
 
 
-NOT_IN_REPO = "not in the repository"  # the cache's record that a hub model has no such file
-
-
-def cached_file(name: str, filename: str) -> Path | str | None:
-    """A hub model's file in the local Hugging Face cache (its `main` snapshot, in the cache's documented layout),
-    found without importing huggingface_hub's HTTP client: its path, NOT_IN_REPO, or None (not cached)."""
-    snapshot = _cached_snapshot(name)
-    if snapshot is None:
-        return None
-    if (snapshot.parents[1] / ".no_exist" / snapshot.name / filename).is_file():
-        return NOT_IN_REPO
-    return snapshot / filename if (snapshot / filename).is_file() else None
-
-
 def _cached_snapshot(name: str) -> Path | None:
+    """Where the cache keeps the `main` snapshot of hub model `name` (it may not exist)."""
     from huggingface_hub import constants
 
     repo = Path(constants.HF_HUB_CACHE) / ("models--" + name.replace("/", "--"))
@@ -101,12 +88,14 @@ def hub_file(name: str, filename: str, local_files_only: bool = False, optional:
     HTTP client."""
     if (directory := Path(name)).is_dir():
         return directory / filename if (directory / filename).is_file() else None
-    cached = cached_file(name, filename)
-    if isinstance(cached, Path):
-        return cached
-    snapshot = _cached_snapshot(name)
-    if cached == NOT_IN_REPO or (optional and local_files_only and snapshot is not None and snapshot.is_dir()):
-        return None
+    # The local Hugging Face cache, in its documented layout, without huggingface_hub's HTTP client.
+    if (snapshot := _cached_snapshot(name)) is not None:
+        if (snapshot.parents[1] / ".no_exist" / snapshot.name / filename).is_file():
+            return None  # the cache's record that the hub model has no such file
+        if (snapshot / filename).is_file():
+            return snapshot / filename
+        if optional and local_files_only and snapshot.is_dir():
+            return None
     if local_files_only:
         raise OSError(f"{filename} of {name} is not in the local Hugging Face cache")
     from huggingface_hub import hf_hub_download
