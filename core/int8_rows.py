@@ -98,8 +98,7 @@ class FileInt8Embedding(nn.Module):
         if self.resident is not None:
             return self.resident(input_ids)
         ids, where = torch.unique(input_ids.reshape(-1), return_inverse=True)  # each distinct row read once
-        if len(ids) and (ids[0].item() < 0 or ids[-1].item() >= self.num_embeddings):
-            bad = ids[0].item() if ids[0].item() < 0 else ids[-1].item()
+        if len(ids) and ((bad := ids[0].item()) < 0 or (bad := ids[-1].item()) >= self.num_embeddings):
             raise IndexError(f"token id {bad} is outside the embedding's [0, {self.num_embeddings})")
         try:
             part = self._pick(ids).float()

@@ -86,7 +86,7 @@ def check_readable(path: Path, setting: str) -> None:
         raise refuse(path)
 
 
-def explained(load: Callable[[], T], source: str, broken_ko: str, broken_en: str) -> T:
+def _explained(load: Callable[[], T], source: str, broken_ko: str, broken_en: str) -> T:
     """`load()`, every failure one sentence: a local directory's missing or broken file, or the hub's absence."""
     try:
         return load()
@@ -113,18 +113,21 @@ def _tokenizer_files(name: str, local_files_only: bool = False) -> TextTokenizer
     return TextTokenizer.from_files(main, SPECIAL_TOKENS, config, mapped)
 
 
+def tokenizer_explained(load: Callable[[], T], source: str) -> T:
+    """`load()` of `source`'s tokenizer (serving's or training's), every failure one sentence."""
+    return _explained(load, source, f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다).",
+                     f"cannot load the tokenizer from {source}")
+
+
 def load_tokenizer(source: str) -> TextTokenizer:
     """The serving tokenizer (core/tokenizer.py: transformers' PreTrainedTokenizerFast's results, without importing
     transformers) of a model directory or a hub model."""
-    return explained(
-        lambda: load_named(_tokenizer_files, source),
-        source, f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다).",
-        f"cannot load the tokenizer from {source}")
+    return tokenizer_explained(lambda: load_named(_tokenizer_files, source), source)
 
 
 def load_config(source: str) -> GPT2Settings:
     """config.json's values (core/gpt2_config.py; `to_transformers` where transformers' model needs its own)."""
-    return explained(
+    return _explained(
         lambda: load_named(lambda name, local_files_only=False: GPT2Settings.from_file(
             _required(name, "config.json", local_files_only)), source),
         source, f"{source}에 GPT-2 config.json이 없거나 잘못되었습니다.", f"no valid GPT-2 config.json in {source}")
@@ -338,12 +341,12 @@ def _from_pretrained(source: str, int8: bool = False, own: bool = True) -> nn.Mo
     config = load_config(source)
     if own and serves(config):
         directory = local_dir(source) or _hub_snapshot(source)
-        state = explained(lambda: directory_weights(directory), source, *broken) if directory else None
-        if state is not None and (model := explained(lambda: build(config, state.items(), int8), source, *broken)):
+        state = _explained(lambda: directory_weights(directory), source, *broken) if directory else None
+        if state is not None and (model := _explained(lambda: build(config, state.items(), int8), source, *broken)):
             return model
     # float32 whatever the saved dtype (the embedded model is stored as float16): CPU kernels want it.
     model_class = _transformers_gpt2()
-    return explained(
+    return _explained(
         lambda: load_named(lambda name, **kw: model_class.from_pretrained(name, dtype=torch.float32, **kw), source),
         source, *broken)
 

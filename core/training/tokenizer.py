@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from core.hub import TRAINING, load_named
-from core.model_loading import SPECIAL_TOKENS, explained
+from core.model_loading import SPECIAL_TOKENS, tokenizer_explained
 
 # KoGPT2's first ids, in its order, so ids 1 (</s>) and 3 (<pad>) mean the same thing here.
 KOGPT2_SPECIALS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>", "<d>", "</d>"]
@@ -34,8 +34,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 def load_pretrained_tokenizer(source: str) -> PreTrainedTokenizerFast:
     """transformers' tokenizer of a model directory or a hub model, with KoGPT2's special tokens: training pads,
     batches and saves with it (serving uses core/tokenizer.py's, which gives the same ids and texts)."""
-    return explained(
+    return tokenizer_explained(
         lambda: load_named(lambda name, **kw: PreTrainedTokenizerFast.from_pretrained(name, **SPECIAL_TOKENS, **kw),
-                           source, TRAINING),
-        source, f"토크나이저를 {source}에서 불러올 수 없습니다 (tokenizer.json이 필요합니다).",
-        f"cannot load the tokenizer from {source}")
+                           source, TRAINING), source)
