@@ -62,10 +62,12 @@ def run_ctranslate2(model_dir: Path, spawned: float) -> dict:
     import ctranslate2
     from transformers import PreTrainedTokenizerFast
 
-    from core.devices import usable_cpus
+    from core.cpus import usable_cpus
 
     converted = model_dir.parent / "ct2-int8"  # converted once by the parent, as a deployment would ship it
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    # A CTranslate2 deployment has no torch: loaded here, it added ~170 MB to this row's peak RSS (measured).
+    assert "torch" not in sys.modules, "the CTranslate2 row imported torch"
     generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8", intra_threads=usable_cpus())
     prompts = [tokenizer.convert_ids_to_tokens(tokenizer(s["prompt"])["input_ids"]) for s in knob_sets()]
     options = {"include_prompt_in_result": False, "sampling_topk": 50}
@@ -254,7 +256,7 @@ def main() -> None:
         ready, end, after = (f"{m[k]:.0f}" if m[k] is not None else "-"
                              for k in ("rss_ready_mb", "rss_at_end_mb", "rss_after_busy_mb"))
         print(f"{row:<24} {m['ready_s']:>8.1f} {ready:>13} {m['peak_rss_mb']:>12.0f} {end:>14} {after:>13}")
-    from core.devices import usable_cpus
+    from core.cpus import usable_cpus
 
     print(f"\nmedians of {args.repeats} interleaved runs; busy: {args.busy_seconds:.0f} s of {CONCURRENT} concurrent "
           f"clients; {usable_cpus()} usable CPUs (host: {os.cpu_count()})")

@@ -22,7 +22,8 @@ import torch
 
 from core import logprobs, rerank
 from core.backend import BUSY, RESTARTING, base_seed, outcome_of, row_seeds, timed_out, wait_pending
-from core.devices import device_of, usable_cpus
+from core.cpus import usable_cpus
+from core.devices import device_of
 from core.errors import BusyError, ShuttingDown, UserError
 from core.gpt2_decode import DecodeBatch, decode_batch
 from core.gpt2_model import as_transformers

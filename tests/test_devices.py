@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from core import devices
+from core import cpus, devices
 from core.errors import ModelLoadError
 
 
@@ -73,6 +75,14 @@ def test_usable_cpus_from_affinity_and_cgroup_quota(tmp_path: Path, monkeypatch:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
-    monkeypatch.setattr(devices.os, "cpu_count", lambda: 64)  # the host's count must not matter
-    assert devices.usable_cpus(tmp_path) == expected
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(cpus.os, "cpu_count", lambda: 64)  # the host's count must not matter
+    assert cpus.usable_cpus(tmp_path) == expected
+
+
+def test_counting_cpus_imports_no_torch() -> None:
+    """The benchmarks' CTranslate2 rows count CPUs too: torch imported there added ~170 MB to the reference's peak."""
+    code = "import sys, core.cpus; core.cpus.usable_cpus(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
