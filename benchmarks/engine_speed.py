@@ -24,7 +24,8 @@ the burst's batch sizes once, as on a running bot. Within a run, (a) is the medi
 BURSTS bursts (the tutorial's serial burst: once), every row alike: one request's time moved by ±10 % from one to the
 next on this box, for the reference as for the bot. Each row runs in its own process (the bot rows in a `python -m bot`
 child; peak RSS is the bot's), rows interleaved `--repeats` times, medians reported; the CTranslate2 and vLLM rows check
-that each request produced exactly 32 tokens. `--baseline DIR` adds a bot-baseline row: the same defaults served by another
+that each request produced exactly 32 tokens, and the CTranslate2 row that its process has not loaded torch (a
+CTranslate2 deployment has none: ~170 MB of its peak otherwise). `--baseline DIR` adds a bot-baseline row: the same defaults served by another
 checkout of the project (e.g. `git archive <commit> | tar -x -C DIR`), for a before/after in the same run; `--rows`
 picks rows.
 """
