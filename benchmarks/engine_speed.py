@@ -161,20 +161,26 @@ def convert_for_ctranslate2(model_dir: Path) -> None:
                                                                       quantization="int8")
 
 
+def ctranslate2_threads() -> int:
+    """CTranslate2's thread count, the CPUs this process may use; and a check that its process carries no torch: a
+    CTranslate2 deployment has none, and torch loaded here had added ~170 MB to the reference's peak RSS."""
+    from core.cpus import usable_cpus
+
+    assert "torch" not in sys.modules, "the CTranslate2 row imported torch"
+    return usable_cpus()
+
+
 def run_ctranslate2(model_dir: Path) -> dict:
     """CTranslate2's int8 generator over the same weights: (a) one prompt, (b) the 16 prompts in one batch."""
     import ctranslate2
     from transformers import PreTrainedTokenizerFast
 
-    from core.cpus import usable_cpus
-
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     converted = model_dir.parent / "ct2-int8"
     if not converted.exists():
         convert_for_ctranslate2(model_dir)
-    # A CTranslate2 deployment has no torch: loaded here, it added ~170 MB to this row's peak RSS (measured).
-    assert "torch" not in sys.modules, "the CTranslate2 row imported torch"
-    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8", intra_threads=usable_cpus())
+    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8",
+                                      intra_threads=ctranslate2_threads())
     prompts = [tokenizer.convert_ids_to_tokens(tokenizer(s["prompt"])["input_ids"]) for s in knob_sets()]
     options = {"max_length": NEW_TOKENS, "min_length": NEW_TOKENS, "include_prompt_in_result": False,
                "sampling_topk": 50, "sampling_topp": 1.0, "sampling_temperature": 1.0}

@@ -45,6 +45,7 @@ from benchmarks.engine_speed import (  # noqa: E402
     NEW_TOKENS,
     build_model,
     convert_for_ctranslate2,
+    ctranslate2_threads,
     knob_sets,
 )
 
@@ -62,13 +63,10 @@ def run_ctranslate2(model_dir: Path, spawned: float) -> dict:
     import ctranslate2
     from transformers import PreTrainedTokenizerFast
 
-    from core.cpus import usable_cpus
-
     converted = model_dir.parent / "ct2-int8"  # converted once by the parent, as a deployment would ship it
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    # A CTranslate2 deployment has no torch: loaded here, it added ~170 MB to this row's peak RSS (measured).
-    assert "torch" not in sys.modules, "the CTranslate2 row imported torch"
-    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8", intra_threads=usable_cpus())
+    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8",
+                                      intra_threads=ctranslate2_threads())
     prompts = [tokenizer.convert_ids_to_tokens(tokenizer(s["prompt"])["input_ids"]) for s in knob_sets()]
     options = {"include_prompt_in_result": False, "sampling_topk": 50}
     generator.generate_batch(prompts[:1], max_length=4, min_length=4, **options)
