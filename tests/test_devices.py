@@ -68,6 +68,12 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch):
         ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 16, 3),  # cgroup v1
         ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 4, 4),  # v1 unlimited
         ({}, 6, 6),  # no cgroup files at all
+        # cgroup v2 says unlimited: a v1 quota beside it (hybrid mounts) does not count
+        ({"cpu.max": "max 100000\n", "cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, 8, 8),
+        ({"cpu/cpu.cfs_quota_us": "0", "cpu/cpu.cfs_period_us": "100000"}, 4, 4),  # no quota written
+        ({"cpu/cpu.cfs_quota_us": "1", "cpu/cpu.cfs_period_us": "100000"}, 4, 1),  # the smallest quota: one
+        ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "0"}, 4, 4),  # no period: unknown, no crash
+        ({"cpu/cpu.cfs_quota_us": "2", "cpu/cpu.cfs_period_us": "1"}, 8, 2),  # a period of 1 µs is a period
     ],
 )
 def test_usable_cpus_from_affinity_and_cgroup_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files, affinity,
@@ -77,6 +83,21 @@ def test_usable_cpus_from_affinity_and_cgroup_quota(tmp_path: Path, monkeypatch:
         (tmp_path / name).write_text(text)
     monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
     monkeypatch.setattr(cpus.os, "cpu_count", lambda: 64)  # the host's count must not matter
+    assert cpus.usable_cpus(tmp_path) == expected
+
+
+@pytest.mark.parametrize(("cpu_count", "expected"), [(6, 6), (None, 1)])
+@pytest.mark.parametrize("no_affinity", ["missing", "refused"])
+def test_usable_cpus_without_an_affinity_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_affinity: str,
+                                             cpu_count: int | None, expected: int) -> None:
+    """Not on Linux (no sched_getaffinity) or refused: the host's count, at least one."""
+    if no_affinity == "missing":
+        monkeypatch.delattr(cpus.os, "sched_getaffinity", raising=False)
+    else:
+        def refused(pid: int) -> set[int]:
+            raise OSError("not permitted")
+        monkeypatch.setattr(cpus.os, "sched_getaffinity", refused, raising=False)
+    monkeypatch.setattr(cpus.os, "cpu_count", lambda: cpu_count)
     assert cpus.usable_cpus(tmp_path) == expected
 
 
